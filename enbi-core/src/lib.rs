@@ -1,0 +1,6 @@
+//! enbi's API and decisions. Everything here is a pure function of what the operator observed
+//! (and `now`, passed in): no client, no clock, no I/O, so every decision is tested in isolation.
+
+pub mod crd;
+pub mod system;
+pub mod validation;

@@ -1,0 +1,181 @@
+//! One table of good and bad spec values, checked against both the CRD's CEL rules (evaluated
+//! locally, as the apiserver would) and the garde validators used outside admission.
+
+use enbi_core::crd::{NixBuild, NixBuildSpec};
+use garde::Validate;
+use serde_json::json;
+
+/// A valid spec to start from; each row changes one field.
+fn base() -> NixBuildSpec {
+    NixBuildSpec {
+        flake_url: "git+https://nossa.ee/~talya/chog?rev=f5d531177a7330e9b270c15cca5df0eb72b8684c"
+            .into(),
+        package_name: "chog-docker.stream-layered".into(),
+        image_tag: "nossa.ee/talya/chog:f5d531177a7330e9b270c15cca5df0eb72b8684c".into(),
+        system: "aarch64-linux".into(),
+    }
+}
+
+const DIGEST: &str = "sha256:707b2b90f3f21c5cccad07429f51e1a37b9833d4ff87b323786d7cb246b8360c";
+
+/// (field, value, valid)
+fn table() -> Vec<(&'static str, String, bool)> {
+    vec![
+        ("flakeUrl", "github:NixOS/nixpkgs".into(), true),
+        ("flakeUrl", "github:owner/repo/v1.2?dir=sub".into(), true),
+        ("flakeUrl", "gitlab:group/proj".into(), true),
+        ("flakeUrl", "sourcehut:~user/repo".into(), true),
+        (
+            "flakeUrl",
+            "git+ssh://git@example.org/repo.git?ref=main".into(),
+            true,
+        ),
+        ("flakeUrl", "https://example.org/flake.tar.gz".into(), true),
+        (
+            "flakeUrl",
+            "tarball+https://example.org/archive".into(),
+            true,
+        ),
+        ("flakeUrl", "path:/srv/flakes/app".into(), true),
+        ("flakeUrl", "flake:nixpkgs".into(), true),
+        ("flakeUrl", "".into(), false),
+        ("flakeUrl", "nixpkgs".into(), false),
+        ("flakeUrl", "./relative".into(), false),
+        ("flakeUrl", "github:owner/repo#hello".into(), false),
+        ("flakeUrl", "github:owner".into(), false),
+        ("flakeUrl", "ftp://example.org/x".into(), false),
+        ("flakeUrl", "https://exa mple.org/x".into(), false),
+        ("flakeUrl", "path:relative".into(), false),
+        (
+            "flakeUrl",
+            format!("https://example.org/{}", "a".repeat(2100)),
+            false,
+        ),
+        ("packageName", "hello".into(), true),
+        ("packageName", "chog-docker.stream-layered".into(), true),
+        ("packageName", "_private.x'".into(), true),
+        ("packageName", "".into(), false),
+        ("packageName", "1abc".into(), false),
+        ("packageName", "a..b".into(), false),
+        ("packageName", ".a".into(), false),
+        ("packageName", "a.".into(), false),
+        ("packageName", "a b".into(), false),
+        ("packageName", "a/b".into(), false),
+        ("packageName", "a".repeat(300), false),
+        ("imageTag", "nginx:1.27".into(), true),
+        ("imageTag", "docker.io/library/nginx:latest".into(), true),
+        ("imageTag", "localhost:5000/team/app:v1".into(), true),
+        ("imageTag", format!("registry.example/app@{DIGEST}"), true),
+        (
+            "imageTag",
+            format!("registry.example/app:v1@{DIGEST}"),
+            true,
+        ),
+        ("imageTag", "nginx".into(), false),
+        ("imageTag", "Nginx:1".into(), false),
+        ("imageTag", "app:".into(), false),
+        ("imageTag", "app:-bad".into(), false),
+        ("imageTag", "app@sha256:abc".into(), false),
+        ("imageTag", "app:v1 ".into(), false),
+        ("imageTag", "https://registry.example/app:v1".into(), false),
+        ("imageTag", format!("app:{}", "t".repeat(129)), false),
+        ("system", "x86_64-linux".into(), true),
+        ("system", "aarch64-linux".into(), true),
+        ("system", "riscv64-linux".into(), true),
+        ("system", "aarch64-darwin".into(), false),
+        ("system", "arm64".into(), false),
+        ("system", "".into(), false),
+        ("system", "X86_64-linux".into(), false),
+    ]
+}
+
+fn with(field: &str, value: &str) -> NixBuildSpec {
+    let mut spec = base();
+    match field {
+        "flakeUrl" => spec.flake_url = value.into(),
+        "packageName" => spec.package_name = value.into(),
+        "imageTag" => spec.image_tag = value.into(),
+        "system" => spec.system = value.into(),
+        other => panic!("unknown field {other}"),
+    }
+    spec
+}
+
+fn object(spec: &NixBuildSpec) -> serde_json::Value {
+    json!({
+        "apiVersion": "enbi.hrzn.ee/v1alpha1",
+        "kind": "NixBuild",
+        "metadata": {"name": "t", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+/// The CRD's CEL rules for one object, as the apiserver evaluates them (on update when `old` is set).
+fn admitted_over(spec: &NixBuildSpec, old: Option<&NixBuildSpec>) -> Result<(), String> {
+    let crd = <NixBuild as kube::CustomResourceExt>::crd();
+    let schema = serde_json::to_value(
+        &crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema,
+    )
+    .unwrap();
+    kube::core::cel::Validator::new()
+        .validate(&schema, &object(spec), old.map(object).as_ref())
+        .map_err(|e| e.to_string())
+}
+
+fn admitted(spec: &NixBuildSpec) -> Result<(), String> {
+    admitted_over(spec, None)
+}
+
+#[test]
+fn base_spec_is_valid_everywhere() {
+    assert!(base().validate().is_ok());
+    admitted(&base()).unwrap();
+}
+
+#[test]
+fn cel_and_garde_agree_with_the_table() {
+    for (field, value, valid) in table() {
+        let spec = with(field, &value);
+        let garde = spec.validate();
+        let cel = admitted(&spec);
+        let shown = if value.len() > 60 {
+            format!("{}...", &value[..60])
+        } else {
+            value.clone()
+        };
+        assert_eq!(
+            garde.is_ok(),
+            valid,
+            "garde on {field}={shown:?}: {garde:?}"
+        );
+        // CEL does not see maxLength (the apiserver's schema check does), so overlong values are
+        // only checked against garde and, in the cluster tests, the apiserver.
+        if value.len() <= 256 {
+            assert_eq!(cel.is_ok(), valid, "CEL on {field}={shown:?}: {cel:?}");
+        }
+        if !valid {
+            let needle = format!("spec.{field}");
+            assert!(
+                garde.unwrap_err().to_string().contains(&needle),
+                "garde message names {needle}"
+            );
+            if value.len() <= 256 {
+                assert!(
+                    cel.unwrap_err().contains(&needle),
+                    "CEL message names {needle}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn spec_is_immutable() {
+    let err = admitted_over(&with("imageTag", "nginx:2"), Some(&base())).unwrap_err();
+    assert!(err.contains("spec is immutable"), "{err}");
+    admitted_over(&base(), Some(&base())).unwrap();
+}

@@ -1,0 +1,38 @@
+//! `enbi-operator`: the operator binary. Decisions live in `enbi-core`; this crate does the I/O.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use enbi_core::crd::NixBuild;
+use kube::CustomResourceExt;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Builds container images from Nix flakes into the nodes' containerd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the NixBuild CustomResourceDefinition as YAML (the only source of the CRD).
+    Crd,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Crd => match serde_yaml::to_string(&NixBuild::crd()) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot serialise the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,51 @@
+# Shared settings for the local test cluster scripts (sourced, not executed).
+# shellcheck shell=bash
+
+CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# Pinned versions. The Rust side uses the k8s-openapi feature v1_35.
+K8S_VERSION="${ENBI_K8S_VERSION:-v1.35.4}"
+KWOK_VERSION="${ENBI_KWOK_VERSION:-v0.8.0}"
+ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.7}"
+
+# Binary cache, outside the checkout, keyed by component and version.
+ENBI_CACHE="${ENBI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/enbi}"
+BIN_CACHE="$ENBI_CACHE/bin"
+K8S_BIN="$BIN_CACHE/kubernetes-$K8S_VERSION"
+KWOK_BIN="$BIN_CACHE/kwok-$KWOK_VERSION"
+ETCD_BIN="$BIN_CACHE/etcd-$ETCD_VERSION"
+# kwok-images is built from ./kwok-images; keyed by a hash of its sources.
+KWOK_IMAGES_HASH="$(cat "$CLUSTER_DIR"/kwok-images/{go.mod,go.sum,*.go} | sha256sum | cut -c1-12)"
+KWOK_IMAGES_BIN="$BIN_CACHE/kwok-images-$KWOK_IMAGES_HASH"
+
+# Runtime state (certs, kubeconfigs, data, logs, pid files).
+STATE_DIR="${ENBI_CLUSTER_STATE:-$CLUSTER_DIR/.state}"
+LOG_DIR="$STATE_DIR/logs"
+PID_DIR="$STATE_DIR/pids"
+KUBECONFIG_OUT="$STATE_DIR/kubeconfig"
+
+# Loopback ports; chosen away from the usual defaults so that a developer's
+# own cluster (6443, 2379, 10250, ...) does not clash.
+ETCD_CLIENT_PORT="${ENBI_ETCD_CLIENT_PORT:-23790}"
+ETCD_PEER_PORT="${ENBI_ETCD_PEER_PORT:-23800}"
+ETCD_METRICS_PORT="${ENBI_ETCD_METRICS_PORT:-23810}"
+APISERVER_PORT="${ENBI_APISERVER_PORT:-16443}"
+KCM_PORT="${ENBI_KCM_PORT:-20257}"
+SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-20259}"
+KWOK_PORT="${ENBI_KWOK_PORT:-20247}"
+KUBELET_PORT="${ENBI_KUBELET_PORT:-20250}"
+
+SERVICE_CIDR="10.96.0.0/16"
+CLUSTER_CIDR="10.244.0.0/16"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# is_running NAME: the pid file's process is alive and is one of ours.
+is_running() {
+  local pidfile="$PID_DIR/$1.pid" pid
+  [[ -f "$pidfile" ]] || return 1
+  pid="$(cat "$pidfile")"
+  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$STATE_DIR"
+}
