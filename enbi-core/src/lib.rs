@@ -1,6 +1,11 @@
 //! enbi's API and decisions. Everything here is a pure function of what the operator observed
 //! (and `now`, passed in): no client, no clock, no I/O, so every decision is tested in isolation.
 
+pub mod conditions;
 pub mod crd;
+pub mod naming;
+pub mod placement;
+pub mod reason;
+pub mod result;
 pub mod system;
 pub mod validation;

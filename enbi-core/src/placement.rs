@@ -1,0 +1,272 @@
+//! Where a build may run: a node of the system's architecture, Ready, schedulable and not
+//! repelled (by the operator's `--node-repel` list or the node label `enbi.hrzn.ee/repel`).
+//!
+//! The result is both a verdict (is there any such node now?) and the node affinity that makes
+//! the scheduler keep to it, so a build never lands on a repelled or wrong-arch node even if the
+//! node set changes between the decision and the scheduling.
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Node, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PreferredSchedulingTerm,
+};
+
+use crate::system;
+
+/// Node label that keeps builds off a node, whatever its value.
+pub const REPEL_LABEL: &str = "enbi.hrzn.ee/repel";
+pub const ARCH_LABEL: &str = "kubernetes.io/arch";
+pub const OS_LABEL: &str = "kubernetes.io/os";
+
+/// What placement needs to know about a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub arch: Option<String>,
+    pub os: Option<String>,
+    pub ready: bool,
+    /// Not cordoned and no `NoSchedule`/`NoExecute` taint (builders tolerate none).
+    pub schedulable: bool,
+    pub repel_label: bool,
+}
+
+impl From<&Node> for NodeView {
+    fn from(node: &Node) -> Self {
+        let labels = node.metadata.labels.as_ref();
+        let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+        let spec = node.spec.as_ref();
+        let tainted = spec.and_then(|s| s.taints.as_ref()).is_some_and(|ts| {
+            ts.iter()
+                .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        });
+        let cordoned = spec.and_then(|s| s.unschedulable).unwrap_or(false);
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        NodeView {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            arch: label(ARCH_LABEL),
+            os: label(OS_LABEL),
+            ready,
+            schedulable: !cordoned && !tainted,
+            repel_label: labels.is_some_and(|l| l.contains_key(REPEL_LABEL)),
+        }
+    }
+}
+
+/// Where a build may go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub affinity: Affinity,
+    /// Nodes that qualify now, sorted by name.
+    pub eligible: Vec<String>,
+}
+
+/// No node can take the build now; the message says what was excluded and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoEligibleNode(pub String);
+
+/// Places a build for `nix_system`, avoiding `repelled` nodes, preferring `preferred` (the node
+/// of the Pod that asked for the image, so the image lands where it is needed).
+pub fn place(
+    nix_system: &str,
+    nodes: &[NodeView],
+    repelled: &[String],
+    preferred: Option<&str>,
+) -> Result<Placement, NoEligibleNode> {
+    let Some(sys) = system::from_nix(nix_system) else {
+        return Err(NoEligibleNode(format!("unknown system {nix_system:?}")));
+    };
+    let of_arch: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|n| n.arch.as_deref() == Some(sys.arch) && n.os.as_deref() == Some(system::OS))
+        .collect();
+    let is_repelled = |n: &NodeView| n.repel_label || repelled.iter().any(|r| *r == n.name);
+    let mut eligible: Vec<String> = of_arch
+        .iter()
+        .filter(|n| n.ready && n.schedulable && !is_repelled(n))
+        .map(|n| n.name.clone())
+        .collect();
+    eligible.sort();
+    if eligible.is_empty() {
+        let count = |f: &dyn Fn(&NodeView) -> bool| of_arch.iter().filter(|n| f(n)).count();
+        return Err(NoEligibleNode(format!(
+            "no node can build {nix_system}: {} node(s) with {ARCH_LABEL}={} and {OS_LABEL}={}, \
+             of which {} repelled, {} not Ready, {} cordoned or tainted",
+            of_arch.len(),
+            sys.arch,
+            system::OS,
+            count(&|n| is_repelled(n)),
+            count(&|n| !n.ready),
+            count(&|n| !n.schedulable),
+        )));
+    }
+    Ok(Placement {
+        affinity: affinity(sys.arch, repelled, preferred),
+        eligible,
+    })
+}
+
+fn requirement(key: &str, operator: &str, values: Option<Vec<String>>) -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
+        key: key.to_owned(),
+        operator: operator.to_owned(),
+        values,
+    }
+}
+
+fn affinity(arch: &str, repelled: &[String], preferred: Option<&str>) -> Affinity {
+    let mut repelled: Vec<String> = repelled.to_vec();
+    repelled.sort();
+    repelled.dedup();
+    let required = NodeSelectorTerm {
+        match_expressions: Some(vec![
+            requirement(ARCH_LABEL, "In", Some(vec![arch.to_owned()])),
+            requirement(OS_LABEL, "In", Some(vec![system::OS.to_owned()])),
+            requirement(REPEL_LABEL, "DoesNotExist", None),
+        ]),
+        match_fields: (!repelled.is_empty())
+            .then(|| vec![requirement("metadata.name", "NotIn", Some(repelled))]),
+    };
+    let preferred = preferred.map(|node| {
+        vec![PreferredSchedulingTerm {
+            weight: 100,
+            preference: NodeSelectorTerm {
+                match_fields: Some(vec![requirement(
+                    "metadata.name",
+                    "In",
+                    Some(vec![node.to_owned()]),
+                )]),
+                ..Default::default()
+            },
+        }]
+    });
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![required],
+            }),
+            preferred_during_scheduling_ignored_during_execution: preferred,
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, arch: &str) -> NodeView {
+        NodeView {
+            name: name.into(),
+            arch: Some(arch.into()),
+            os: Some("linux".into()),
+            ready: true,
+            schedulable: true,
+            repel_label: false,
+        }
+    }
+
+    fn cluster() -> Vec<NodeView> {
+        vec![
+            node("amd-0", "amd64"),
+            node("amd-1", "amd64"),
+            node("arm-0", "arm64"),
+            node("arm-1", "arm64"),
+        ]
+    }
+
+    #[test]
+    fn only_nodes_of_the_arch_are_eligible() {
+        assert_eq!(
+            place("aarch64-linux", &cluster(), &[], None)
+                .expect("placed")
+                .eligible,
+            ["arm-0", "arm-1"]
+        );
+        assert_eq!(
+            place("x86_64-linux", &cluster(), &[], None)
+                .expect("placed")
+                .eligible,
+            ["amd-0", "amd-1"]
+        );
+    }
+
+    #[test]
+    fn repel_by_flag_and_by_label() {
+        let mut nodes = cluster();
+        nodes[3].repel_label = true;
+        let p = place("aarch64-linux", &nodes, &["arm-0".into()], None);
+        let err = p.expect_err("all arm64 nodes repelled");
+        assert!(
+            err.0.contains("2 node(s) with kubernetes.io/arch=arm64"),
+            "{err}"
+        );
+        assert!(err.0.contains("2 repelled"), "{err}");
+        let p = place("aarch64-linux", &nodes, &[], None).expect("arm-0 left");
+        assert_eq!(p.eligible, ["arm-0"]);
+    }
+
+    #[test]
+    fn not_ready_cordoned_and_wrong_os_are_excluded() {
+        let mut nodes = cluster();
+        nodes[2].ready = false;
+        nodes[3].schedulable = false;
+        let err = place("aarch64-linux", &nodes, &[], None).expect_err("none left");
+        assert!(
+            err.0.contains("1 not Ready, 1 cordoned or tainted"),
+            "{err}"
+        );
+        nodes[0].os = Some("windows".into());
+        assert_eq!(
+            place("x86_64-linux", &nodes, &[], None)
+                .expect("amd-1")
+                .eligible,
+            ["amd-1"]
+        );
+        assert!(place("riscv64-linux", &nodes, &[], None).is_err());
+        assert!(place("aarch64-darwin", &nodes, &[], None).is_err());
+    }
+
+    #[test]
+    fn affinity_requires_arch_os_and_no_repel_and_prefers_the_asking_node() {
+        let p = place(
+            "aarch64-linux",
+            &cluster(),
+            &["amd-0".into(), "amd-0".into()],
+            Some("arm-1"),
+        )
+        .expect("placed");
+        let yaml = serde_json::to_value(&p.affinity).expect("serialises");
+        let na = &yaml["nodeAffinity"];
+        let term = &na["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0];
+        assert_eq!(
+            term["matchExpressions"][0],
+            serde_json::json!({"key": "kubernetes.io/arch", "operator": "In", "values": ["arm64"]})
+        );
+        assert_eq!(term["matchExpressions"][2]["operator"], "DoesNotExist");
+        assert_eq!(
+            term["matchFields"][0]["values"],
+            serde_json::json!(["amd-0"])
+        );
+        assert_eq!(
+            na["preferredDuringSchedulingIgnoredDuringExecution"][0]["preference"]["matchFields"]
+                [0]["values"],
+            serde_json::json!(["arm-1"])
+        );
+    }
+
+    #[test]
+    fn node_view_reads_labels_conditions_and_taints() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "labels": {"kubernetes.io/arch": "arm64", "kubernetes.io/os": "linux", "enbi.hrzn.ee/repel": ""}},
+            "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        })).expect("valid node");
+        let v = NodeView::from(&node);
+        assert_eq!((v.ready, v.schedulable, v.repel_label), (true, false, true));
+        assert_eq!(v.arch.as_deref(), Some("arm64"));
+    }
+}
