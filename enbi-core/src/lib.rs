@@ -3,6 +3,8 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod job;
+pub mod machine;
 pub mod naming;
 pub mod placement;
 pub mod reason;

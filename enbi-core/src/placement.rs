@@ -83,7 +83,7 @@ pub fn place(
         .iter()
         .filter(|n| n.arch.as_deref() == Some(sys.arch) && n.os.as_deref() == Some(system::OS))
         .collect();
-    let is_repelled = |n: &NodeView| n.repel_label || repelled.iter().any(|r| *r == n.name);
+    let is_repelled = |n: &NodeView| n.repel_label || repelled.contains(&n.name);
     let mut eligible: Vec<String> = of_arch
         .iter()
         .filter(|n| n.ready && n.schedulable && !is_repelled(n))

@@ -1,0 +1,439 @@
+use k8s_openapi::jiff::Timestamp;
+use proptest::prelude::*;
+
+use super::*;
+use crate::crd::NixBuildSpec;
+use crate::placement::{NodeView, place};
+use crate::result::{FailureReport, ImageReport, Timings};
+
+const TAG: &str = "registry.example/app:v1";
+
+fn build() -> NixBuild {
+    let mut b = NixBuild::new(
+        "app-0123456789",
+        NixBuildSpec {
+            flake_url: "github:o/r".into(),
+            package_name: "app.stream".into(),
+            image_tag: TAG.into(),
+            system: "aarch64-linux".into(),
+        },
+    );
+    b.metadata.namespace = Some("apps".into());
+    b.metadata.uid = Some("uid-1".into());
+    b.metadata.generation = Some(1);
+    b
+}
+
+fn nodes() -> Vec<NodeView> {
+    vec![NodeView {
+        name: "arm-0".into(),
+        arch: Some("arm64".into()),
+        os: Some("linux".into()),
+        ready: true,
+        schedulable: true,
+        repel_label: false,
+    }]
+}
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).expect("in range")
+}
+
+fn observe<'a>(b: &'a NixBuild, job: Option<&'a JobView>, now: i64) -> Observation<'a> {
+    Observation {
+        build: b,
+        job,
+        policy: Ok(()),
+        placement: place(&b.spec.system, &nodes(), &[], None),
+        capacity: Ok(()),
+        now: at(now),
+    }
+}
+
+fn apply(b: &mut NixBuild, d: &Decision) {
+    b.status = Some(d.status.clone());
+}
+
+fn view(b: &NixBuild, state: JobState, message: Option<String>, terminated: bool) -> JobView {
+    JobView {
+        name: job::name(b, b.status.as_ref().map_or(0, |s| s.attempts)),
+        state,
+        node: Some("arm-0".into()),
+        termination_message: message,
+        terminated,
+    }
+}
+
+fn success_report(tag: &str) -> String {
+    BuildReport::Succeeded(ImageReport {
+        image_tag: tag.into(),
+        digest: format!("sha256:{}", "b".repeat(64)),
+        size: 4096,
+        store_path: "/nix/store/x-app".into(),
+        bytes_streamed: 4096,
+        imported: true,
+        timings: Timings::default(),
+    })
+    .encode()
+}
+
+fn failure_report(reason: FailureReason) -> String {
+    BuildReport::Failed(FailureReport {
+        reason,
+        message: "it broke".into(),
+        log_tail: "error: line\n".into(),
+    })
+    .encode()
+}
+
+fn condition<'a>(
+    d: &'a Decision,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    conditions::get(&d.status.conditions, type_).expect("condition set")
+}
+
+fn settings() -> Settings {
+    Settings::default()
+}
+
+#[test]
+fn first_sight_creates_attempt_one() {
+    let b = build();
+    let d = decide(observe(&b, None, 0), &settings());
+    assert_eq!(d.create_job.as_ref().map(|p| p.attempt), Some(1));
+    assert_eq!(d.status.phase, Some(Phase::Building));
+    assert_eq!(d.status.attempts, 1);
+    assert_eq!(d.status.build_job_name, Some(job::name(&b, 1)));
+    assert_eq!(d.status.observed_generation, Some(1));
+    assert_eq!(d.events[0].reason, "Scheduled");
+    assert!(d.events[0].note.contains("arm-0"));
+    assert_eq!(condition(&d, READY).status, "False");
+}
+
+#[test]
+fn success_path_records_digest_size_and_node() {
+    let mut b = build();
+    let d = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &d);
+    let running = view(&b, JobState::Running, None, false);
+    let d = decide(observe(&b, Some(&running), 5), &settings());
+    assert!(d.create_job.is_none());
+    assert_eq!(d.status.build_node.as_deref(), Some("arm-0"));
+    assert_eq!(
+        d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+        ["Building"]
+    );
+    apply(&mut b, &d);
+    // Seeing the same running Job again changes nothing and says nothing.
+    let again = decide(observe(&b, Some(&running), 6), &settings());
+    assert!(again.events.is_empty() && again.create_job.is_none());
+    assert_eq!(again.status, b.status.clone().expect("status"));
+
+    let done = view(&b, JobState::Succeeded, Some(success_report(TAG)), true);
+    let d = decide(observe(&b, Some(&done), 60), &settings());
+    assert_eq!(d.status.phase, Some(Phase::Succeeded));
+    assert_eq!(d.status.image_size, Some(4096));
+    assert_eq!(
+        d.status.image_digest,
+        Some(format!("sha256:{}", "b".repeat(64)))
+    );
+    assert_eq!(d.status.completion_time, Some(Time(at(60))));
+    for (type_, reason) in [
+        (READY, "ResultSuccess"),
+        (SUCCESS, "ResultSuccess"),
+        (COMPLETE, "BuildFinished"),
+    ] {
+        let c = condition(&d, type_);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", reason),
+            "{type_}"
+        );
+    }
+    assert_eq!(
+        d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+        ["Succeeded"]
+    );
+    apply(&mut b, &d);
+    // A finished build is left alone.
+    let after = decide(observe(&b, Some(&done), 61), &settings());
+    assert!(after.events.is_empty() && after.create_job.is_none() && after.requeue_after.is_none());
+}
+
+#[test]
+fn deterministic_failures_end_the_build_at_once() {
+    for reason in [
+        FailureReason::EvalFailed,
+        FailureReason::BuildFailed,
+        FailureReason::NotAnImage,
+        FailureReason::TagConflict,
+    ] {
+        let mut b = build();
+        let first = decide(observe(&b, None, 0), &settings());
+        apply(&mut b, &first);
+        let failed = view(
+            &b,
+            JobState::Failed {
+                reason: Some("BackoffLimitExceeded".into()),
+            },
+            Some(failure_report(reason)),
+            true,
+        );
+        let d = decide(observe(&b, Some(&failed), 10), &settings());
+        assert_eq!(d.status.phase, Some(Phase::Failed), "{reason:?}");
+        assert_eq!(d.status.failure_reason.as_deref(), Some(reason.as_str()));
+        assert!(
+            d.status
+                .failure_message
+                .as_deref()
+                .is_some_and(|m| m.contains("it broke") && m.contains("error: line"))
+        );
+        assert_eq!(condition(&d, SUCCESS).status, "False");
+        assert_eq!(condition(&d, COMPLETE).reason, "BuildFinished");
+        let last = d.events.last().expect("an event");
+        assert_eq!((last.type_, last.reason), (EventType::Warning, "Failed"));
+        assert!(d.create_job.is_none());
+    }
+}
+
+#[test]
+fn lost_builders_are_retried_with_backoff_then_fail() {
+    let mut b = build();
+    let s = Settings {
+        max_attempts: 3,
+        backoff_base: Duration::from_secs(30),
+        backoff_cap: Duration::from_secs(45),
+    };
+    let mut now = 0;
+    let mut waits = vec![];
+    for attempt in 1..=3 {
+        let d = decide(observe(&b, None, now), &s);
+        assert_eq!(d.create_job.as_ref().map(|p| p.attempt), Some(attempt));
+        apply(&mut b, &d);
+        let lost = view(
+            &b,
+            JobState::Failed {
+                reason: Some("BackoffLimitExceeded".into()),
+            },
+            None,
+            false,
+        );
+        let d = decide(observe(&b, Some(&lost), now + 1), &s);
+        apply(&mut b, &d);
+        if attempt < 3 {
+            assert_eq!(d.status.phase, Some(Phase::Pending));
+            assert_eq!(d.status.failure_reason.as_deref(), Some("BuilderLost"));
+            let wait = d.requeue_after.expect("retry scheduled");
+            waits.push(wait.as_secs());
+            // Before the retry time nothing happens but a requeue.
+            let early = decide(observe(&b, None, now + 2), &s);
+            assert!(early.create_job.is_none() && early.requeue_after.is_some());
+            now += 1 + wait.as_secs() as i64;
+        } else {
+            assert_eq!(d.status.phase, Some(Phase::Failed));
+            assert_eq!(d.status.attempts, 3);
+        }
+    }
+    assert_eq!(waits, [30, 45], "doubles, capped");
+}
+
+#[test]
+fn deadline_crash_and_bad_reports_have_their_reasons() {
+    let cases = [
+        (
+            JobState::Failed {
+                reason: Some("DeadlineExceeded".into()),
+            },
+            None,
+            false,
+            "DeadlineExceeded",
+        ),
+        (
+            JobState::Failed {
+                reason: Some("BackoffLimitExceeded".into()),
+            },
+            Some("Killed".into()),
+            true,
+            "BuilderCrashed",
+        ),
+        (JobState::Succeeded, None, true, "InvalidReport"),
+        (
+            JobState::Succeeded,
+            Some("x".repeat(5000)),
+            true,
+            "InvalidReport",
+        ),
+        (
+            JobState::Succeeded,
+            Some(success_report("other.example/app:v1")),
+            true,
+            "InvalidReport",
+        ),
+    ];
+    for (state, message, terminated, reason) in cases {
+        let mut b = build();
+        let first = decide(observe(&b, None, 0), &settings());
+        apply(&mut b, &first);
+        let v = view(&b, state, message, terminated);
+        let d = decide(observe(&b, Some(&v), 1), &settings());
+        assert_eq!(d.status.failure_reason.as_deref(), Some(reason));
+    }
+}
+
+#[test]
+fn crash_message_carries_the_log_end() {
+    let mut b = build();
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    let v = view(
+        &b,
+        JobState::Failed { reason: None },
+        Some("out of memory\n".into()),
+        true,
+    );
+    let d = decide(observe(&b, Some(&v), 1), &settings());
+    assert!(
+        d.status
+            .failure_message
+            .as_deref()
+            .is_some_and(|m| m.ends_with("out of memory"))
+    );
+}
+
+#[test]
+fn policy_denial_fails_without_a_job() {
+    let b = build();
+    let mut obs = observe(&b, None, 0);
+    obs.policy = Err("namespace apps is not in the allowed namespaces".into());
+    let d = decide(obs, &settings());
+    assert!(d.create_job.is_none());
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(d.status.failure_reason.as_deref(), Some("PolicyDenied"));
+    assert_eq!(d.status.attempts, 0);
+}
+
+#[test]
+fn no_node_and_queue_wait_and_say_so_once() {
+    let mut b = build();
+    let mut obs = observe(&b, None, 0);
+    obs.placement = place("aarch64-linux", &[], &[], None);
+    let d = decide(obs, &settings());
+    assert_eq!(d.status.phase, Some(Phase::Pending));
+    assert_eq!(condition(&d, READY).reason, "NoEligibleNode");
+    assert_eq!(d.events.len(), 1);
+    assert!(
+        d.requeue_after.is_none(),
+        "Node changes trigger the next look, not a timer"
+    );
+    apply(&mut b, &d);
+    let mut obs = observe(&b, None, 5);
+    obs.placement = place("aarch64-linux", &[], &[], None);
+    assert!(decide(obs, &settings()).events.is_empty());
+
+    let mut obs = observe(&b, None, 6);
+    obs.capacity = Err("2 builds running, the global limit".into());
+    let d = decide(obs, &settings());
+    assert_eq!(condition(&d, READY).reason, "Queued");
+    assert!(d.create_job.is_none());
+    apply(&mut b, &d);
+    // A node appears and a slot frees: the build starts.
+    assert_eq!(
+        decide(observe(&b, None, 7), &settings())
+            .create_job
+            .map(|p| p.attempt),
+        Some(1)
+    );
+}
+
+#[test]
+fn a_missing_job_of_the_current_attempt_is_applied_again_not_advanced() {
+    let mut b = build();
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    let d = decide(observe(&b, None, 1), &settings());
+    assert_eq!(d.create_job.map(|p| p.attempt), Some(1));
+    assert_eq!(d.status.attempts, 1);
+    assert!(d.events.is_empty());
+}
+
+#[test]
+fn backoff_doubles_and_caps() {
+    let s = Settings::default();
+    let secs: Vec<u64> = (1..=7).map(|n| s.backoff(n).as_secs()).collect();
+    assert_eq!(secs, [30, 60, 120, 240, 480, 600, 600]);
+    assert_eq!(s.backoff(u32::MAX), s.backoff_cap);
+}
+
+/// What the world shows the machine for the current attempt's Job at one step.
+#[derive(Debug, Clone)]
+enum World {
+    Missing,
+    Pending,
+    Running,
+    Succeeded,
+    FailedRetryable,
+    FailedFinal,
+    Deadline,
+}
+
+fn world() -> impl Strategy<Value = World> {
+    prop_oneof![
+        Just(World::Missing),
+        Just(World::Pending),
+        Just(World::Running),
+        Just(World::Succeeded),
+        Just(World::FailedRetryable),
+        Just(World::FailedFinal),
+        Just(World::Deadline),
+    ]
+}
+
+proptest! {
+    /// However the Jobs behave and however often the operator looks (or loses its status
+    /// writes), the machine never asks for a Job of an attempt whose Job exists, never skips or
+    /// reuses an attempt number for a new Job, never exceeds max_attempts, and never leaves a
+    /// finished build.
+    #[test]
+    fn one_job_per_attempt(steps in prop::collection::vec((world(), 0i64..120, any::<bool>()), 1..60)) {
+        let s = Settings::default();
+        let mut b = build();
+        let mut now = 0;
+        let mut created: Vec<u32> = vec![];
+        for (w, dt, status_write_lost) in steps {
+            now += dt;
+            let attempts = b.status.as_ref().map_or(0, |st| st.attempts);
+            let exists = attempts > 0 && created.contains(&attempts) && !matches!(w, World::Missing);
+            let v = exists.then(|| match w {
+                World::Pending => view(&b, JobState::Pending, None, false),
+                World::Running => view(&b, JobState::Running, None, false),
+                World::Succeeded => view(&b, JobState::Succeeded, Some(success_report(TAG)), true),
+                World::FailedRetryable => view(&b, JobState::Failed { reason: None }, Some(failure_report(FailureReason::ImportFailed)), true),
+                World::FailedFinal => view(&b, JobState::Failed { reason: None }, Some(failure_report(FailureReason::BuildFailed)), true),
+                World::Deadline => view(&b, JobState::Failed { reason: Some("DeadlineExceeded".into()) }, None, false),
+                World::Missing => unreachable!(),
+            });
+            let was_finished = matches!(b.phase(), Phase::Succeeded | Phase::Failed);
+            let d = decide(observe(&b, v.as_ref(), now), &s);
+            if was_finished {
+                prop_assert!(d.create_job.is_none());
+                prop_assert_eq!(Some(&d.status), b.status.as_ref());
+            }
+            if let Some(plan) = &d.create_job {
+                prop_assert!(plan.attempt == attempts || plan.attempt == attempts + 1);
+                if plan.attempt == attempts {
+                    prop_assert!(v.is_none(), "asked again for attempt {}'s Job while it exists", attempts);
+                }
+                prop_assert!(plan.attempt <= s.max_attempts);
+                prop_assert_eq!(plan.attempt, d.status.attempts);
+                if !created.contains(&plan.attempt) {
+                    prop_assert_eq!(plan.attempt as usize, created.len() + 1, "attempts are consecutive");
+                    created.push(plan.attempt);
+                }
+            }
+            if !status_write_lost {
+                apply(&mut b, &d);
+            }
+        }
+    }
+}
