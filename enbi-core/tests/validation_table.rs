@@ -117,10 +117,10 @@ fn admitted_over(spec: &NixBuildSpec, old: Option<&NixBuildSpec>) -> Result<(), 
         &crd.spec.versions[0]
             .schema
             .as_ref()
-            .unwrap()
+            .expect("the derived CRD has a schema")
             .open_api_v3_schema,
     )
-    .unwrap();
+    .expect("schemas serialise");
     kube::core::cel::Validator::new()
         .validate(&schema, &object(spec), old.map(object).as_ref())
         .map_err(|e| e.to_string())

@@ -6,7 +6,7 @@ CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Pinned versions. The Rust side uses the k8s-openapi feature v1_35.
 K8S_VERSION="${ENBI_K8S_VERSION:-v1.35.4}"
 KWOK_VERSION="${ENBI_KWOK_VERSION:-v0.8.0}"
-ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.7}"
+ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.16}"
 
 # Binary cache, outside the checkout, keyed by component and version.
 ENBI_CACHE="${ENBI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/enbi}"
@@ -34,9 +34,24 @@ KCM_PORT="${ENBI_KCM_PORT:-20257}"
 SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-20259}"
 KWOK_PORT="${ENBI_KWOK_PORT:-20247}"
 KUBELET_PORT="${ENBI_KUBELET_PORT:-20250}"
+KUBELET_HEALTHZ_PORT="${ENBI_KUBELET_HEALTHZ_PORT:-20248}"
 
 SERVICE_CIDR="10.96.0.0/16"
 CLUSTER_CIDR="10.244.0.0/16"
+
+# etcd: "system" (Debian's etcd-server, /usr/bin/etcd) or "build" ($ETCD_VERSION
+# built from go.etcd.io/etcd/server/v3 into the cache).
+ETCD_SOURCE="${ENBI_ETCD:-build}"
+ETCD_EXTRA_ARGS=()
+# Test data only: skip fsync for speed (flag exists since etcd 3.5).
+[[ "$ETCD_SOURCE" == build ]] && ETCD_EXTRA_ARGS+=(--unsafe-no-fsync)
+etcd_binary() {
+  case "$ETCD_SOURCE" in
+    system) command -v etcd || { [[ -x /usr/bin/etcd ]] && echo /usr/bin/etcd; } ;;
+    build) [[ -x "$ETCD_BIN/etcd" ]] && echo "$ETCD_BIN/etcd" ;;
+    *) echo "ENBI_ETCD must be system or build" >&2; return 1 ;;
+  esac
+}
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
