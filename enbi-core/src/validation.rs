@@ -56,7 +56,7 @@ pub static IMAGE_TAG: FieldRule = FieldRule {
 };
 
 impl FieldRule {
-    /// The message shown when a value breaks this rule.
+    /// The admission message when a value breaks this rule.
     pub fn message(&self) -> String {
         format!("spec.{} must be {}", self.field, self.expected)
     }
@@ -67,12 +67,13 @@ impl FieldRule {
             .message(kube::core::Message::Message(self.message()))
     }
 
-    /// Checks a value outside admission (annotations, flags).
+    /// Checks a value outside admission (annotations, flags); the error says what was expected
+    /// and the caller names the field as its user knows it.
     pub fn check(&self, value: &str) -> Result<(), String> {
         if value.len() <= self.max_len && self.regex.is_match(value) {
             Ok(())
         } else {
-            Err(self.message())
+            Err(format!("must be {}", self.expected))
         }
     }
 }
@@ -83,24 +84,25 @@ fn compile(rule: &FieldRule) -> Regex {
     Regex::new(rule.pattern).expect("field patterns are valid regular expressions")
 }
 
-/// The message for an unknown `spec.system`.
-pub fn system_message() -> String {
+/// What a valid system is.
+fn system_expected() -> String {
     let known: Vec<&str> = SYSTEMS.iter().map(|s| s.nix).collect();
-    format!("spec.system must be one of {}", known.join(", "))
+    format!("must be one of {}", known.join(", "))
 }
 
 /// `spec.system` as a CEL validation: one of the systems enbi can place.
 pub fn system_cel() -> Rule {
     let known: Vec<String> = SYSTEMS.iter().map(|s| format!("'{}'", s.nix)).collect();
-    Rule::new(format!("self in [{}]", known.join(", ")))
-        .message(kube::core::Message::Message(system_message()))
+    Rule::new(format!("self in [{}]", known.join(", "))).message(kube::core::Message::Message(
+        format!("spec.system {}", system_expected()),
+    ))
 }
 
 /// Checks a system outside admission.
 pub fn check_system(value: &str) -> Result<(), String> {
     crate::system::from_nix(value)
         .map(|_| ())
-        .ok_or_else(system_message)
+        .ok_or_else(system_expected)
 }
 
 /// `garde` adapters, so `NixBuildSpec::validate()` applies exactly these rules.

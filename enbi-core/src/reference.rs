@@ -1,0 +1,147 @@
+//! Image references as containerd's CRI sees them.
+//!
+//! The kubelet asks for `nginx`; containerd stores `docker.io/library/nginx:latest`. Pods,
+//! annotations and NixBuilds compare and store references in this normalised form, so the image
+//! the builder imports is the very one the kubelet looks for.
+
+/// Registry implied by a reference without a domain.
+const DEFAULT_DOMAIN: &str = "docker.io";
+
+/// The fully qualified form of an image reference: domain, `library/` for official images,
+/// `:latest` when neither tag nor digest is given. Anything unparsable is returned as is (it
+/// then matches nothing but itself).
+pub fn normalise(reference: &str) -> String {
+    let reference = reference.trim();
+    let (name, digest) = match reference.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (reference, None),
+    };
+    // A tag is a ':' after the last '/', so `host:5000/app` has none.
+    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+    let (path, tag) = match name[last_slash..].rfind(':') {
+        Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
+        None => (name, None),
+    };
+    let (domain, remainder) = match path.split_once('/') {
+        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
+            (first, rest.to_owned())
+        }
+        Some(_) => (DEFAULT_DOMAIN, path.to_owned()),
+        None => (DEFAULT_DOMAIN, format!("library/{path}")),
+    };
+    let domain = if domain == "index.docker.io" {
+        DEFAULT_DOMAIN
+    } else {
+        domain
+    };
+    let remainder = match (domain, remainder.contains('/')) {
+        (DEFAULT_DOMAIN, false) => format!("library/{remainder}"),
+        _ => remainder,
+    };
+    match (tag, digest) {
+        (Some(t), Some(d)) => format!("{domain}/{remainder}:{t}@{d}"),
+        (Some(t), None) => format!("{domain}/{remainder}:{t}"),
+        (None, Some(d)) => format!("{domain}/{remainder}@{d}"),
+        (None, None) => format!("{domain}/{remainder}:latest"),
+    }
+}
+
+/// Whether two references name the same image once normalised.
+pub fn same_image(a: &str, b: &str) -> bool {
+    normalise(a) == normalise(b)
+}
+
+/// Registry host and repository path of a normalised reference, as Spegel's
+/// `containerd.io/distribution.source.<registry>=<repository>` label needs them.
+pub fn registry_and_repository(reference: &str) -> (String, String) {
+    let normal = normalise(reference);
+    let name = normal.split('@').next().unwrap_or_default();
+    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+    let path = match name[last_slash..].rfind(':') {
+        Some(i) => &name[..last_slash + i],
+        None => name,
+    };
+    match path.split_once('/') {
+        Some((registry, repository)) => (registry.to_owned(), repository.to_owned()),
+        None => (DEFAULT_DOMAIN.to_owned(), path.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const D: &str = "sha256:707b2b90f3f21c5cccad07429f51e1a37b9833d4ff87b323786d7cb246b8360c";
+
+    #[test]
+    fn normalises_like_containerd() {
+        for (given, want) in [
+            ("nginx", "docker.io/library/nginx:latest"),
+            ("nginx:1.27", "docker.io/library/nginx:1.27"),
+            ("library/nginx", "docker.io/library/nginx:latest"),
+            ("docker.io/nginx", "docker.io/library/nginx:latest"),
+            (
+                "index.docker.io/library/nginx:1",
+                "docker.io/library/nginx:1",
+            ),
+            ("team/app:v1", "docker.io/team/app:v1"),
+            ("localhost/enbi:0.1.0", "localhost/enbi:0.1.0"),
+            ("localhost:5000/app", "localhost:5000/app:latest"),
+            ("nossa.ee/talya/chog:f5d5", "nossa.ee/talya/chog:f5d5"),
+            (
+                "registry.example:443/a/b/c:t",
+                "registry.example:443/a/b/c:t",
+            ),
+        ] {
+            assert_eq!(normalise(given), want, "{given}");
+        }
+        assert_eq!(
+            normalise(&format!("app@{D}")),
+            format!("docker.io/library/app@{D}")
+        );
+        assert_eq!(
+            normalise(&format!("r.example/app:v1@{D}")),
+            format!("r.example/app:v1@{D}")
+        );
+    }
+
+    #[test]
+    fn compares_normalised() {
+        assert!(same_image("nginx", "docker.io/library/nginx:latest"));
+        assert!(!same_image("nginx:1", "nginx:2"));
+        assert!(!same_image("a.example/app:v1", "b.example/app:v1"));
+    }
+
+    #[test]
+    fn splits_registry_and_repository() {
+        assert_eq!(
+            registry_and_repository("nginx:1"),
+            ("docker.io".into(), "library/nginx".into())
+        );
+        assert_eq!(
+            registry_and_repository("localhost:5000/a/b:t"),
+            ("localhost:5000".into(), "a/b".into())
+        );
+        assert_eq!(
+            registry_and_repository(&format!("r.example/app@{D}")),
+            ("r.example".into(), "app".into())
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn normalising_is_idempotent(r in "([a-z0-9.:-]{1,12}/){0,3}[a-z0-9._-]{1,12}(:[a-z0-9._-]{1,10})?") {
+            let once = normalise(&r);
+            prop_assert_eq!(normalise(&once), once.clone());
+            prop_assert!(same_image(&r, &once));
+        }
+
+        #[test]
+        fn never_panics(r in "\\PC{0,200}") {
+            let _ = normalise(&r);
+            let _ = registry_and_repository(&r);
+        }
+    }
+}
