@@ -3,11 +3,13 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod gc;
 pub mod job;
 pub mod machine;
 pub mod naming;
 pub mod placement;
 pub mod podwatch;
+pub mod policy;
 pub mod reason;
 pub mod reference;
 pub mod result;

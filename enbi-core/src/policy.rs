@@ -1,0 +1,175 @@
+//! Who may build what. A NixBuild writes an image into a node's containerd under any tag it
+//! names, so the operator checks, before anything runs: the namespace, the flake URL's prefix,
+//! and the image tag against patterns (optionally per namespace). Empty lists allow everything.
+
+use crate::crd::NixBuildSpec;
+use crate::reference;
+
+/// An image tag pattern, for one namespace or all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRule {
+    /// `None` applies everywhere.
+    pub namespace: Option<String>,
+    /// Glob over the normalised reference: `*` matches any run of characters.
+    pub pattern: String,
+}
+
+/// The operator's build policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub allowed_namespaces: Vec<String>,
+    pub flake_url_prefixes: Vec<String>,
+    pub tag_rules: Vec<TagRule>,
+}
+
+/// Checks a build; `Err` names the rule it breaks.
+pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<(), String> {
+    if !policy.allowed_namespaces.is_empty()
+        && !policy.allowed_namespaces.iter().any(|n| n == namespace)
+    {
+        return Err(format!(
+            "namespace {namespace} is not in the allowed namespaces ({})",
+            policy.allowed_namespaces.join(", ")
+        ));
+    }
+    if !policy.flake_url_prefixes.is_empty()
+        && !policy
+            .flake_url_prefixes
+            .iter()
+            .any(|p| spec.flake_url.starts_with(p.as_str()))
+    {
+        return Err(format!(
+            "flake URL {} does not start with an allowed prefix ({})",
+            spec.flake_url,
+            policy.flake_url_prefixes.join(", ")
+        ));
+    }
+    let rules: Vec<&TagRule> = policy
+        .tag_rules
+        .iter()
+        .filter(|r| r.namespace.as_deref().is_none_or(|n| n == namespace))
+        .collect();
+    let tag = reference::normalise(&spec.image_tag);
+    if !rules.is_empty() && !rules.iter().any(|r| glob(&r.pattern, &tag)) {
+        let patterns: Vec<&str> = rules.iter().map(|r| r.pattern.as_str()).collect();
+        return Err(format!(
+            "image tag {tag} matches no allowed pattern for namespace {namespace} ({})",
+            patterns.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(flake: &str, tag: &str) -> NixBuildSpec {
+        NixBuildSpec {
+            flake_url: flake.into(),
+            package_name: "p".into(),
+            image_tag: tag.into(),
+            system: "x86_64-linux".into(),
+        }
+    }
+
+    #[test]
+    fn empty_policy_allows_everything() {
+        assert_eq!(
+            check(&Policy::default(), "any", &spec("github:o/r", "nginx:1")),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn namespaces_prefixes_and_tags() {
+        let policy = Policy {
+            allowed_namespaces: vec!["apps".into(), "ci".into()],
+            flake_url_prefixes: vec!["git+https://nossa.ee/".into()],
+            tag_rules: vec![
+                TagRule {
+                    namespace: None,
+                    pattern: "nossa.ee/*".into(),
+                },
+                TagRule {
+                    namespace: Some("ci".into()),
+                    pattern: "localhost/ci-*:*".into(),
+                },
+            ],
+        };
+        let ok = spec("git+https://nossa.ee/~talya/chog", "nossa.ee/talya/chog:1");
+        assert_eq!(check(&policy, "apps", &ok), Ok(()));
+        assert!(
+            check(&policy, "other", &ok)
+                .unwrap_err()
+                .contains("namespace other is not in the allowed namespaces")
+        );
+        let err = check(&policy, "apps", &spec("github:evil/r", "nossa.ee/x:1")).unwrap_err();
+        assert!(
+            err.contains("does not start with an allowed prefix"),
+            "{err}"
+        );
+        let err = check(
+            &policy,
+            "apps",
+            &spec("git+https://nossa.ee/a", "nginx:latest"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("docker.io/library/nginx:latest matches no allowed pattern"),
+            "{err}"
+        );
+        assert_eq!(
+            check(
+                &policy,
+                "ci",
+                &spec("git+https://nossa.ee/a", "localhost/ci-x:9")
+            ),
+            Ok(())
+        );
+        assert!(
+            check(
+                &policy,
+                "apps",
+                &spec("git+https://nossa.ee/a", "localhost/ci-x:9")
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn glob_matches() {
+        for (p, t, want) in [
+            ("*", "", true),
+            ("a*", "abc", true),
+            ("*c", "abc", true),
+            ("a*c", "ac", true),
+            ("a*b*c", "axbyc", true),
+            ("a*c", "ab", false),
+            ("abc", "abcd", false),
+            ("a*a", "a", false),
+        ] {
+            assert_eq!(glob(p, t), want, "{p} ~ {t}");
+        }
+    }
+}
