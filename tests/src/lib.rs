@@ -1,0 +1,171 @@
+//! Support for enbi's integration tests: a client for the local cluster (`tests/cluster/up`),
+//! a fresh namespace per test, and polling helpers.
+//!
+//! Without a reachable cluster a test fails in CI (`CI=true`) and elsewhere prints a loud
+//! `SKIPPED` line straight to stderr (past the test harness's capture) and returns.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// The admin kubeconfig `tests/cluster/up` writes, unless `KUBECONFIG` names another.
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var_os("KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cluster/.state/kubeconfig")
+        })
+}
+
+/// A client for the local cluster, or `None` (after saying so loudly) when there is none
+/// outside CI. In CI a missing cluster is a failure.
+pub async fn cluster() -> Option<Client> {
+    match connect().await {
+        Ok(client) => Some(client),
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI needs the local cluster (tests/cluster/up): {why}")
+        }
+        Err(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {}: no cluster ({why}); start one with tests/cluster/up",
+                std::thread::current().name().unwrap_or("test")
+            );
+            None
+        }
+    }
+}
+
+async fn connect() -> Result<Client, String> {
+    let path = kubeconfig_path();
+    let kubeconfig =
+        Kubeconfig::read_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = Client::try_from(config).map_err(|e| e.to_string())?;
+    client
+        .apiserver_version()
+        .await
+        .map_err(|e| format!("apiserver unreachable: {e}"))?;
+    Ok(client)
+}
+
+/// Returns from the test when there is no cluster (see [`cluster`]).
+#[macro_export]
+macro_rules! require_cluster {
+    () => {
+        match $crate::cluster().await {
+            Some(client) => client,
+            None => return,
+        }
+    };
+}
+
+/// A namespace for one test, deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `enbi-test-<prefix>-<random>`.
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("enbi-test-{prefix}-{:x}", nanos ^ std::process::id());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"enbi.test/namespace": "true"}}
+        }))
+        .expect("valid namespace");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create test namespace");
+        Self {
+            name,
+            client: client.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNamespace")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (client, name) = (self.client.clone(), self.name.clone());
+        // Drop cannot await; delete on a thread of its own so the test's runtime is not blocked.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = runtime {
+                rt.block_on(async {
+                    let _ = Api::<Namespace>::all(client)
+                        .delete(&name, &DeleteParams::background())
+                        .await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Polls `check` every 200 ms until it yields a value, panicking with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Applies the NixBuild CRD (exactly what `enbi-operator crd` prints) and waits until the
+/// apiserver serves it.
+pub async fn install_crd(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+
+    let crd = enbi_core::crd::NixBuild::crd();
+    let name = crd.metadata.name.clone().expect("CRD has a name");
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    api.patch(
+        &name,
+        &PatchParams::apply("enbi-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply the CRD");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(api, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD Established within 30 s")
+    .expect("watch the CRD");
+}
