@@ -144,11 +144,24 @@ mod tests {
     fn printer_columns_are_the_first_enbis() {
         let crd = NixBuild::crd();
         let version = &crd.spec.versions[0];
-        let columns: Vec<&str> =
-            version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
         // kubectl adds NAME in front.
-        assert_eq!(columns, ["Image Tag", "System", "Status", "Build Node", "Age"]);
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert_eq!(
+            columns,
+            ["Image Tag", "System", "Status", "Build Node", "Age"]
+        );
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
         assert_eq!(crd.spec.names.short_names, Some(vec!["nb".to_owned()]));
         assert_eq!(crd.spec.scope, "Namespaced");
     }
@@ -161,6 +174,9 @@ mod tests {
             image_tag: "app:1".into(),
             system: "aarch64-linux".into(),
         };
-        assert_eq!(spec.installable(), "github:o/r#packages.aarch64-linux.app.stream");
+        assert_eq!(
+            spec.installable(),
+            "github:o/r#packages.aarch64-linux.app.stream"
+        );
     }
 }

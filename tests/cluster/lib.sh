@@ -1,5 +1,5 @@
 # Shared settings for the local test cluster scripts (sourced, not executed).
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 
 CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -63,4 +63,23 @@ is_running() {
   pid="$(cat "$pidfile")"
   [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$STATE_DIR"
+}
+
+# stop_process NAME: SIGTERM, then SIGKILL after 10 s.
+stop_process() {
+  local name="$1" pid
+  if is_running "$name"; then
+    pid="$(cat "$PID_DIR/$name.pid")"
+    log "$name: stopping (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+      is_running "$name" || break
+      sleep 0.2
+    done
+    if is_running "$name"; then
+      log "$name: still running, sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$PID_DIR/$name.pid" "$PID_DIR/$name.fingerprint"
 }

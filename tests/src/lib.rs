@@ -69,9 +69,9 @@ macro_rules! require_cluster {
 }
 
 /// A namespace for one test, deleted when dropped.
+#[derive(Debug)]
 pub struct TestNamespace {
     pub name: String,
-    client: Client,
 }
 
 impl TestNamespace {
@@ -89,34 +89,22 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create test namespace");
-        Self {
-            name,
-            client: client.clone(),
-        }
-    }
-}
-
-impl std::fmt::Debug for TestNamespace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNamespace")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        Self { name }
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
-        // Drop cannot await; delete on a thread of its own so the test's runtime is not blocked.
+        let name = self.name.clone();
+        // Drop cannot await, and the test's client needs the test's runtime (blocked here), so
+        // delete through a fresh client on a thread and runtime of its own.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
             if let Ok(rt) = runtime {
                 rt.block_on(async {
-                    let _ = Api::<Namespace>::all(client)
-                        .delete(&name, &DeleteParams::background())
-                        .await;
+                    if let Ok(client) = connect().await {
+                        let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+                    }
                 });
             }
         })
