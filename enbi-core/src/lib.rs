@@ -1,6 +1,7 @@
 //! enbi's API and decisions. Everything here is a pure function of what the operator observed
 //! (and `now`, passed in): no client, no clock, no I/O, so every decision is tested in isolation.
 
+pub mod capacity;
 pub mod conditions;
 pub mod crd;
 pub mod gc;

@@ -1,0 +1,160 @@
+//! `enbi-operator run` settings: every flag is also an environment variable (`ENBI_*`), which
+//! is how the Timoni module configures the Deployment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use enbi_core::job::{BuilderSettings, StoreMode};
+use enbi_core::policy::{Policy, TagRule};
+use enbi_core::{gc, machine};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Store {
+    /// The builder image's own Nix store.
+    Pod,
+    /// The node's Nix daemon, through its socket.
+    NodeDaemon,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Namespace the builder Jobs run in (must allow privileged Pods).
+    #[arg(long, env = "ENBI_BUILD_NAMESPACE", default_value = "enbi-builds")]
+    pub build_namespace: String,
+    /// ServiceAccount of the builder Pods (no API token is mounted).
+    #[arg(
+        long,
+        env = "ENBI_BUILDER_SERVICE_ACCOUNT",
+        default_value = "enbi-builder"
+    )]
+    pub builder_service_account: String,
+    /// Image of the builder (this binary plus Nix).
+    #[arg(long, env = "ENBI_BUILDER_IMAGE", default_value = concat!("localhost/enbi:", env!("CARGO_PKG_VERSION")))]
+    pub builder_image: String,
+    /// Nodes never to build on (comma-separated); the label enbi.hrzn.ee/repel does the same.
+    #[arg(long, env = "ENBI_NODE_REPEL", value_delimiter = ',')]
+    pub node_repel: Vec<String>,
+    /// Where builders keep their Nix store.
+    #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = Store::Pod)]
+    pub store_mode: Store,
+    /// containerd socket on the nodes.
+    #[arg(
+        long,
+        env = "ENBI_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: String,
+    /// containerd namespace of the kubelet's images.
+    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    pub containerd_namespace: String,
+    /// Seconds a builder may run.
+    #[arg(long, env = "ENBI_BUILD_TIMEOUT_SECONDS", default_value_t = 3600)]
+    pub build_timeout_seconds: i64,
+    /// Attempts per build for retryable failures.
+    #[arg(long, env = "ENBI_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Builds running at once in the cluster (0: no limit).
+    #[arg(long, env = "ENBI_MAX_CONCURRENT_BUILDS", default_value_t = 4)]
+    pub max_concurrent_builds: usize,
+    /// Builds running at once on one node (0: no limit).
+    #[arg(long, env = "ENBI_MAX_BUILDS_PER_NODE", default_value_t = 1)]
+    pub max_builds_per_node: usize,
+    /// Succeeded NixBuilds kept per namespace.
+    #[arg(long, env = "ENBI_KEEP_SUCCEEDED", default_value_t = 10)]
+    pub keep_succeeded: usize,
+    /// Failed NixBuilds kept per namespace.
+    #[arg(long, env = "ENBI_KEEP_FAILED", default_value_t = 5)]
+    pub keep_failed: usize,
+    /// Delete finished NixBuilds older than this many seconds (0: no age limit).
+    #[arg(long, env = "ENBI_MAX_AGE_SECONDS", default_value_t = 0)]
+    pub max_age_seconds: u64,
+    /// Namespaces whose Pods are watched (comma-separated; empty: all).
+    #[arg(long, env = "ENBI_WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+    /// Namespaces allowed to build (comma-separated; empty: all).
+    #[arg(long, env = "ENBI_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespaces: Vec<String>,
+    /// Flake URL prefixes allowed (comma-separated; empty: all).
+    #[arg(long, env = "ENBI_ALLOWED_FLAKE_PREFIXES", value_delimiter = ',')]
+    pub allowed_flake_prefixes: Vec<String>,
+    /// Image tag patterns allowed, `pattern` or `namespace=pattern`, `*` as wildcard
+    /// (comma-separated; empty: all).
+    #[arg(long, env = "ENBI_ALLOWED_IMAGE_TAGS", value_delimiter = ',')]
+    pub allowed_image_tags: Vec<String>,
+    /// Let a build replace a tag that already names another image.
+    #[arg(long, env = "ENBI_ALLOW_TAG_OVERWRITE")]
+    pub allow_tag_overwrite: bool,
+    /// Do not pin loaded images (the kubelet's image GC may then remove them).
+    #[arg(long, env = "ENBI_NO_PIN")]
+    pub no_pin: bool,
+    /// Elect a leader through a Lease so that only one replica writes.
+    #[arg(long, env = "ENBI_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Namespace of the leader Lease (defaults to the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "ENBI_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds between garbage collection passes.
+    #[arg(long, env = "ENBI_GC_INTERVAL_SECONDS", default_value_t = 30)]
+    pub gc_interval_seconds: u64,
+    /// Address serving /livez, /readyz and /metrics.
+    #[arg(long, env = "ENBI_LISTEN_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub listen_address: SocketAddr,
+}
+
+impl RunArgs {
+    pub fn builder(&self) -> BuilderSettings {
+        BuilderSettings {
+            image: self.builder_image.clone(),
+            namespace: self.build_namespace.clone(),
+            service_account: self.builder_service_account.clone(),
+            containerd_socket: self.containerd_socket.clone(),
+            containerd_namespace: self.containerd_namespace.clone(),
+            store: match self.store_mode {
+                Store::Pod => StoreMode::Pod,
+                Store::NodeDaemon => StoreMode::NodeDaemon,
+            },
+            active_deadline_seconds: self.build_timeout_seconds,
+            pin: !self.no_pin,
+            allow_overwrite: self.allow_tag_overwrite,
+            ..BuilderSettings::default()
+        }
+    }
+
+    pub fn machine(&self) -> machine::Settings {
+        machine::Settings {
+            max_attempts: self.max_attempts.max(1),
+            ..machine::Settings::default()
+        }
+    }
+
+    pub fn gc(&self) -> gc::Limits {
+        gc::Limits {
+            keep_succeeded: self.keep_succeeded,
+            keep_failed: self.keep_failed,
+            max_age: (self.max_age_seconds > 0).then(|| Duration::from_secs(self.max_age_seconds)),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        let tag_rules = self
+            .allowed_image_tags
+            .iter()
+            .map(|rule| match rule.split_once('=') {
+                Some((ns, pattern)) => TagRule {
+                    namespace: Some(ns.into()),
+                    pattern: pattern.into(),
+                },
+                None => TagRule {
+                    namespace: None,
+                    pattern: rule.clone(),
+                },
+            })
+            .collect();
+        Policy {
+            allowed_namespaces: self.allowed_namespaces.clone(),
+            flake_url_prefixes: self.allowed_flake_prefixes.clone(),
+            tag_rules,
+        }
+    }
+}

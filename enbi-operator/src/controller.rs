@@ -1,0 +1,290 @@
+//! The NixBuild controller: read -> gates (policy, placement, capacity) -> `machine::decide` ->
+//! apply the Job -> write status -> publish Events. All decisions are enbi-core's; this module
+//! only gathers what they need and carries them out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use enbi_core::crd::{NixBuild, Phase};
+use enbi_core::job::{self, BuilderSettings, JobView};
+use enbi_core::machine::{self, Decision, EventType, Observation};
+use enbi_core::placement::{self, NodeView};
+use enbi_core::{capacity, policy};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::error::Error;
+use crate::metrics::{Finished, Metrics};
+
+/// Field manager of every server-side apply enbi makes.
+pub const MANAGER: &str = "enbi-operator";
+/// Removes the NixBuild's Jobs before the NixBuild goes.
+pub const FINALIZER: &str = "enbi.hrzn.ee/cleanup";
+/// Set by the Pod watcher: the node whose Pod needs the image (placement prefers it).
+pub const ANNOTATION_WANTED_ON: &str = "enbi.hrzn.ee/wanted-on-node";
+
+/// What the reconciler needs: the client, settings and the caches the operator keeps.
+pub struct Context {
+    pub client: Client,
+    pub builder: BuilderSettings,
+    pub machine: machine::Settings,
+    pub policy: policy::Policy,
+    pub capacity: capacity::Limits,
+    pub node_repel: Vec<String>,
+    pub jobs: Store<Job>,
+    pub builder_pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per NixBuild, for error_policy's backoff.
+    pub failures: Mutex<HashMap<ObjectRef<NixBuild>, u32>>,
+}
+
+impl Context {
+    pub fn reporter(instance: Option<String>) -> Reporter {
+        Reporter {
+            controller: MANAGER.into(),
+            instance,
+        }
+    }
+
+    fn builder_pod(&self, job_name: &str) -> Option<Arc<Pod>> {
+        self.builder_pods
+            .state()
+            .into_iter()
+            .filter(|p| p.labels().get("job-name").is_some_and(|n| n == job_name))
+            .max_by_key(|p| p.creation_timestamp())
+    }
+
+    fn job_view(&self, build: &NixBuild) -> Option<JobView> {
+        let attempts = build.status.as_ref().map_or(0, |s| s.attempts);
+        if attempts == 0 {
+            return None;
+        }
+        let name = job::name(build, attempts);
+        let job = self
+            .jobs
+            .get(&ObjectRef::new(&name).within(&self.builder.namespace))?;
+        Some(job::observe(&job, self.builder_pod(&name).as_deref()))
+    }
+
+    /// Nodes of the builds running now (`None`: not scheduled yet).
+    fn running_builds(&self) -> Vec<Option<String>> {
+        self.jobs
+            .state()
+            .into_iter()
+            .filter(|j| {
+                matches!(
+                    job::observe(j, None).state,
+                    job::JobState::Pending | job::JobState::Running
+                )
+            })
+            .map(|j| {
+                self.builder_pod(&j.name_any())
+                    .and_then(|p| p.spec.as_ref()?.node_name.clone())
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("builder", &self.builder)
+            .finish_non_exhaustive()
+    }
+}
+
+pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciliations.inc();
+    let namespace = build.namespace().ok_or(Error::NoNamespace)?;
+    let api = Api::<NixBuild>::namespaced(ctx.client.clone(), &namespace);
+    let key = ObjectRef::from(build.as_ref());
+    let action = finalizer(&api, FINALIZER, build, |event| async {
+        match event {
+            Finalizer::Apply(build) => apply(&build, &namespace, &ctx).await,
+            Finalizer::Cleanup(build) => cleanup(&build, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    ctx.failures.lock().map(|mut f| f.remove(&key)).ok();
+    Ok(action)
+}
+
+async fn apply(build: &NixBuild, namespace: &str, ctx: &Context) -> Result<Action, Error> {
+    let nodes: Vec<NodeView> = ctx
+        .nodes
+        .state()
+        .iter()
+        .map(|n| NodeView::from(n.as_ref()))
+        .collect();
+    let preferred = build
+        .annotations()
+        .get(ANNOTATION_WANTED_ON)
+        .map(String::as_str);
+    let placement = placement::place(&build.spec.system, &nodes, &ctx.node_repel, preferred);
+    let eligible = placement
+        .as_ref()
+        .map(|p| p.eligible.clone())
+        .unwrap_or_default();
+    let job = ctx.job_view(build);
+    let decision = machine::decide(
+        Observation {
+            build,
+            job: job.as_ref(),
+            policy: policy::check(&ctx.policy, namespace, &build.spec),
+            placement,
+            capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
+            now: k8s_openapi::jiff::Timestamp::now(),
+        },
+        &ctx.machine,
+    );
+    execute(build, namespace, &decision, ctx).await?;
+    Ok(decision
+        .requeue_after
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Carries out a decision: Job first, then status (so a lost status write only repeats an
+/// idempotent apply), then Events.
+async fn execute(
+    build: &NixBuild,
+    namespace: &str,
+    decision: &Decision,
+    ctx: &Context,
+) -> Result<(), Error> {
+    if let Some(plan) = &decision.create_job {
+        let manifest = job::render(
+            build,
+            plan.attempt,
+            plan.affinity.clone(),
+            None,
+            &ctx.builder,
+        );
+        let name = manifest.name_any();
+        Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace)
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&manifest),
+            )
+            .await?;
+        if build.status.as_ref().map_or(0, |s| s.attempts) < plan.attempt {
+            ctx.metrics.builds_started.inc();
+            info!(build = %build.name_any(), %namespace, job = %name, attempt = plan.attempt, "builder Job created");
+        }
+    }
+    if build.status.as_ref() != Some(&decision.status) {
+        let patch = json!({"apiVersion": "enbi.hrzn.ee/v1alpha1", "kind": "NixBuild", "status": decision.status});
+        Api::<NixBuild>::namespaced(ctx.client.clone(), namespace)
+            .patch_status(
+                &build.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        let finished = matches!(
+            decision.status.phase,
+            Some(Phase::Succeeded | Phase::Failed)
+        );
+        if finished && build.phase() != decision.status.phase.unwrap_or_default() {
+            let result = if decision.status.phase == Some(Phase::Succeeded) {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            let reason = decision
+                .status
+                .failure_reason
+                .clone()
+                .unwrap_or_else(|| "ResultSuccess".into());
+            ctx.metrics
+                .builds_finished
+                .get_or_create(&Finished { result, reason })
+                .inc();
+        }
+    }
+    let reference = build.object_ref(&());
+    for event in &decision.events {
+        let event = Event {
+            type_: match event.type_ {
+                EventType::Normal => KubeEventType::Normal,
+                EventType::Warning => KubeEventType::Warning,
+            },
+            reason: event.reason.into(),
+            note: Some(truncate(&event.note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "publishing an Event");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every builder Job of the NixBuild (all attempts), found by its UID label.
+async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
+    let uid = build.uid().unwrap_or_default();
+    let api = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
+    for job in ctx
+        .jobs
+        .state()
+        .iter()
+        .filter(|j| j.labels().get(job::LABEL_BUILD_UID) == Some(&uid))
+    {
+        match api
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// Retries a failed reconcile with per-object exponential backoff: 1 s, 2 s, 4 s, … 5 min.
+pub fn error_policy(build: Arc<NixBuild>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::Category {
+            category: error.category(),
+        })
+        .inc();
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(ObjectRef::from(build.as_ref())).or_default();
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let wait = Duration::from_secs(1u64 << failures.saturating_sub(1).min(8))
+        .min(Duration::from_secs(300));
+    warn!(build = %build.name_any(), error = %error, category = error.category(), retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

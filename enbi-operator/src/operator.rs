@@ -1,0 +1,214 @@
+//! `enbi-operator run`: waits for the CRD, fills the caches, takes the leader Lease (if asked),
+//! then runs the NixBuild controller, the Pod watcher and garbage collection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use enbi_core::capacity;
+use enbi_core::crd::{NixBuild, Phase};
+use enbi_core::job;
+use futures::channel::mpsc;
+use futures::{StreamExt, future};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, CustomResourceExt, Resource};
+use tracing::{info, warn};
+
+use crate::config::RunArgs;
+use crate::controller::{self, Context};
+use crate::leader::Elector;
+use crate::metrics::Metrics;
+use crate::pods::PodWatcher;
+use crate::{gc, http};
+
+type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
+
+pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(http::serve(
+        args.listen_address,
+        ready.clone(),
+        metrics.clone(),
+    ));
+
+    let crd_name = NixBuild::crd_name();
+    info!(crd = crd_name, "waiting for the CRD to be Established");
+    await_condition(
+        Api::<CustomResourceDefinition>::all(client.clone()),
+        crd_name,
+        conditions::is_crd_established(),
+    )
+    .await?;
+
+    let builder_selector = format!("{}={}", job::LABEL_NAME, job::BUILDER_NAME);
+    let build_ns = args.build_namespace.clone();
+    let (trigger, triggers) = mpsc::unbounded();
+    let controller = Controller::new(
+        Api::<NixBuild>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let builds = controller.store();
+
+    let builder_config = watcher::Config::default().labels(&builder_selector);
+    let jobs = spawn_cache(
+        Api::<Job>::namespaced(client.clone(), &build_ns),
+        builder_config.clone(),
+        {
+            let (trigger, builds) = (trigger.clone(), builds.clone());
+            move |j: &Job| notify(&trigger, &builds, owner_of(j))
+        },
+    );
+    let builder_pods = spawn_cache(
+        Api::<Pod>::namespaced(client.clone(), &build_ns),
+        builder_config,
+        {
+            let (trigger, builds) = (trigger.clone(), builds.clone());
+            move |p: &Pod| notify(&trigger, &builds, owner_of(p))
+        },
+    );
+    let nodes = spawn_cache(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        {
+            let (trigger, builds) = (trigger.clone(), builds.clone());
+            move |_: &Node| notify(&trigger, &builds, None)
+        },
+    );
+    jobs.wait_until_ready().await?;
+    builder_pods.wait_until_ready().await?;
+    nodes.wait_until_ready().await?;
+    ready.store(true, Ordering::Relaxed);
+
+    if args.leader_election {
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("enbi-{}", std::process::id()));
+        let mut elector = Elector::new(client.clone(), &namespace, identity);
+        info!(%namespace, "waiting to become leader");
+        elector.acquire().await;
+        tokio::spawn(elector.keep());
+    }
+
+    let reporter = Context::reporter(std::env::var("POD_NAME").ok());
+    let recorder = Recorder::new(client.clone(), reporter);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        builder: args.builder(),
+        machine: args.machine(),
+        policy: args.policy(),
+        capacity: capacity::Limits {
+            global: args.max_concurrent_builds,
+            per_node: args.max_builds_per_node,
+        },
+        node_repel: args.node_repel.clone(),
+        jobs,
+        builder_pods,
+        nodes: nodes.clone(),
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+        failures: Default::default(),
+    });
+
+    let watcher = Arc::new(PodWatcher::new(
+        client.clone(),
+        nodes.clone(),
+        builds.clone(),
+        recorder,
+        metrics,
+    ));
+    let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut pod_stores = vec![];
+    for namespace in namespaces {
+        let (store, writer) = reflector::store();
+        pod_stores.push(store);
+        tokio::spawn(watcher.clone().run(namespace, writer));
+    }
+    tokio::spawn(gc::run(
+        client.clone(),
+        builds,
+        pod_stores,
+        nodes,
+        args.gc(),
+    ));
+
+    info!("running");
+    controller
+        .reconcile_on(triggers)
+        .shutdown_on_signal()
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                warn!(error = %e, "controller");
+            }
+            future::ready(())
+        })
+        .await;
+    server.abort();
+    Ok(())
+}
+
+/// The NixBuild a builder Job or Pod belongs to, from its labels.
+fn owner_of<K: Resource>(object: &K) -> Option<ObjectRef<NixBuild>> {
+    let labels = object.meta().labels.as_ref()?;
+    let name = labels.get(job::LABEL_BUILD_NAME)?;
+    let namespace = labels.get(job::LABEL_BUILD_NAMESPACE)?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// Reconciles `owner` (if any) and every Pending build: a finished Job frees a slot, a new
+/// Node may be the one a build waits for.
+fn notify(trigger: &Trigger, builds: &Store<NixBuild>, owner: Option<ObjectRef<NixBuild>>) {
+    let pending = builds
+        .state()
+        .into_iter()
+        .filter(|b| b.phase() == Phase::Pending)
+        .map(|b| ObjectRef::from(b.as_ref()));
+    for r in owner.into_iter().chain(pending) {
+        let _ = trigger.unbounded_send(r);
+    }
+}
+
+/// A cache of `api` (filtered by `config`) kept by a background watch; `on_change` runs for
+/// every object that changes.
+fn spawn_cache<K, F>(api: Api<K>, config: watcher::Config, on_change: F) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: Fn(&K) + Send + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(object) => on_change(&object),
+                Err(e) => warn!(error = %e, kind = %K::kind(&()), "watch"),
+            }
+        }
+    });
+    store
+}

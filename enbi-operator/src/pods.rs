@@ -1,0 +1,296 @@
+//! The Pod watcher: Pods that cannot start because their annotated image is missing get a
+//! NixBuild (one per build, however many Pods ask), and Events saying what happens.
+//!
+//! It sees every Pod, so each is stripped before it is cached: only the enbi annotations, node,
+//! container names, images, pull policies and waiting reasons are kept.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use enbi_core::crd::NixBuild;
+use enbi_core::podwatch::{self, BuildRequest, Finding};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, Pod, PodSpec,
+    PodStatus,
+};
+use kube::api::{Api, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::controller::ANNOTATION_WANTED_ON;
+use crate::metrics::Metrics;
+
+/// Label on NixBuilds the Pod watcher made.
+pub const LABEL_CREATED_BY: &str = "app.kubernetes.io/created-by";
+/// Annotation naming the first Pod that asked for the build.
+pub const ANNOTATION_REQUESTED_BY: &str = "enbi.hrzn.ee/requested-by-pod";
+
+pub struct PodWatcher {
+    pub client: Client,
+    pub nodes: Store<Node>,
+    pub builds: Store<NixBuild>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// NixBuilds this process created, until the cache shows them.
+    created: Mutex<HashSet<ObjectRef<NixBuild>>>,
+    /// Events already published, per Pod UID, so each is said once.
+    announced: Mutex<HashSet<(String, String)>>,
+}
+
+impl std::fmt::Debug for PodWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodWatcher").finish_non_exhaustive()
+    }
+}
+
+/// Keeps what `podwatch::inspect` and GC read, drops the rest.
+pub fn strip(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.annotations = meta
+        .annotations
+        .take()
+        .map(|a| {
+            a.into_iter()
+                .filter(|(k, _)| k.starts_with("enbi.hrzn.ee/"))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|a| !a.is_empty());
+    let container = |c: &Container| Container {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        image_pull_policy: c.image_pull_policy.clone(),
+        ..Default::default()
+    };
+    let status = |s: &ContainerStatus| ContainerStatus {
+        name: s.name.clone(),
+        state: s
+            .state
+            .as_ref()
+            .and_then(|st| st.waiting.as_ref())
+            .map(|w| ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: w.reason.clone(),
+                    message: None,
+                }),
+                ..Default::default()
+            }),
+        ..Default::default()
+    };
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        containers: s.containers.iter().map(container).collect(),
+        init_containers: s
+            .init_containers
+            .map(|cs| cs.iter().map(container).collect()),
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        container_statuses: s
+            .container_statuses
+            .map(|cs| cs.iter().map(status).collect()),
+        init_container_statuses: s
+            .init_container_statuses
+            .map(|cs| cs.iter().map(status).collect()),
+        ..Default::default()
+    });
+}
+
+impl PodWatcher {
+    pub fn new(
+        client: Client,
+        nodes: Store<Node>,
+        builds: Store<NixBuild>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            nodes,
+            builds,
+            recorder,
+            metrics,
+            created: Mutex::default(),
+            announced: Mutex::default(),
+        }
+    }
+
+    /// Watches Pods in `namespace` (all if `None`), filling `writer`, until the stream ends.
+    pub async fn run(
+        self: Arc<Self>,
+        namespace: Option<String>,
+        writer: reflector::store::Writer<Pod>,
+    ) {
+        let api: Api<Pod> = match &namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(strip)
+            .reflect(writer);
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                    self.handle(&pod).await
+                }
+                Ok(watcher::Event::Delete(pod)) => {
+                    let uid = pod.uid().unwrap_or_default();
+                    if let Ok(mut a) = self.announced.lock() {
+                        a.retain(|(u, _)| *u != uid);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "watching Pods"),
+            }
+        }
+    }
+
+    async fn handle(&self, pod: &Pod) {
+        for finding in podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref()) {
+            match finding {
+                Finding::Build(request) => {
+                    let phase = self.ensure_build(pod, &request).await;
+                    let note = format!(
+                        "Waiting for NixBuild {} to load {} ({})",
+                        request.name, request.spec.image_tag, phase
+                    );
+                    self.announce(pod, EventType::Normal, "WaitingForBuild", &phase, note)
+                        .await;
+                }
+                Finding::InvalidAnnotations(message) => {
+                    self.announce(
+                        pod,
+                        EventType::Warning,
+                        "InvalidBuildAnnotations",
+                        &message,
+                        message.clone(),
+                    )
+                    .await;
+                }
+                Finding::PullAlways { container } => {
+                    let note = format!(
+                        "Container {container} has imagePullPolicy: Always, so the kubelet never uses an image \
+                         enbi loads onto the node; use IfNotPresent or Never. No build started."
+                    );
+                    self.announce(
+                        pod,
+                        EventType::Warning,
+                        "ImagePullPolicyAlways",
+                        &container,
+                        note,
+                    )
+                    .await;
+                }
+                Finding::CrashLoop { container } => {
+                    let note = format!(
+                        "Container {container} crash-loops on an image that is present; if it was built for \
+                         another architecture (exec format error), check the system of its NixBuild. No build started."
+                    );
+                    self.announce(
+                        pod,
+                        EventType::Warning,
+                        "CrashLoopOnLoadedImage",
+                        &container,
+                        note,
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Makes sure the NixBuild exists; returns its phase for the Pod's Event.
+    async fn ensure_build(&self, pod: &Pod, request: &BuildRequest) -> String {
+        let namespace = pod.namespace().unwrap_or_default();
+        let key = ObjectRef::<NixBuild>::new(&request.name).within(&namespace);
+        if let Some(existing) = self.builds.get(&key) {
+            return format!("{:?}", existing.phase());
+        }
+        if self
+            .created
+            .lock()
+            .map(|mut c| !c.insert(key.clone()))
+            .unwrap_or(false)
+        {
+            return "Pending".into();
+        }
+        let mut build = NixBuild::new(&request.name, request.spec.clone());
+        build.metadata.namespace = Some(namespace.clone());
+        build.metadata.labels = Some(BTreeMap::from([(
+            LABEL_CREATED_BY.into(),
+            "enbi-pod-watcher".into(),
+        )]));
+        let mut annotations = BTreeMap::from([(ANNOTATION_REQUESTED_BY.into(), pod.name_any())]);
+        if let Some(node) = &request.node {
+            annotations.insert(ANNOTATION_WANTED_ON.into(), node.clone());
+        }
+        build.metadata.annotations = Some(annotations);
+        match Api::<NixBuild>::namespaced(self.client.clone(), &namespace)
+            .create(&PostParams::default(), &build)
+            .await
+        {
+            Ok(_) => {
+                self.metrics.pod_triggered_builds.inc();
+                info!(build = %request.name, %namespace, pod = %pod.name_any(), "NixBuild created for a Pod");
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => {
+                warn!(error = %e, build = %request.name, "creating a NixBuild for a Pod");
+                if let Ok(mut c) = self.created.lock() {
+                    c.remove(&key);
+                }
+            }
+        }
+        "Pending".into()
+    }
+
+    async fn announce(&self, pod: &Pod, type_: EventType, reason: &str, key: &str, note: String) {
+        let id = (pod.uid().unwrap_or_default(), format!("{reason}/{key}"));
+        if !self
+            .announced
+            .lock()
+            .map(|mut a| a.insert(id))
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "WatchPod".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &pod.object_ref(&())).await {
+            warn!(error = %e, "publishing a Pod Event");
+        }
+    }
+}
+
+/// The NixBuilds Pods in `stores` are waiting on, as `(namespace, name)`.
+pub fn waited_on(stores: &[Store<Pod>], nodes: &Store<Node>) -> HashSet<(String, String)> {
+    let mut out = HashSet::new();
+    for pod in stores.iter().flat_map(|s| s.state()) {
+        for finding in podwatch::inspect(&pod, node_arch(&pod, nodes).as_deref()) {
+            if let Finding::Build(r) = finding {
+                out.insert((pod.namespace().unwrap_or_default(), r.name));
+            }
+        }
+    }
+    out
+}
+
+/// The `kubernetes.io/arch` of the Pod's node, if it is scheduled and the node is known.
+fn node_arch(pod: &Pod, nodes: &Store<Node>) -> Option<String> {
+    let node = nodes.get(&ObjectRef::new(pod.spec.as_ref()?.node_name.as_ref()?))?;
+    node.labels().get(enbi_core::placement::ARCH_LABEL).cloned()
+}
