@@ -18,8 +18,9 @@ pub async fn run(
     pods: Vec<Store<Pod>>,
     nodes: Store<Node>,
     limits: Limits,
+    period: Duration,
 ) {
-    let mut tick = tokio::time::interval(PERIOD);
+    let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         let waited_on = pods::waited_on(&pods, &nodes);
