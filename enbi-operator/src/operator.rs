@@ -138,12 +138,14 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         pod_stores.push(store);
         tokio::spawn(watcher.clone().run(namespace, writer));
     }
+    let gc_period = std::time::Duration::from_secs(args.gc_interval_seconds.max(1));
     tokio::spawn(gc::run(
         client.clone(),
         builds,
         pod_stores,
         nodes,
         args.gc(),
+        gc_period,
     ));
 
     info!("running");
