@@ -17,7 +17,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, CustomResourceExt, Resource};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::RunArgs;
 use crate::controller::{self, Context};
@@ -154,8 +154,13 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         .shutdown_on_signal()
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|result| {
-            if let Err(e) = result {
-                warn!(error = %e, "controller");
+            match result {
+                // A trigger for a NixBuild deleted meanwhile (e.g. its Job finishing after GC).
+                Err(kube::runtime::controller::Error::ObjectNotFound(r)) => {
+                    debug!(object = %r, "gone")
+                }
+                Err(e) => warn!(error = %e, "controller"),
+                Ok(_) => {}
             }
             future::ready(())
         })

@@ -99,11 +99,15 @@ impl Drop for TestNamespace {
         // Drop cannot await, and the test's client needs the test's runtime (blocked here), so
         // delete through a fresh client on a thread and runtime of its own.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = runtime {
                 rt.block_on(async {
                     if let Ok(client) = connect().await {
-                        let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+                        let _ = Api::<Namespace>::all(client)
+                            .delete(&name, &DeleteParams::background())
+                            .await;
                     }
                 });
             }
@@ -156,4 +160,87 @@ pub async fn install_crd(client: &Client) {
     .await
     .expect("CRD Established within 30 s")
     .expect("watch the CRD");
+}
+
+/// A running `enbi-operator run` process, killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Operator {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// The operator binary next to this test's executable (`cargo build` puts both in the same
+    /// profile directory; `tests/run` builds it first).
+    pub fn binary() -> PathBuf {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target profile directory");
+        let bin = dir.join("enbi-operator");
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo build -p enbi-operator` first",
+            bin.display()
+        );
+        bin
+    }
+
+    /// Starts the operator with `args`, logging to a file under the target directory.
+    pub fn start(name: &str, args: &[&str]) -> Self {
+        let bin = Self::binary();
+        let log = bin.with_file_name(format!("operator-{name}.log"));
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let child = std::process::Command::new(&bin)
+            .arg("run")
+            .args(args)
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start enbi-operator");
+        Self { child, log }
+    }
+
+    /// Kills the process at once, as a crash or a node loss would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Serialises tests that run an operator: each watches every namespace, so two at once would
+/// both act on every NixBuild.
+pub static OPERATOR_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Sets the fake kubelet's image list on every kwok node (`None`: every image present), the
+/// switch between "image missing" and "image present" in the local cluster.
+pub async fn set_node_images(client: &Client, images: Option<&str>) {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{ListParams, Patch, PatchParams};
+    let nodes = Api::<Node>::all(client.clone());
+    let list = nodes
+        .list(&ListParams::default().labels("type=kwok"))
+        .await
+        .expect("list kwok nodes");
+    let patch = serde_json::json!({"metadata": {"annotations": {"kwok.enbi.test/images": images}}});
+    for node in list.items {
+        let name = node.metadata.name.unwrap_or_default();
+        nodes
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("annotate node");
+    }
 }

@@ -1,0 +1,495 @@
+//! `enbi-operator run` against the local cluster: the Pod watcher, placement and repel, the
+//! result path, failures, restarts and garbage collection. The builder is the fake kubelet's
+//! exit protocol here (see tests/cluster/README.md); the real builder has tests of its own.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
+use enbi_core::reason::FailureReason;
+use enbi_core::result::{BuildReport, FailureReport, ImageReport, Timings};
+use enbi_tests::{
+    OPERATOR_LOCK, Operator, TestNamespace, eventually, install_crd, require_cluster,
+    set_node_images,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const BUILDER_IMAGE: &str = "localhost/enbi:test";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A build namespace with the builder ServiceAccount, and an operator using it.
+async fn setup(client: &Client, name: &str, extra: &[&str]) -> (TestNamespace, Operator) {
+    install_crd(client).await;
+    let builds = TestNamespace::new(client, &format!("{name}-b")).await;
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "enbi-builder"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), &builds.name)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("builder ServiceAccount");
+    let mut args = vec![
+        "--build-namespace",
+        &builds.name,
+        "--builder-image",
+        BUILDER_IMAGE,
+        "--listen-address",
+        "127.0.0.1:18081",
+        "--max-builds-per-node",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let operator = Operator::start(name, &args);
+    (builds, operator)
+}
+
+fn spec(tag: &str, system: &str) -> NixBuildSpec {
+    NixBuildSpec {
+        flake_url: "github:example/app".into(),
+        package_name: "app.stream".into(),
+        image_tag: tag.into(),
+        system: system.into(),
+    }
+}
+
+fn success(tag: &str) -> String {
+    BuildReport::Succeeded(ImageReport {
+        image_tag: tag.into(),
+        digest: format!("sha256:{}", "d".repeat(64)),
+        size: 4_194_304,
+        store_path: "/nix/store/x-app".into(),
+        bytes_streamed: 4_194_304,
+        imported: true,
+        timings: Timings::default(),
+    })
+    .encode()
+}
+
+async fn builds_in(client: &Client, ns: &str) -> Vec<NixBuild> {
+    Api::<NixBuild>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+}
+
+async fn jobs_for(client: &Client, build_ns: &str, build: &str) -> Vec<Job> {
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
+    Api::<Job>::namespaced(client.clone(), build_ns)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("jobs")
+        .items
+}
+
+/// Waits for the builder Pod of `build` to run and ends it like the builder would; returns its node.
+async fn finish_builder(
+    client: &Client,
+    build_ns: &str,
+    build: &str,
+    exit_code: i32,
+    message: &str,
+) -> String {
+    let pods = Api::<Pod>::namespaced(client.clone(), build_ns);
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
+    let pod = eventually("the builder Pod to run", WAIT, || async {
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+    })
+    .await;
+    let patch = json!({"metadata": {"annotations": {
+        "kwok.enbi.test/exit-code": exit_code.to_string(),
+        "kwok.enbi.test/termination-message": message,
+    }}});
+    pods.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .expect("end builder");
+    pod.spec.and_then(|s| s.node_name).expect("scheduled")
+}
+
+async fn wait_phase(client: &Client, ns: &str, name: &str, phase: Phase) -> NixBuild {
+    let api = Api::<NixBuild>::namespaced(client.clone(), ns);
+    eventually(
+        &format!("NixBuild {name} to be {phase:?}"),
+        WAIT,
+        || async { api.get(name).await.ok().filter(|b| b.phase() == phase) },
+    )
+    .await
+}
+
+async fn node_arch(client: &Client, node: &str) -> String {
+    let node = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .expect("node");
+    node.labels()
+        .get("kubernetes.io/arch")
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<Event> {
+    let list = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+#[tokio::test]
+async fn annotated_deployment_gets_one_build_and_then_runs() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, operator) = setup(&client, "pods", &[]).await;
+    let app = TestNamespace::new(&client, "pods-app").await;
+    let tag = "example.test/app:v1";
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "app"},
+        "spec": {
+            "replicas": 20,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}, "annotations": {
+                    "enbi.hrzn.ee/nixbuild-flakeUrl": "github:example/app",
+                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
+                    "enbi.hrzn.ee/nixbuild-packageName": "app.stream",
+                }},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/arch": "arm64", "type": "kwok"},
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+                    "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
+                },
+            },
+        },
+    }))
+    .expect("deployment");
+    Api::<Deployment>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create");
+
+    let build = eventually("the Pod watcher's NixBuild", WAIT, || async {
+        builds_in(&client, &app.name).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        build.spec.system, "aarch64-linux",
+        "system from the Pods' node arch"
+    );
+    assert_eq!(build.spec.image_tag, tag);
+    let node = finish_builder(&client, &builds.name, &build.name_any(), 0, &success(tag)).await;
+    assert_eq!(node_arch(&client, &node).await, "arm64");
+    let done = wait_phase(&client, &app.name, &build.name_any(), Phase::Succeeded).await;
+    let status = done.status.clone().expect("status");
+    assert_eq!(
+        status.image_digest,
+        Some(format!("sha256:{}", "d".repeat(64)))
+    );
+    assert_eq!(status.image_size, Some(4_194_304));
+    assert_eq!(status.build_node.as_deref(), Some(node.as_str()));
+
+    set_node_images(&client, Some(&format!("{BUILDER_IMAGE},{tag}"))).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    eventually("all 20 Pods Running", Duration::from_secs(90), || async {
+        let list = pods.list(&ListParams::default()).await.ok()?;
+        let running = list
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        (running == 20).then_some(())
+    })
+    .await;
+    set_node_images(&client, None).await;
+
+    assert_eq!(
+        builds_in(&client, &app.name).await.len(),
+        1,
+        "one NixBuild for 20 Pods"
+    );
+    assert_eq!(
+        jobs_for(&client, &builds.name, &build.name_any())
+            .await
+            .len(),
+        1,
+        "one Job"
+    );
+    let table = kubectl_get_table(&client, &app.name).await;
+    assert_eq!(
+        table[0],
+        ["Name", "Image Tag", "System", "Status", "Build Node", "Age"]
+    );
+    assert_eq!(
+        &table[1][..5],
+        [
+            build.name_any().as_str(),
+            tag,
+            "aarch64-linux",
+            "Succeeded",
+            node.as_str()
+        ]
+    );
+    assert!(!table[1][5].is_empty());
+    let events = Api::<Event>::namespaced(client.clone(), &app.name)
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("WaitingForBuild")),
+        "Pods are told which NixBuild they wait for; operator log:\n{}",
+        operator.logs()
+    );
+}
+
+/// What `kubectl get nixbuilds` shows: the server-side Table, header row first.
+async fn kubectl_get_table(client: &Client, ns: &str) -> Vec<Vec<String>> {
+    let request = http::Request::get(format!(
+        "/apis/enbi.hrzn.ee/v1alpha1/namespaces/{ns}/nixbuilds"
+    ))
+    .header("Accept", "application/json;as=Table;g=meta.k8s.io;v=v1")
+    .body(Vec::new())
+    .expect("request");
+    let table: serde_json::Value = client.request(request).await.expect("table");
+    let header = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let mut rows = vec![header];
+    for row in table["rows"].as_array().expect("rows") {
+        rows.push(
+            row["cells"]
+                .as_array()
+                .expect("cells")
+                .iter()
+                .map(|c| {
+                    c.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| c.to_string())
+                })
+                .collect(),
+        );
+    }
+    rows
+}
+
+#[tokio::test]
+async fn failure_reports_reason_log_tail_and_event() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, _operator) = setup(&client, "fail", &[]).await;
+    let app = TestNamespace::new(&client, "fail-app").await;
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    api.create(
+        &PostParams::default(),
+        &NixBuild::new("broken", spec("example.test/broken:1", "x86_64-linux")),
+    )
+    .await
+    .expect("create");
+    let report = BuildReport::Failed(FailureReport {
+        reason: FailureReason::EvalFailed,
+        message:
+            "flake github:example/app does not provide attribute packages.x86_64-linux.app.stream"
+                .into(),
+        log_tail: "error: flake does not provide attribute\n".into(),
+    });
+    let node = finish_builder(&client, &builds.name, "broken", 1, &report.encode()).await;
+    assert_eq!(node_arch(&client, &node).await, "amd64");
+    let failed = wait_phase(&client, &app.name, "broken", Phase::Failed).await;
+    let status = failed.status.expect("status");
+    assert_eq!(status.failure_reason.as_deref(), Some("EvalFailed"));
+    assert!(
+        status
+            .failure_message
+            .is_some_and(|m| m.contains("does not provide attribute"))
+    );
+    let events = eventually("a Failed Event", WAIT, || async {
+        let events = events_for(&client, &app.name, "broken").await;
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Failed"))
+            .then_some(events)
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Scheduled"))
+    );
+    // A failed build is not retried for a deterministic failure: still one Job.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(jobs_for(&client, &builds.name, "broken").await.len(), 1);
+}
+
+#[tokio::test]
+async fn repelled_nodes_are_never_used_and_no_node_means_pending() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, _operator) = setup(&client, "repel", &["--node-repel", "kwok-arm64-0"]).await;
+    let app = TestNamespace::new(&client, "repel-app").await;
+    let nodes = Api::<Node>::all(client.clone());
+    let label =
+        |value: Option<&str>| json!({"metadata": {"labels": {"enbi.hrzn.ee/repel": value}}});
+    nodes
+        .patch(
+            "kwok-arm64-1",
+            &PatchParams::default(),
+            &Patch::Merge(&label(Some("true"))),
+        )
+        .await
+        .expect("label");
+
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    api.create(
+        &PostParams::default(),
+        &NixBuild::new("arm", spec("example.test/arm:1", "aarch64-linux")),
+    )
+    .await
+    .expect("create");
+    let pending = eventually("NoEligibleNode", WAIT, || async {
+        let b = api.get("arm").await.ok()?;
+        let ready = b
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")?
+            .clone();
+        (ready.reason == "NoEligibleNode").then_some(ready)
+    })
+    .await;
+    assert!(
+        pending.message.contains("2 repelled"),
+        "{}",
+        pending.message
+    );
+    assert!(jobs_for(&client, &builds.name, "arm").await.is_empty());
+
+    nodes
+        .patch(
+            "kwok-arm64-1",
+            &PatchParams::default(),
+            &Patch::Merge(&label(None)),
+        )
+        .await
+        .expect("unlabel");
+    let node = finish_builder(
+        &client,
+        &builds.name,
+        "arm",
+        0,
+        &success("example.test/arm:1"),
+    )
+    .await;
+    assert_eq!(node, "kwok-arm64-1", "the flag keeps kwok-arm64-0 out");
+    wait_phase(&client, &app.name, "arm", Phase::Succeeded).await;
+}
+
+#[tokio::test]
+async fn operator_killed_mid_build_resumes_without_a_second_job() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, mut first) = setup(&client, "restart", &[]).await;
+    let app = TestNamespace::new(&client, "restart-app").await;
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let tag = "example.test/restart:1";
+    api.create(
+        &PostParams::default(),
+        &NixBuild::new("r", spec(tag, "x86_64-linux")),
+    )
+    .await
+    .expect("create");
+    eventually("the Job", WAIT, || async {
+        jobs_for(&client, &builds.name, "r")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    first.kill();
+
+    let _second = Operator::start(
+        "restart-2",
+        &[
+            "--build-namespace",
+            &builds.name,
+            "--builder-image",
+            BUILDER_IMAGE,
+            "--listen-address",
+            "127.0.0.1:18082",
+        ],
+    );
+    finish_builder(&client, &builds.name, "r", 0, &success(tag)).await;
+    wait_phase(&client, &app.name, "r", Phase::Succeeded).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        jobs_for(&client, &builds.name, "r").await.len(),
+        1,
+        "no second Job"
+    );
+    let succeeded = events_for(&client, &app.name, "r")
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Succeeded"))
+        .count();
+    assert_eq!(succeeded, 1, "the result is recorded once");
+}
+
+#[tokio::test]
+async fn garbage_collection_keeps_the_newest() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, _operator) = setup(
+        &client,
+        "gc",
+        &["--keep-succeeded", "1", "--gc-interval-seconds", "1"],
+    )
+    .await;
+    let app = TestNamespace::new(&client, "gc-app").await;
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    for i in 0..3 {
+        let (name, tag) = (format!("gc{i}"), format!("example.test/gc:{i}"));
+        api.create(
+            &PostParams::default(),
+            &NixBuild::new(&name, spec(&tag, "x86_64-linux")),
+        )
+        .await
+        .expect("create");
+        finish_builder(&client, &builds.name, &name, 0, &success(&tag)).await;
+        wait_phase(&client, &app.name, &name, Phase::Succeeded).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let left = eventually("GC down to one build", WAIT, || async {
+        let names: BTreeSet<String> = builds_in(&client, &app.name)
+            .await
+            .iter()
+            .map(|b| b.name_any())
+            .collect();
+        (names.len() == 1).then_some(names)
+    })
+    .await;
+    assert_eq!(left, BTreeSet::from(["gc2".to_owned()]));
+}
