@@ -10,6 +10,8 @@ use crate::validation::{self, FLAKE_URL, IMAGE_TAG, PACKAGE_NAME, garde_rules};
 
 /// API group of every enbi resource, label and annotation.
 pub const GROUP: &str = "enbi.hrzn.ee";
+/// Set (or change) this annotation on a Failed NixBuild to build it again.
+pub const ANNOTATION_RETRY: &str = "enbi.hrzn.ee/retry";
 
 /// What to build and what to call the image. Immutable: a different build is a new NixBuild.
 #[derive(
@@ -96,6 +98,12 @@ pub struct NixBuildStatus {
     /// Builder Jobs started so far, including the current one.
     #[serde(default)]
     pub attempts: u32,
+    /// The last `enbi.hrzn.ee/retry` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_retry: Option<String>,
+    /// `attempts` when that retry began: each retry gets a fresh budget of attempts.
+    #[serde(default)]
+    pub retry_base_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
     /// Why the build failed, with the last lines of the builder's log.

@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::conditions::{self, COMPLETE, READY, SUCCESS, Status, Update};
-use crate::crd::{NixBuild, NixBuildStatus, Phase};
+use crate::crd::{ANNOTATION_RETRY, NixBuild, NixBuildStatus, Phase};
 use crate::job::{self, JobState, JobView};
 use crate::placement::{NoEligibleNode, Placement};
 use crate::reason::{FailureReason, WaitReason};
@@ -114,6 +114,7 @@ pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
         requeue_after: None,
     };
     match step.status.phase {
+        Some(Phase::Failed) if step.retry_requested() => step.retry(),
         Some(Phase::Succeeded | Phase::Failed) => {}
         Some(Phase::Building) => step.observe_job(),
         None | Some(Phase::Pending) => match step.status.next_attempt_time.as_ref().map(|t| t.0) {
@@ -204,6 +205,45 @@ impl Step<'_> {
 
     fn ready_reason(&self) -> Option<&str> {
         conditions::get(&self.status.conditions, READY).map(|c| c.reason.as_str())
+    }
+
+    /// The `enbi.hrzn.ee/retry` annotation, if it carries a value not yet acted on.
+    fn retry_requested(&self) -> bool {
+        let requested = self
+            .obs
+            .build
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_RETRY));
+        requested.is_some() && requested != self.status.observed_retry.as_ref()
+    }
+
+    /// A user asked to build a Failed NixBuild again: start over with a fresh attempt budget.
+    fn retry(&mut self) {
+        let requested = self
+            .obs
+            .build
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_RETRY))
+            .cloned();
+        self.event(
+            EventType::Normal,
+            "Retrying",
+            format!(
+                "Retry requested ({ANNOTATION_RETRY}={})",
+                requested.as_deref().unwrap_or_default()
+            ),
+        );
+        self.status.observed_retry = requested;
+        self.status.retry_base_attempts = self.status.attempts;
+        self.status.failure_reason = None;
+        self.status.failure_message = None;
+        self.status.completion_time = None;
+        self.status.next_attempt_time = None;
+        self.start_attempt();
     }
 
     fn start_attempt(&mut self) {
@@ -378,7 +418,10 @@ impl Step<'_> {
     /// A failed attempt: retry later if that can help and attempts remain, else fail the build.
     fn fail(&mut self, reason: FailureReason, message: String) {
         let attempts = self.status.attempts;
-        if !reason.retryable() || attempts >= self.settings.max_attempts {
+        if !reason.retryable()
+            || attempts.saturating_sub(self.status.retry_base_attempts)
+                >= self.settings.max_attempts
+        {
             return self.finish_failed(reason, message);
         }
         let wait = self.settings.backoff(attempts);

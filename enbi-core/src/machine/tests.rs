@@ -358,6 +358,51 @@ fn a_missing_job_of_the_current_attempt_is_applied_again_not_advanced() {
 }
 
 #[test]
+fn retry_annotation_starts_a_fresh_round_once() {
+    let mut b = build();
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    let failed = view(
+        &b,
+        JobState::Failed { reason: None },
+        Some(failure_report(FailureReason::BuildFailed)),
+        true,
+    );
+    let d = decide(observe(&b, Some(&failed), 1), &settings());
+    apply(&mut b, &d);
+    assert_eq!(b.phase(), Phase::Failed);
+    // Without the annotation a Failed build stays Failed.
+    assert!(
+        decide(observe(&b, None, 2), &settings())
+            .create_job
+            .is_none()
+    );
+
+    b.metadata.annotations =
+        Some([(crate::crd::ANNOTATION_RETRY.to_owned(), "1".to_owned())].into());
+    let d = decide(observe(&b, None, 3), &settings());
+    assert_eq!(d.create_job.as_ref().map(|p| p.attempt), Some(2));
+    assert_eq!(d.status.phase, Some(Phase::Building));
+    assert_eq!(d.status.failure_reason, None);
+    assert_eq!(d.events.first().map(|e| e.reason), Some("Retrying"));
+    apply(&mut b, &d);
+    let failed = view(
+        &b,
+        JobState::Failed { reason: None },
+        Some(failure_report(FailureReason::BuildFailed)),
+        true,
+    );
+    let d = decide(observe(&b, Some(&failed), 4), &settings());
+    apply(&mut b, &d);
+    // The same annotation value is not acted on twice.
+    assert!(
+        decide(observe(&b, None, 5), &settings())
+            .create_job
+            .is_none()
+    );
+}
+
+#[test]
 fn backoff_doubles_and_caps() {
     let s = Settings::default();
     let secs: Vec<u64> = (1..=7).map(|n| s.backoff(n).as_secs()).collect();
