@@ -17,8 +17,14 @@ pub struct Category {
     pub category: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Write {
+    pub resource: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
+    pub api_writes: Family<Write, Counter>,
     pub reconciliations: Counter,
     pub reconcile_errors: Family<Category, Counter>,
     pub builds_started: Counter,
@@ -64,5 +70,49 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The resource a request path names, with its subresource: `/apis/g/v/namespaces/ns/jobs/x`
+/// is `jobs`, `/apis/g/v/namespaces/ns/nixbuilds/x/status` is `nixbuilds/status`. Bounded: the
+/// operator only calls a handful of resources.
+pub fn resource_of(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let start = match segments.iter().position(|s| *s == "namespaces") {
+        Some(i) if segments.len() > i + 2 => i + 2,
+        _ => usize::from(segments.first() == Some(&"apis")) + 2,
+    };
+    match segments.get(start..) {
+        Some([resource, _, sub, ..]) => format!("{resource}/{sub}"),
+        Some([resource, ..]) => (*resource).to_owned(),
+        _ => "other".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_of;
+
+    #[test]
+    fn resources_from_paths() {
+        assert_eq!(resource_of("/apis/batch/v1/namespaces/b/jobs/j"), "jobs");
+        assert_eq!(
+            resource_of("/apis/enbi.hrzn.ee/v1alpha1/namespaces/a/nixbuilds/x/status"),
+            "nixbuilds/status"
+        );
+        assert_eq!(
+            resource_of("/apis/enbi.hrzn.ee/v1alpha1/namespaces/a/nixbuilds"),
+            "nixbuilds"
+        );
+        assert_eq!(
+            resource_of("/apis/events.k8s.io/v1/namespaces/a/events"),
+            "events"
+        );
+        assert_eq!(resource_of("/api/v1/namespaces/a/pods/p"), "pods");
+        assert_eq!(
+            resource_of("/apis/coordination.k8s.io/v1/namespaces/a/leases/l"),
+            "leases"
+        );
+        assert_eq!(resource_of("/api/v1/nodes"), "nodes");
     }
 }

@@ -29,8 +29,8 @@ use crate::{gc, http};
 type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
 
 pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
+    let client = counting_client(metrics.clone()).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(http::serve(
         args.listen_address,
@@ -218,4 +218,25 @@ where
         }
     });
     store
+}
+
+/// A client that counts every write request in `enbi_api_writes_total`.
+async fn counting_client(metrics: Arc<Metrics>) -> Result<Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let count =
+        tower::util::MapRequestLayer::new(move |request: ::http::Request<kube::client::Body>| {
+            if request.method() != ::http::Method::GET {
+                let resource = crate::metrics::resource_of(request.uri().path());
+                metrics
+                    .api_writes
+                    .get_or_create(&crate::metrics::Write { resource })
+                    .inc();
+            }
+            request
+        });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&count)
+        .build())
 }
