@@ -4,6 +4,8 @@
 //! Without a reachable cluster a test fails in CI (`CI=true`) and elsewhere prints a loud
 //! `SKIPPED` line straight to stderr (past the test harness's capture) and returns.
 
+pub mod cases;
+
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
