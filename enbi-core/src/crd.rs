@@ -102,7 +102,8 @@ pub struct NixBuildStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_retry: Option<String>,
     /// `attempts` when that retry began: each retry gets a fresh budget of attempts.
-    #[serde(default)]
+    /// Omitted while 0, so status stays writable against a CRD from before retries existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub retry_base_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
@@ -116,6 +117,10 @@ pub struct NixBuildStatus {
     pub start_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl NixBuildSpec {
