@@ -16,7 +16,7 @@ export KUBECONFIG="$(tests/cluster/up)"
 cargo build -q --release -p enbi-operator
 BIN=target/release/enbi-operator
 NS=bench-pods BNS=bench-builds
-"$BIN" crd | "$KUBECTL" apply --server-side -f - >/dev/null
+"$BIN" crd | "$KUBECTL" apply --server-side --force-conflicts --field-manager=enbi-bench -f - >/dev/null
 "$KUBECTL" wait --for=condition=Established crd/nixbuilds.enbi.hrzn.ee >/dev/null
 "$KUBECTL" delete ns "$NS" "$BNS" --ignore-not-found --wait >/dev/null
 "$KUBECTL" create ns "$NS" >/dev/null
