@@ -104,6 +104,18 @@ for o in json.load(sys.stdin)[\"items\"]:
     if o[\"metadata\"].get(\"labels\", {}).get(\"pod-security.kubernetes.io/enforce\") == \"privileged\":
         print(o[\"metadata\"][\"name\"])'"
 
+cat > "$work/otel.cue" <<'CUE'
+values: {
+	telemetry: otlpEndpoint: "http://otel-collector.observability:4317"
+	env: OTEL_EXPORTER_OTLP_HEADERS: "x-team=builds"
+}
+CUE
+check "OTel endpoint and extra env reach the operator" sh -c \
+  "timoni build '$instance' '$module' -n '$ns' -f '$work/otel.cue' > '$work/otel.yaml' &&
+   grep -A1 'name: OTEL_EXPORTER_OTLP_ENDPOINT' '$work/otel.yaml' | grep -q 'value: http://otel-collector.observability:4317' &&
+   grep -A1 'name: OTEL_EXPORTER_OTLP_HEADERS' '$work/otel.yaml' | grep -q 'value: x-team=builds'"
+check "no OTLP endpoint by default" sh -c "! grep -q OTEL_EXPORTER_OTLP_ENDPOINT '$work/build.yaml'"
+
 # Namespaced objects cannot be dry-run before their namespace exists: create the two
 # Namespaces (as Timoni does first), then dry-run the whole build output on the server.
 check "kubectl apply --server-side of the build's Namespaces" sh -c \
