@@ -10,7 +10,7 @@ set -euo pipefail
 
 root="$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
 module="$root/timoni"
-# shellcheck source=cluster/lib.sh
+# shellcheck source=tests/cluster/lib.sh
 source "$root/tests/cluster/lib.sh"
 kubectl="$K8S_BIN/kubectl"
 
