@@ -4,15 +4,20 @@
 #
 #   tests/timoni.sh            uses $KUBECONFIG if set, else starts (or reuses) tests/cluster
 #
+# Runs the real Timoni CLI when tests/tools/install could install it, else the same steps with
+# cue and kubectl (tests/timoni-driver; ENBI_TIMONI_DRIVER=cue forces that); the first line says
+# which driver ran.
+#
 # Prints one line per check and ends with "N passed, N failed"; exits non-zero on any failure.
 # Cleans up what it created; the NixBuild CRD is removed only if it did not exist before.
 set -euo pipefail
 
 root="$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
-module="$root/timoni"
 # shellcheck source=tests/cluster/lib.sh
 source "$root/tests/cluster/lib.sh"
 kubectl="$K8S_BIN/kubectl"
+export KUBECTL="$kubectl"
+tm="$root/tests/timoni-driver"
 
 PATH="$("$root/tests/tools/install"):$PATH"
 if [[ -z "${KUBECONFIG:-}" ]]; then
@@ -60,8 +65,8 @@ if "$kubectl" get crd "$crd" > /dev/null 2>&1; then crd_existed=true; fi
 
 cleanup() {
   set +e
-  if timoni list -n "$ns" 2>/dev/null | grep -q "^$instance "; then
-    timoni delete "$instance" -n "$ns" --wait=false > /dev/null 2>&1
+  if "$tm" exists "$instance" "$ns" 2>/dev/null; then
+    "$tm" delete "$instance" "$ns" > /dev/null 2>&1
   fi
   # NixBuilds of the test namespace: drop finalizers so that the namespace can go.
   for nb in $("$kubectl" get nixbuilds -n "$app_ns" -o name 2>/dev/null); do
@@ -83,22 +88,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== Timoni module: $(timoni version | tr '\n' ' ')"
+echo "== driver: $("$tm" driver)"
 echo "== cluster: $("$kubectl" version -o json | sed -n 's/.*"gitVersion": "\(.*\)".*/\1/p' | tail -1)"
 
 # A leftover instance from an interrupted run.
-if timoni list -n "$ns" 2>/dev/null | grep -q "^$instance "; then
-  timoni delete "$instance" -n "$ns" > /dev/null 2>&1 || true
+if "$tm" exists "$instance" "$ns" 2>/dev/null; then
+  "$tm" delete "$instance" "$ns" > /dev/null 2>&1 || true
 fi
 
 echo "== vet and build"
-check "timoni mod vet" timoni mod vet "$module" --name "$instance" -n "$ns"
-check "timoni build" sh -c "timoni build '$instance' '$module' -n '$ns' > '$work/build.yaml'"
+check "vet (timoni mod vet)" "$tm" vet "$instance" "$ns"
+check "render (timoni build)" sh -c "'$tm' render '$instance' '$ns' > '$work/build.yaml'"
 equals "the build has the expected objects" \
   "ClusterRole ClusterRoleBinding CustomResourceDefinition Deployment Namespace Namespace Role Role RoleBinding RoleBinding Service ServiceAccount ServiceAccount" \
   sh -c "grep '^kind:' '$work/build.yaml' | awk '{print \$2}' | sort | xargs"
 equals "Pod Security privileged on the build namespace only" "$build_ns" \
-  sh -c "timoni build '$instance' '$module' -n '$ns' -o json | python3 -c '
+  sh -c "'$tm' render '$instance' '$ns' -o json | python3 -c '
 import json, sys
 for o in json.load(sys.stdin)[\"items\"]:
     if o[\"metadata\"].get(\"labels\", {}).get(\"pod-security.kubernetes.io/enforce\") == \"privileged\":
@@ -111,7 +116,7 @@ values: {
 }
 CUE
 check "OTel endpoint and extra env reach the operator" sh -c \
-  "timoni build '$instance' '$module' -n '$ns' -f '$work/otel.cue' > '$work/otel.yaml' &&
+  "'$tm' render '$instance' '$ns' -f '$work/otel.cue' > '$work/otel.yaml' &&
    grep -A1 'name: OTEL_EXPORTER_OTLP_ENDPOINT' '$work/otel.yaml' | grep -q 'value: http://otel-collector.observability:4317' &&
    grep -A1 'name: OTEL_EXPORTER_OTLP_HEADERS' '$work/otel.yaml' | grep -q 'value: x-team=builds'"
 check "no OTLP endpoint by default" sh -c "! grep -q OTEL_EXPORTER_OTLP_ENDPOINT '$work/build.yaml'"
@@ -142,18 +147,18 @@ cat > "$work/env.cue" <<'CUE'
 values: env: ENBI_KEEP_FAILED: "1"
 CUE
 check_fails "negative history limit" 'history.keepSucceeded: invalid value -1 \(out of bound >=0\)' \
-  timoni build "$instance" "$module" -n "$ns" -f "$work/negative.cue"
+  "$tm" render "$instance" "$ns" -f "$work/negative.cue"
 check_fails "unknown store mode" 'build.storeMode: (2 errors in empty disjunction|conflicting values)' \
-  timoni build "$instance" "$module" -n "$ns" -f "$work/store.cue"
+  "$tm" render "$instance" "$ns" -f "$work/store.cue"
 check_fails "build namespace = operator namespace" 'build.namespace: invalid value "enbi-system" \(out of bound !="enbi-system"\)' \
-  timoni build "$instance" "$module" -n "$ns" -f "$work/samens.cue"
+  "$tm" render "$instance" "$ns" -f "$work/samens.cue"
 check_fails "ENBI_* in extra env" 'env.ENBI_KEEP_FAILED: field not allowed' \
-  timoni build "$instance" "$module" -n "$ns" -f "$work/env.cue"
+  "$tm" render "$instance" "$ns" -f "$work/env.cue"
 check_fails "instance in the default namespace" 'metadata.namespace: invalid value "default" \(out of bound !="default"\)' \
-  timoni build "$instance" "$module" -n default
+  "$tm" render "$instance" default
 
 echo "== install"
-check "timoni apply $instance -n $ns" timoni apply "$instance" "$module" -n "$ns" --wait=false --timeout 3m
+check "install (timoni apply $instance -n $ns)" "$tm" apply "$instance" "$ns"
 check "CRD $crd is Established" \
   "$kubectl" wait --for=condition=Established "crd/$crd" --timeout=60s
 equals "the CRD is kept by Timoni on delete" "disabled" \
@@ -220,8 +225,8 @@ values: {
 	history: keepSucceeded: 3
 }
 CUE
-check "timoni apply (upgrade: replicas 2, keepSucceeded 3)" \
-  timoni apply "$instance" "$module" -n "$ns" -f "$work/upgrade.cue" --wait=false --timeout 3m
+check "upgrade (timoni apply: replicas 2, keepSucceeded 3)" \
+  "$tm" apply "$instance" "$ns" -f "$work/upgrade.cue"
 equals "Deployment replicas" 2 "$kubectl" get deployment -n "$ns" enbi-operator -o jsonpath='{.spec.replicas}'
 env_of() { "$kubectl" get deployment -n "$ns" enbi-operator \
   -o jsonpath="{.spec.template.spec.containers[0].env[?(@.name==\"$1\")].value}"; }
@@ -231,13 +236,13 @@ equals "the NixBuild survived the upgrade (same uid)" "$uid" \
   "$kubectl" get nixbuild -n "$app_ns" timoni-upgrade -o jsonpath='{.metadata.uid}'
 
 echo "== uninstall keeps the CRD and the NixBuilds"
-check "timoni delete $instance -n $ns" timoni delete "$instance" -n "$ns" --timeout 3m
+check "uninstall (timoni delete $instance -n $ns)" "$tm" delete "$instance" "$ns"
 check "CRD $crd is still there" "$kubectl" get crd "$crd"
 equals "the NixBuild is still there (same uid)" "$uid" \
   "$kubectl" get nixbuild -n "$app_ns" timoni-upgrade -o jsonpath='{.metadata.uid}'
 equals "Deployment is gone" "" sh -c "'$kubectl' get deployment -n '$ns' --ignore-not-found -o name"
 equals "ClusterRole is gone" "" "$kubectl" get clusterrole enbi-operator --ignore-not-found -o name
-equals "instance is gone" "" sh -c "timoni list -n '$ns' | grep '^$instance ' || true"
+check "instance is gone" sh -c "! '$tm' exists '$instance' '$ns'"
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]
