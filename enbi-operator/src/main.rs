@@ -1,5 +1,7 @@
 //! `enbi-operator`: the operator binary. Decisions live in `enbi-core`; this crate does the I/O.
 
+mod builder;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -20,10 +22,13 @@ struct Cli {
 enum Command {
     /// Print the NixBuild CustomResourceDefinition as YAML (the only source of the CRD).
     Crd,
+    /// Build a flake's image into the node's containerd (runs inside a build Job).
+    Build(Box<builder::BuildArgs>),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Build(args) => builder::run(*args),
         Command::Crd => match serde_yaml::to_string(&NixBuild::crd()) {
             Ok(yaml) => {
                 print!("{yaml}");
