@@ -6,6 +6,7 @@
 # Builds the fixture's 200 MiB `stream-big` image once, then, each run on a fresh private
 # containerd (so nothing is deduplicated):
 #   - baseline: `ctr images import` of the image from a ready file (written beforehand, untimed);
+#   - pipe: the stream script piped straight into `ctr images import -` (no enbi);
 #   - enbi: `enbi-operator build`, which runs the stream script and pipes it into ctr.
 # Prints the import times, their ratio (throughput of enbi / baseline, goal >= 0.95), the bytes
 # the builder's process tree wrote to storage (goal 0; /proc/<pid>/io write_bytes, sampled),
@@ -88,26 +89,41 @@ script=$(nix build --json --no-link "$flake#packages.$system.stream-big" |
 "$script" >"$work/big.tar"
 size=$(stat -c %s "$work/big.tar")
 
-base_ms=() enbi_ms=() enbi_written=()
-for run in $(seq "$runs"); do
-  start_containerd
-  t0=$(now_ms)
-  ctr images import --base-name bench --digests "$work/big.tar" >/dev/null
-  base_ms+=($(( $(now_ms) - t0 )))
-
-  start_containerd
-  written=()
+enbi() {
   "$ENBI_BIN" build --flake-url "$flake" --package-name stream-big --system "$system" \
-    --image-tag bench/big:v1 --containerd-address "$sock" \
-    --termination-log "$work/report.json" >"$work/enbi.log" &
-  enbi=$!
-  while kill -0 "$enbi" 2>/dev/null; do sample_tree "$enbi"; sleep 0.05; done
-  wait "$enbi"
-  total=0; for w in "${written[@]}"; do total=$((total + w)); done
-  enbi_written+=("$total")
-  enbi_ms+=("$(sed -E 's/.*"importMs":([0-9]+).*/\1/' "$work/report.json")")
-  echo "run $run: ctr import from file ${base_ms[-1]} ms, enbi stream+import ${enbi_ms[-1]} ms, enbi wrote ${total} bytes" >&2
+    --image-tag bench/big:v1 --containerd-address "$sock" --termination-log "$1" >/dev/null
+}
+import_ms() { sed -E 's/.*"importMs":([0-9]+).*/\1/' "$1"; }
+
+# Timed runs, alternating which goes first; nothing else runs meanwhile.
+base_ms=() pipe_ms=() enbi_ms=()
+for run in $(seq "$runs"); do
+  for which in $( (( run % 2 )) && echo "base pipe enbi" || echo "enbi pipe base"); do
+    start_containerd
+    if [[ $which == base ]]; then
+      t0=$(now_ms)
+      ctr images import --base-name bench --digests "$work/big.tar" >/dev/null
+      base_ms+=($(( $(now_ms) - t0 )))
+    elif [[ $which == pipe ]]; then
+      t0=$(now_ms)
+      "$script" | ctr images import --base-name bench --digests - >/dev/null
+      pipe_ms+=($(( $(now_ms) - t0 )))
+    else
+      enbi "$work/report.json"
+      enbi_ms+=("$(import_ms "$work/report.json")")
+    fi
+  done
+  echo "run $run: ctr import from file ${base_ms[-1]} ms, script | ctr import ${pipe_ms[-1]} ms, enbi stream+import+tag ${enbi_ms[-1]} ms" >&2
 done
+
+# Bytes written to storage by enbi's process tree (sampled, so not timed).
+start_containerd
+written=()
+enbi "$work/report.json" &
+pid=$!
+while kill -0 "$pid" 2>/dev/null; do sample_tree "$pid"; sleep 0.05; done
+wait "$pid"
+enbi_written=0; for w in "${written[@]}"; do enbi_written=$((enbi_written + w)); done
 
 t0=$(now_ms)
 "$ENBI_BIN" build --flake-url "$flake" --package-name stream-big --system "$system" \
@@ -116,11 +132,13 @@ t0=$(now_ms)
 warm_ms=$(( $(now_ms) - t0 ))
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-b=$(median "${base_ms[@]}") e=$(median "${enbi_ms[@]}")
+b=$(median "${base_ms[@]}") p=$(median "${pipe_ms[@]}") e=$(median "${enbi_ms[@]}")
 echo
 echo "image archive:                       $size bytes"
 echo "ctr images import from a file:       ${b} ms (median of $runs), plus writing the $size-byte file first"
-echo "enbi build (stream into ctr):        ${e} ms (median of $runs)"
+echo "script | ctr images import - :       ${p} ms (median of $runs; streaming without enbi)"
+echo "enbi build (stream into ctr, tag):   ${e} ms (median of $runs; importMs of the report)"
 echo "throughput enbi / file import:       $(awk -v b="$b" -v e="$e" 'BEGIN {printf "%.2fx", b / e}')"
-echo "bytes written by enbi's processes:   $(median "${enbi_written[@]}") (median; the file import needs $size)"
+echo "throughput enbi / plain pipe:        $(awk -v p="$p" -v e="$e" 'BEGIN {printf "%.2fx", p / e}')"
+echo "bytes written by enbi's processes:   $enbi_written (the file import first writes $size)"
 echo "warm rebuild, image present:         ${warm_ms} ms wall ($(sed -E 's/.*"imported":(true|false).*/imported: \1/' "$work/warm.json"))"

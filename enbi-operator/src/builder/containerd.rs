@@ -172,21 +172,37 @@ impl Ctr {
 
     /// A blob's labels; an error if the blob is not in the content store.
     pub fn content_labels(&self, digest: &str) -> Result<BTreeMap<String, String>, CtrError> {
-        let command = format!("content ls digest=={digest}");
-        let out = self.run(&["content", "ls", &format!("digest=={digest}")])?;
-        let line = out
+        let mut all = self.contents_labels(&[digest.to_owned()])?;
+        Ok(all.remove(digest).unwrap_or_default())
+    }
+
+    /// The labels of each blob, in one call; an error if one is not in the content store.
+    pub fn contents_labels(
+        &self,
+        digests: &[String],
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, CtrError> {
+        // Several filters are or-ed.
+        let filters: Vec<String> = digests.iter().map(|d| format!("digest=={d}")).collect();
+        let mut args = vec!["content", "ls"];
+        args.extend(filters.iter().map(String::as_str));
+        let out = self.run(&args)?;
+        let found: BTreeMap<String, BTreeMap<String, String>> = out
             .lines()
             .skip(1)
-            .find(|l| l.starts_with(digest))
-            .ok_or_else(|| CtrError::Unexpected {
-                command,
-                output: format!("no blob {digest} in the content store"),
-            })?;
-        Ok(line
-            .split('\t')
-            .rfind(|f| !f.is_empty())
-            .map(parse_labels)
-            .unwrap_or_default())
+            .filter_map(|line| {
+                let mut fields = line.split('\t').filter(|f| !f.is_empty());
+                let digest = fields.next()?.to_owned();
+                let labels = fields.next_back().map(parse_labels).unwrap_or_default();
+                Some((digest, labels))
+            })
+            .collect();
+        match digests.iter().find(|d| !found.contains_key(*d)) {
+            Some(missing) => Err(CtrError::Unexpected {
+                command: format!("content ls {}", filters.join(" ")),
+                output: format!("no blob {missing} in the content store"),
+            }),
+            None => Ok(found),
+        }
     }
 
     /// Sets `labels` on a blob, keeping its other labels (GC references among them).

@@ -78,7 +78,9 @@ impl LoadError {
                 FailureReason::BuildFailed
             }
             LoadError::Output(_) | LoadError::ImageCount(_) => FailureReason::NotAnImage,
-            LoadError::Archive(ArchiveError::Write(_)) => FailureReason::ImportFailed,
+            LoadError::Archive(ArchiveError::Write(_) | ArchiveError::Read(_)) => {
+                FailureReason::ImportFailed
+            }
             LoadError::Archive(_) => FailureReason::NotAnImage,
             LoadError::Timeout(_) => FailureReason::DeadlineExceeded,
             LoadError::TagConflict { .. } => FailureReason::TagConflict,
@@ -278,6 +280,7 @@ fn import(
         let _ = child.kill();
         return Err(LoadError::Import("ctr has no stdin".into()));
     };
+    output::widen_pipe(&stdin);
     let source = match output::open(request.output, log) {
         Ok(source) => source,
         Err(e) => {
@@ -352,21 +355,23 @@ fn import(
 fn label_content(ctr: &Ctr, tag: &str, digest: &str) -> Result<u64, LoadError> {
     let (registry, repository) = registry_and_repository(tag);
     let key = format!("containerd.io/distribution.source.{registry}");
-    let mut size = 0;
-    for blob in blobs(ctr, digest)? {
-        let mut value = ctr
-            .content_labels(&blob.0)?
-            .remove(&key)
+    let blobs = blobs(ctr, digest)?;
+    let digests: Vec<String> = blobs.iter().map(|b| b.0.clone()).collect();
+    let mut labels = ctr.contents_labels(&digests)?;
+    for digest in &digests {
+        let mut value = labels
+            .get_mut(digest)
+            .and_then(|l| l.remove(&key))
             .unwrap_or_default();
         if !value.split(',').any(|r| r == repository) {
             if !value.is_empty() {
                 value.push(',');
             }
             value.push_str(&repository);
-            ctr.label_content(&blob.0, &BTreeMap::from([(key.clone(), value)]))?;
+            ctr.label_content(digest, &BTreeMap::from([(key.clone(), value)]))?;
         }
-        size += blob.1;
     }
+    let size = blobs.iter().map(|b| b.1).sum();
     Ok(size)
 }
 

@@ -101,6 +101,15 @@ fn is_tar_header(block: &[u8]) -> bool {
     stored == Some(sum)
 }
 
+/// Pipe buffer for the image stream: 1 MiB (Linux's default maximum for unprivileged
+/// processes) instead of 64 KiB makes 16 times fewer wake-ups between the three processes.
+const PIPE_BYTES: usize = 1 << 20;
+
+/// Enlarges a pipe's buffer, if the kernel allows (a small pipe is only slower).
+pub fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
+    let _ = rustix::pipe::fcntl_setpipe_size(pipe, PIPE_BYTES);
+}
+
 /// The image bytes of an output, and the script producing them, if any.
 pub struct Source {
     pub reader: Box<dyn Read + Send>,
@@ -143,6 +152,7 @@ pub fn open(output: &Output, log: &LogTail) -> Result<Source, OutputError> {
                 .stdout
                 .take()
                 .ok_or_else(|| spawn(io::Error::other("no stdout pipe")))?;
+            widen_pipe(&stdout);
             (Box::new(stdout), Some(child))
         }
     };
