@@ -43,8 +43,8 @@ pub enum ArchiveError {
 /// Copies the tar stream `input` to `output` without image names; returns the bytes written.
 ///
 /// A small tar reader of its own rather than the `tar` crate's entry API: entry data is copied
-/// in 1 MiB blocks straight from one pipe to the other, which keeps the import as fast as
-/// `ctr` reading a file (the crate's 8 KiB copies through two buffers cost about 15 %).
+/// in 1 MiB blocks straight from one pipe to the other (the crate copies in 8 KiB steps
+/// through two buffers), so enbi adds no measurable time to a plain `script | ctr` pipe.
 /// Extension headers (GNU long names, PAX) pass through with their entry, and are dropped
 /// with a rewritten JSON entry, whose new header needs none.
 pub fn strip_names(mut input: impl Read, mut output: impl Write) -> Result<u64, ArchiveError> {
