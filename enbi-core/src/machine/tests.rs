@@ -437,3 +437,14 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_report_with_the_normalised_tag_succeeds() {
+    let mut b = build();
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    let tag = crate::reference::normalise(&b.spec.image_tag);
+    let v = view(&b, JobState::Succeeded, Some(success_report(&tag)), true);
+    let d = decide(observe(&b, Some(&v), 1), &settings());
+    assert_eq!(d.status.phase, Some(Phase::Succeeded), "{:?}", d.status);
+}
