@@ -359,7 +359,8 @@ impl Step<'_> {
         };
         match BuildReport::parse(text) {
             Ok(BuildReport::Succeeded(image))
-                if image.image_tag == self.obs.build.spec.image_tag =>
+                // The builder stores and reports the normalised tag (what the kubelet asks for).
+                if crate::reference::same_image(&image.image_tag, &self.obs.build.spec.image_tag) =>
             {
                 self.status.phase = Some(Phase::Succeeded);
                 self.status.image_digest = Some(image.digest.clone());

@@ -24,7 +24,8 @@ pub enum BuildReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageReport {
-    /// The reference the image is stored under (must equal `spec.imageTag`).
+    /// The reference the image is stored under: `spec.imageTag` normalised
+    /// (`reference::normalise`), as the kubelet's CRI looks it up.
     pub image_tag: String,
     /// Manifest digest, `sha256:<64 hex>`.
     pub digest: String,

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use enbi_core::crd::NixBuild;
 use kube::CustomResourceExt;
 
+mod builder;
 mod config;
 mod controller;
 mod error;
@@ -41,6 +42,8 @@ enum Command {
     Crd,
     /// Run the operator: the NixBuild controller, the Pod watcher and garbage collection.
     Run(Box<config::RunArgs>),
+    /// Build a flake's image into the node's containerd (runs inside a build Job).
+    Build(Box<builder::BuildArgs>),
 }
 
 fn init_logs(format: LogFormat) {
@@ -59,6 +62,7 @@ fn init_logs(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Build(args) => builder::run(*args),
         Command::Crd => match serde_yaml::to_string(&NixBuild::crd()) {
             Ok(yaml) => {
                 print!("{yaml}");

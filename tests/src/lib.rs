@@ -251,10 +251,17 @@ pub async fn set_node_images(client: &Client, images: Option<&str>) {
 /// `tests/cluster/up`, as a crash and a restart would.
 pub fn restart_component(name: &str) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cluster");
-    let pid = std::fs::read_to_string(dir.join(format!(".state/pids/{name}.pid"))).expect("component pid file");
-    let status = std::process::Command::new("kill").args(["-9", pid.trim()]).status().expect("kill");
+    let pid = std::fs::read_to_string(dir.join(format!(".state/pids/{name}.pid")))
+        .expect("component pid file");
+    let status = std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .expect("kill");
     assert!(status.success(), "kill {name}");
     std::thread::sleep(Duration::from_secs(2));
-    let up = std::process::Command::new(dir.join("up")).stdout(std::process::Stdio::null()).status().expect("up");
+    let up = std::process::Command::new(dir.join("up"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("up");
     assert!(up.success(), "tests/cluster/up restarts {name}");
 }

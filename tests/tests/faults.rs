@@ -171,23 +171,51 @@ async fn builds_survive_restart_of(component: &str) {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, &format!("{component}-b")).await;
     let app = TestNamespace::new(&client, &format!("{component}-app")).await;
-    let _operator = Operator::start(component, &["--build-namespace", &builds.name, "--listen-address", "127.0.0.1:18086", "--max-builds-per-node", "0"]);
+    let _operator = Operator::start(
+        component,
+        &[
+            "--build-namespace",
+            &builds.name,
+            "--listen-address",
+            "127.0.0.1:18086",
+            "--max-builds-per-node",
+            "0",
+        ],
+    );
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let names = ["s0", "s1", "s2"];
     for name in names {
-        api.create(&PostParams::default(), &NixBuild::new(name, spec(&format!("example.test/{name}:1")))).await.expect("create");
+        api.create(
+            &PostParams::default(),
+            &NixBuild::new(name, spec(&format!("example.test/{name}:1"))),
+        )
+        .await
+        .expect("create");
     }
-    eventually("three Jobs", WAIT, || async { (job_count(&client, &builds.name).await == 3).then_some(()) }).await;
+    eventually("three Jobs", WAIT, || async {
+        (job_count(&client, &builds.name).await == 3).then_some(())
+    })
+    .await;
 
     let component = component.to_owned();
-    tokio::task::spawn_blocking(move || enbi_tests::restart_component(&component)).await.expect("restart");
-    let client = eventually("the apiserver back", WAIT, || async { enbi_tests::cluster().await }).await;
+    tokio::task::spawn_blocking(move || enbi_tests::restart_component(&component))
+        .await
+        .expect("restart");
+    let client = eventually("the apiserver back", WAIT, || async {
+        enbi_tests::cluster().await
+    })
+    .await;
 
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &builds.name);
     for name in names {
         let selector = format!("enbi.hrzn.ee/nixbuild-name={name}");
         let pod = eventually("the builder Pod", WAIT, || async {
-            pods.list(&ListParams::default().labels(&selector)).await.ok()?.items.into_iter().next()
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()
         })
         .await;
         let report = enbi_core::result::BuildReport::Succeeded(enbi_core::result::ImageReport {
@@ -202,15 +230,31 @@ async fn builds_survive_restart_of(component: &str) {
         let patch = json!({"metadata": {"annotations": {"kwok.enbi.test/exit-code": "0", "kwok.enbi.test/termination-message": report.encode()}}});
         let pod_name = kube::ResourceExt::name_any(&pod);
         eventually("the builder annotated", WAIT, || async {
-            pods.patch(&pod_name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.ok()
+            pods.patch(
+                &pod_name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .ok()
         })
         .await;
     }
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     for name in names {
-        eventually(&format!("{name} Succeeded"), WAIT, || async { api.get(name).await.ok().filter(|b| b.phase() == Phase::Succeeded) }).await;
+        eventually(&format!("{name} Succeeded"), WAIT, || async {
+            api.get(name)
+                .await
+                .ok()
+                .filter(|b| b.phase() == Phase::Succeeded)
+        })
+        .await;
     }
-    assert_eq!(job_count(&client, &builds.name).await, 3, "still one Job per build");
+    assert_eq!(
+        job_count(&client, &builds.name).await,
+        3,
+        "still one Job per build"
+    );
 }
 
 #[tokio::test]

@@ -482,3 +482,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_report_with_the_normalised_tag_succeeds() {
+    let mut b = build();
+    b.spec.image_tag = "app:v1".into();
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    let tag = crate::reference::normalise(&b.spec.image_tag);
+    assert_eq!(tag, "docker.io/library/app:v1");
+    let v = view(&b, JobState::Succeeded, Some(success_report(&tag)), true);
+    let d = decide(observe(&b, Some(&v), 1), &settings());
+    assert_eq!(d.status.phase, Some(Phase::Succeeded), "{:?}", d.status);
+}

@@ -1,0 +1,247 @@
+//! `nix build` of the flake output, its log streamed and its failure classified.
+//!
+//! Nix logs to stderr; every line is forwarded to stdout (so `kubectl logs` shows the build)
+//! and the end is kept for the report. Nix 2.8 has no `--print-out-paths`, so the output path
+//! comes from `--json`. A failure is an evaluation error (bad flake URL, missing attribute,
+//! fetch error: retrying the same spec cannot help) or a build error (a builder failed), told
+//! apart by what nix printed.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use enbi_core::reason::FailureReason;
+
+use super::log::LogTail;
+use super::process::wait_until;
+
+/// How nix reaches its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    /// The builder image's own store (`/nix` in the Pod).
+    Pod,
+    /// The node's Nix daemon through its socket (`NIX_REMOTE=daemon`).
+    NodeDaemon,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("cannot run `nix` ({0}): the builder image must have nix on its PATH")]
+    Spawn(std::io::Error),
+    #[error("nix could not evaluate {installable}: {first_error}")]
+    Eval {
+        installable: String,
+        first_error: String,
+    },
+    #[error("nix could not build {installable}: {first_error}")]
+    Build {
+        installable: String,
+        first_error: String,
+    },
+    #[error(
+        "nix build ran past {0:?}; raise --build-timeout (ENBI_BUILD_TIMEOUT) or make the build faster"
+    )]
+    Timeout(Duration),
+    #[error("nix build succeeded but printed no output path: {0}")]
+    NoOutput(String),
+}
+
+impl NixError {
+    pub fn reason(&self) -> FailureReason {
+        match self {
+            NixError::Eval { .. } => FailureReason::EvalFailed,
+            NixError::Timeout(_) => FailureReason::DeadlineExceeded,
+            NixError::Spawn(_) | NixError::Build { .. } | NixError::NoOutput(_) => {
+                FailureReason::BuildFailed
+            }
+        }
+    }
+}
+
+/// What the log said, as far as telling evaluation from build failures goes.
+#[derive(Debug, Default)]
+struct Verdict {
+    first_error: Option<String>,
+    building: bool,
+    build_failed: bool,
+    eval_failed: bool,
+}
+
+/// Nix's words for a failed derivation build.
+const BUILD_FAILURES: &[&str] = &[
+    "builder for '",
+    "dependencies of derivation",
+    "failed to build",
+    "build of '",
+    "hash mismatch in fixed-output derivation",
+];
+/// Nix's words for a failed evaluation or fetch.
+const EVAL_FAILURES: &[&str] = &[
+    "does not provide attribute",
+    "error: getting status of",
+    "cannot find flake",
+    "unsupported flake",
+    "is not a valid URL",
+    "error: attribute '",
+    "undefined variable",
+    "syntax error",
+    "while evaluating",
+    "while fetching",
+    "unable to download",
+    "does not exist",
+    "error: cannot ",
+];
+
+impl Verdict {
+    fn see(&mut self, line: &str) {
+        let line = line.trim();
+        if line.starts_with("building '") {
+            self.building = true;
+        }
+        if let Some(error) = line.strip_prefix("error:")
+            && self.first_error.is_none()
+        {
+            self.first_error = Some(error.trim().to_owned());
+        }
+        if BUILD_FAILURES.iter().any(|p| line.contains(p)) {
+            self.build_failed = true;
+        } else if EVAL_FAILURES.iter().any(|p| line.contains(p)) {
+            self.eval_failed = true;
+        }
+    }
+
+    /// A failed derivation means a build failure even if evaluation warnings came first; an
+    /// error before anything was built is an evaluation failure.
+    fn is_build_failure(&self) -> bool {
+        self.build_failed || (self.building && !self.eval_failed)
+    }
+}
+
+/// Builds `installable` and returns its output path.
+pub fn build(
+    installable: &str,
+    store: Store,
+    timeout: Duration,
+    log: &LogTail,
+) -> Result<PathBuf, NixError> {
+    let mut command = Command::new("nix");
+    command
+        .args([
+            "build",
+            "--json",
+            "--no-link",
+            "--print-build-logs",
+            installable,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match store {
+        Store::NodeDaemon => command.env("NIX_REMOTE", "daemon"),
+        Store::Pod => command.env_remove("NIX_REMOTE"),
+    };
+    log.line("enbi", &format!("nix build {installable}"));
+    let mut child = command.spawn().map_err(NixError::Spawn)?;
+    let verdict = Arc::new(Mutex::new(Verdict::default()));
+    let stderr = child.stderr.take().map(|stderr| {
+        let verdict = verdict.clone();
+        log.forward("", stderr, move |line| {
+            verdict
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .see(line)
+        })
+    });
+    let stdout = child.stdout.take().map(|mut stdout| {
+        std::thread::spawn(move || {
+            let mut json = String::new();
+            let _ = stdout.read_to_string(&mut json);
+            json
+        })
+    });
+    let status = wait_until(&mut child, Instant::now() + timeout).map_err(NixError::Spawn)?;
+    if let Some(t) = stderr {
+        let _ = t.join();
+    }
+    let json = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
+    let Some(status) = status else {
+        return Err(NixError::Timeout(timeout));
+    };
+    if !status.success() {
+        let verdict = verdict.lock().unwrap_or_else(PoisonError::into_inner);
+        let first_error = verdict
+            .first_error
+            .clone()
+            .unwrap_or_else(|| format!("nix build exited with {status}"));
+        let installable = installable.to_owned();
+        return Err(if verdict.is_build_failure() {
+            NixError::Build {
+                installable,
+                first_error,
+            }
+        } else {
+            NixError::Eval {
+                installable,
+                first_error,
+            }
+        });
+    }
+    output_path(&json).ok_or_else(|| NixError::NoOutput(json.chars().take(500).collect()))
+}
+
+/// The `out` output (or the only one) from `nix build --json`.
+fn output_path(json: &str) -> Option<PathBuf> {
+    let built: serde_json::Value = serde_json::from_str(json).ok()?;
+    let outputs = built.as_array()?.first()?.get("outputs")?.as_object()?;
+    let path = outputs.get("out").or_else(|| {
+        (outputs.len() == 1)
+            .then(|| outputs.values().next())
+            .flatten()
+    })?;
+    path.as_str().map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(log: &str) -> Verdict {
+        let mut v = Verdict::default();
+        log.lines().for_each(|l| v.see(l));
+        v
+    }
+
+    #[test]
+    fn tells_evaluation_from_build_failures() {
+        let missing = "error: flake 'path:/tmp/x' does not provide attribute 'packages.x86_64-linux.nope', 'legacyPackages.x86_64-linux.nope' or 'nope'";
+        assert!(!verdict(missing).is_build_failure());
+        assert_eq!(
+            verdict(missing).first_error.as_deref(),
+            missing.strip_prefix("error: ")
+        );
+        assert!(
+            !verdict("error: getting status of '/nope': No such file or directory")
+                .is_build_failure()
+        );
+        let failed = "building '/nix/store/abc-broken.drv'...\nerror: builder for '/nix/store/abc-broken.drv' failed with exit code 3;\n       last 1 log lines:";
+        assert!(verdict(failed).is_build_failure());
+        assert!(
+            verdict(
+                "building '/nix/store/a.drv'...\nerror: writing to file: No space left on device"
+            )
+            .is_build_failure()
+        );
+    }
+
+    #[test]
+    fn reads_the_output_path() {
+        let json = r#"[{"drvPath":"/nix/store/a.drv","outputs":{"out":"/nix/store/b-image"}}]"#;
+        assert_eq!(output_path(json), Some(PathBuf::from("/nix/store/b-image")));
+        let single = r#"[{"drvPath":"/nix/store/a.drv","outputs":{"bin":"/nix/store/c"}}]"#;
+        assert_eq!(output_path(single), Some(PathBuf::from("/nix/store/c")));
+        assert_eq!(output_path("[]"), None);
+        assert_eq!(output_path("nope"), None);
+    }
+}
