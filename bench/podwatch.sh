@@ -18,16 +18,20 @@ BIN=target/release/enbi-operator
 NS=bench-pods BNS=bench-builds
 "$BIN" crd | "$KUBECTL" apply --server-side --force-conflicts --field-manager=enbi-bench -f - >/dev/null
 "$KUBECTL" wait --for=condition=Established crd/nixbuilds.enbi.hrzn.ee >/dev/null
+# Leftovers of an interrupted run: without an operator, NixBuild finalizers would hold them.
+for nb in $("$KUBECTL" -n "$NS" get nixbuilds -o name 2>/dev/null); do
+  "$KUBECTL" -n "$NS" patch "$nb" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null
+done
 "$KUBECTL" delete ns "$NS" "$BNS" --ignore-not-found --wait >/dev/null
 "$KUBECTL" create ns "$NS" >/dev/null
 "$KUBECTL" create ns "$BNS" >/dev/null
 "$KUBECTL" -n "$BNS" create serviceaccount enbi-builder >/dev/null
 nodes=$("$KUBECTL" get nodes -l type=kwok -o name)
 for n in $nodes; do "$KUBECTL" annotate --overwrite "$n" kwok.enbi.test/images=localhost/enbi:bench >/dev/null; done
-cleanup() {
-  kill "${OP:-}" 2>/dev/null || true
+cleanup() { # the operator still runs while the namespaces go, to release its finalizers
   for n in $nodes; do "$KUBECTL" annotate "$n" kwok.enbi.test/images- >/dev/null 2>&1 || true; done
-  "$KUBECTL" delete ns "$NS" "$BNS" --wait=false >/dev/null 2>&1 || true
+  "$KUBECTL" delete ns "$NS" "$BNS" --timeout=120s >/dev/null 2>&1 || true
+  kill "${OP:-}" 2>/dev/null || true
 }
 trap cleanup EXIT
 
