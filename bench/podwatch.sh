@@ -27,6 +27,11 @@ done
 "$KUBECTL" create ns "$BNS" >/dev/null
 "$KUBECTL" -n "$BNS" create serviceaccount enbi-builder >/dev/null
 nodes=$("$KUBECTL" get nodes -l type=kwok -o name)
+# kwok nodes hold 110 Pods each; the amd64 pair must hold all of them (one system per image).
+for n in $("$KUBECTL" get nodes -l type=kwok,kubernetes.io/arch=amd64 -o name); do
+  "$KUBECTL" patch "$n" --subresource=status --type=merge \
+    -p "{\"status\":{\"capacity\":{\"pods\":\"$PODS\"},\"allocatable\":{\"pods\":\"$PODS\"}}}" >/dev/null
+done
 for n in $nodes; do "$KUBECTL" annotate --overwrite "$n" kwok.enbi.test/images=localhost/enbi:bench >/dev/null; done
 cleanup() { # the operator still runs while the namespaces go, to release its finalizers
   for n in $nodes; do "$KUBECTL" annotate "$n" kwok.enbi.test/images- >/dev/null 2>&1 || true; done
