@@ -114,8 +114,12 @@ pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
         requeue_after: None,
     };
     match step.status.phase {
-        Some(Phase::Failed) if step.retry_requested() => step.retry(),
-        Some(Phase::Succeeded | Phase::Failed) => {}
+        Some(Phase::Failed) => {
+            if let Some(requested) = step.retry_requested() {
+                step.retry(requested);
+            }
+        }
+        Some(Phase::Succeeded) => {}
         Some(Phase::Building) => step.observe_job(),
         None | Some(Phase::Pending) => match step.status.next_attempt_time.as_ref().map(|t| t.0) {
             Some(at) if at > obs.now => step.requeue_after = Some(until(obs.now, at)),
@@ -207,37 +211,21 @@ impl Step<'_> {
         conditions::get(&self.status.conditions, READY).map(|c| c.reason.as_str())
     }
 
-    /// The `enbi.hrzn.ee/retry` annotation, if it carries a value not yet acted on.
-    fn retry_requested(&self) -> bool {
-        let requested = self
-            .obs
-            .build
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_RETRY));
-        requested.is_some() && requested != self.status.observed_retry.as_ref()
+    /// The `enbi.hrzn.ee/retry` annotation's value, if it is one not yet acted on.
+    fn retry_requested(&self) -> Option<String> {
+        let annotations = self.obs.build.metadata.annotations.as_ref();
+        let requested = annotations.and_then(|a| a.get(ANNOTATION_RETRY))?;
+        (Some(requested) != self.status.observed_retry.as_ref()).then(|| requested.clone())
     }
 
     /// A user asked to build a Failed NixBuild again: start over with a fresh attempt budget.
-    fn retry(&mut self) {
-        let requested = self
-            .obs
-            .build
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_RETRY))
-            .cloned();
+    fn retry(&mut self, requested: String) {
         self.event(
             EventType::Normal,
             "Retrying",
-            format!(
-                "Retry requested ({ANNOTATION_RETRY}={})",
-                requested.as_deref().unwrap_or_default()
-            ),
+            format!("Retry requested ({ANNOTATION_RETRY}={requested})"),
         );
-        self.status.observed_retry = requested;
+        self.status.observed_retry = Some(requested);
         self.status.retry_base_attempts = self.status.attempts;
         self.status.failure_reason = None;
         self.status.failure_message = None;

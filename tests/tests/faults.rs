@@ -273,37 +273,65 @@ async fn a_builder_whose_node_is_deleted_is_retried_elsewhere() {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, "nodeloss-b").await;
     let app = TestNamespace::new(&client, "nodeloss-app").await;
-    let _operator = Operator::start("nodeloss", &["--build-namespace", &builds.name, "--listen-address", "127.0.0.1:18087"]);
+    let _operator = Operator::start(
+        "nodeloss",
+        &[
+            "--build-namespace",
+            &builds.name,
+            "--listen-address",
+            "127.0.0.1:18087",
+        ],
+    );
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let tag = "example.test/nodeloss:1";
-    api.create(&PostParams::default(), &NixBuild::new("lost", spec(tag))).await.expect("create");
+    api.create(&PostParams::default(), &NixBuild::new("lost", spec(tag)))
+        .await
+        .expect("create");
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &builds.name);
     let node = eventually("the first builder scheduled", WAIT, || async {
-        let pod = pods.list(&ListParams::default()).await.ok()?.items.into_iter().next()?;
+        let pod = pods
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .next()?;
         pod.spec?.node_name
     })
     .await;
 
     let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
-    nodes.delete(&node, &Default::default()).await.expect("delete the build node");
+    nodes
+        .delete(&node, &Default::default())
+        .await
+        .expect("delete the build node");
     let retrying = eventually("the loss noticed", Duration::from_secs(150), || async {
         let b = api.get("lost").await.ok()?;
         let s = b.status?;
-        (s.failure_reason.as_deref() == Some("BuilderLost") && s.phase == Some(Phase::Pending)).then_some(s)
+        (s.failure_reason.as_deref() == Some("BuilderLost") && s.phase == Some(Phase::Pending))
+            .then_some(s)
     })
     .await;
     assert!(retrying.next_attempt_time.is_some());
     // Put the node back for the other tests.
     tokio::task::spawn_blocking(|| {
         let up = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cluster/up");
-        std::process::Command::new(up).stdout(std::process::Stdio::null()).status().expect("up")
+        std::process::Command::new(up)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("up")
     })
     .await
     .expect("up");
 
     let second = eventually("attempt 2 running", Duration::from_secs(90), || async {
-        let list = pods.list(&ListParams::default().labels("enbi.hrzn.ee/attempt=2")).await.ok()?;
-        list.items.into_iter().find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        let list = pods
+            .list(&ListParams::default().labels("enbi.hrzn.ee/attempt=2"))
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
     })
     .await;
     let report = enbi_core::result::BuildReport::Succeeded(enbi_core::result::ImageReport {
@@ -316,7 +344,19 @@ async fn a_builder_whose_node_is_deleted_is_retried_elsewhere() {
         timings: Default::default(),
     });
     let patch = json!({"metadata": {"annotations": {"kwok.enbi.test/exit-code": "0", "kwok.enbi.test/termination-message": report.encode()}}});
-    pods.patch(&kube::ResourceExt::name_any(&second), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("finish");
-    let done = eventually("Succeeded on attempt 2", WAIT, || async { api.get("lost").await.ok().filter(|b| b.phase() == Phase::Succeeded) }).await;
+    pods.patch(
+        &kube::ResourceExt::name_any(&second),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .expect("finish");
+    let done = eventually("Succeeded on attempt 2", WAIT, || async {
+        api.get("lost")
+            .await
+            .ok()
+            .filter(|b| b.phase() == Phase::Succeeded)
+    })
+    .await;
     assert_eq!(done.status.expect("status").attempts, 2);
 }
