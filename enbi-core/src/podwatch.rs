@@ -341,6 +341,26 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever the annotations hold, inspecting never panics, and a build is only asked
+        /// for with values that pass the CRD's own rules.
+        #[test]
+        fn arbitrary_annotations_never_build_invalid_specs(
+            flake in "\\PC{0,80}", package in "\\PC{0,40}", tag in "\\PC{0,60}", system in proptest::option::of("\\PC{0,20}"),
+        ) {
+            let mut a = json!({ANNOTATION_FLAKE_URL: flake, ANNOTATION_PACKAGE_NAME: package, ANNOTATION_IMAGE_TAG: tag.clone()});
+            if let Some(system) = system {
+                a[ANNOTATION_SYSTEM] = json!(system);
+            }
+            for finding in inspect(&pod(a, &tag, "IfNotPresent", "ErrImagePull", false), Some("arm64")) {
+                if let Finding::Build(r) = finding {
+                    proptest::prop_assert!(r.spec.validate().is_ok());
+                    proptest::prop_assert!(naming::is_dns_label(&r.name));
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_annotations_name_the_annotation() {
         let mut a = annotations();
