@@ -265,3 +265,76 @@ pub fn restart_component(name: &str) {
         .expect("up");
     assert!(up.success(), "tests/cluster/up restarts {name}");
 }
+
+/// A namespace for builder Jobs, with the builder ServiceAccount the Jobs name, after making sure
+/// the CRD is installed.
+pub async fn build_namespace(client: &Client, prefix: &str) -> TestNamespace {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    install_crd(client).await;
+    let ns = TestNamespace::new(client, prefix).await;
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "enbi-builder"}}))
+            .expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("builder ServiceAccount");
+    ns
+}
+
+/// The report a builder writes after loading `tag`.
+pub fn success_report(tag: &str) -> String {
+    use enbi_core::result::{BuildReport, ImageReport, Timings};
+    BuildReport::Succeeded(ImageReport {
+        image_tag: tag.into(),
+        digest: format!("sha256:{}", "d".repeat(64)),
+        size: 4_194_304,
+        store_path: "/nix/store/x-app".into(),
+        bytes_streamed: 4_194_304,
+        imported: true,
+        timings: Timings::default(),
+    })
+    .encode()
+}
+
+/// Waits for a Running builder Pod of NixBuild `build` in `build_ns` and ends it through the
+/// fake kubelet's exit protocol with `exit_code` and termination `message`; returns its node.
+pub async fn finish_builder(
+    client: &Client,
+    build_ns: &str,
+    build: &str,
+    exit_code: i32,
+    message: &str,
+) -> String {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    use kube::api::{ListParams, Patch, PatchParams};
+    let pods = Api::<Pod>::namespaced(client.clone(), build_ns);
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
+    let pod = eventually(
+        "the builder Pod to run",
+        Duration::from_secs(90),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            list.items
+                .into_iter()
+                .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        },
+    )
+    .await;
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        "kwok.enbi.test/exit-code": exit_code.to_string(),
+        "kwok.enbi.test/termination-message": message,
+    }}});
+    pods.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .expect("end the builder");
+    pod.spec.and_then(|s| s.node_name).expect("scheduled")
+}

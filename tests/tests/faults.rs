@@ -5,15 +5,14 @@ use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, eventually, install_crd, require_cluster,
+    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, require_cluster,
+    success_report,
 };
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
-use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(90);
 
 fn spec(tag: &str) -> NixBuildSpec {
     NixBuildSpec {
@@ -22,18 +21,6 @@ fn spec(tag: &str) -> NixBuildSpec {
         image_tag: tag.into(),
         system: "x86_64-linux".into(),
     }
-}
-
-async fn build_namespace(client: &Client, name: &str) -> TestNamespace {
-    install_crd(client).await;
-    let ns = TestNamespace::new(client, name).await;
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "enbi-builder"}})).expect("sa");
-    Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("sa");
-    ns
 }
 
 async fn job_count(client: &Client, ns: &str) -> usize {
@@ -206,32 +193,27 @@ async fn builds_survive_restart_of(component: &str) {
     })
     .await;
 
+    // After a restart the fake kubelet may take a while to run the builders again: annotate each
+    // builder Pod whatever its phase, and let it end when it runs.
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &builds.name);
     for name in names {
         let selector = format!("enbi.hrzn.ee/nixbuild-name={name}");
-        let pod = eventually("the builder Pod", WAIT, || async {
-            pods.list(&ListParams::default().labels(&selector))
+        let report = success_report(&format!("example.test/{name}:1"));
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            "kwok.enbi.test/exit-code": "0",
+            "kwok.enbi.test/termination-message": report,
+        }}});
+        eventually("the builder Pod annotated", WAIT, || async {
+            let pod = pods
+                .list(&ListParams::default().labels(&selector))
                 .await
                 .ok()?
                 .items
                 .into_iter()
-                .next()
-        })
-        .await;
-        let report = enbi_core::result::BuildReport::Succeeded(enbi_core::result::ImageReport {
-            image_tag: format!("example.test/{name}:1"),
-            digest: format!("sha256:{}", "e".repeat(64)),
-            size: 1,
-            store_path: "/nix/store/x".into(),
-            bytes_streamed: 1,
-            imported: true,
-            timings: Default::default(),
-        });
-        let patch = json!({"metadata": {"annotations": {"kwok.enbi.test/exit-code": "0", "kwok.enbi.test/termination-message": report.encode()}}});
-        let pod_name = kube::ResourceExt::name_any(&pod);
-        eventually("the builder annotated", WAIT, || async {
+                .next()?;
+            let name = kube::ResourceExt::name_any(&pod);
             pods.patch(
-                &pod_name,
+                &name,
                 &kube::api::PatchParams::default(),
                 &kube::api::Patch::Merge(&patch),
             )
@@ -265,98 +247,4 @@ async fn builds_survive_an_apiserver_restart() {
 #[tokio::test]
 async fn builds_survive_an_etcd_restart() {
     builds_survive_restart_of("etcd").await;
-}
-
-#[tokio::test]
-async fn a_builder_whose_node_is_deleted_is_retried_elsewhere() {
-    let client = require_cluster!();
-    let _serial = OPERATOR_LOCK.lock().await;
-    let builds = build_namespace(&client, "nodeloss-b").await;
-    let app = TestNamespace::new(&client, "nodeloss-app").await;
-    let _operator = Operator::start(
-        "nodeloss",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--listen-address",
-            "127.0.0.1:18087",
-        ],
-    );
-    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
-    let tag = "example.test/nodeloss:1";
-    api.create(&PostParams::default(), &NixBuild::new("lost", spec(tag)))
-        .await
-        .expect("create");
-    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &builds.name);
-    let node = eventually("the first builder scheduled", WAIT, || async {
-        let pod = pods
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .next()?;
-        pod.spec?.node_name
-    })
-    .await;
-
-    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
-    nodes
-        .delete(&node, &Default::default())
-        .await
-        .expect("delete the build node");
-    let retrying = eventually("the loss noticed", Duration::from_secs(150), || async {
-        let b = api.get("lost").await.ok()?;
-        let s = b.status?;
-        (s.failure_reason.as_deref() == Some("BuilderLost") && s.phase == Some(Phase::Pending))
-            .then_some(s)
-    })
-    .await;
-    assert!(retrying.next_attempt_time.is_some());
-    // Put the node back for the other tests.
-    tokio::task::spawn_blocking(|| {
-        let up = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cluster/up");
-        std::process::Command::new(up)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("up")
-    })
-    .await
-    .expect("up");
-
-    let second = eventually("attempt 2 running", Duration::from_secs(90), || async {
-        let list = pods
-            .list(&ListParams::default().labels("enbi.hrzn.ee/attempt=2"))
-            .await
-            .ok()?;
-        list.items
-            .into_iter()
-            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-    })
-    .await;
-    let report = enbi_core::result::BuildReport::Succeeded(enbi_core::result::ImageReport {
-        image_tag: tag.into(),
-        digest: format!("sha256:{}", "f".repeat(64)),
-        size: 1,
-        store_path: "/nix/store/x".into(),
-        bytes_streamed: 1,
-        imported: true,
-        timings: Default::default(),
-    });
-    let patch = json!({"metadata": {"annotations": {"kwok.enbi.test/exit-code": "0", "kwok.enbi.test/termination-message": report.encode()}}});
-    pods.patch(
-        &kube::ResourceExt::name_any(&second),
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(&patch),
-    )
-    .await
-    .expect("finish");
-    let done = eventually("Succeeded on attempt 2", WAIT, || async {
-        api.get("lost")
-            .await
-            .ok()
-            .filter(|b| b.phase() == Phase::Succeeded)
-    })
-    .await;
-    assert_eq!(done.status.expect("status").attempts, 2);
 }

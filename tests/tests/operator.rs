@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
-use enbi_core::result::{BuildReport, FailureReport, ImageReport, Timings};
+use enbi_core::result::{BuildReport, FailureReport};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, eventually, install_crd, require_cluster,
-    set_node_images,
+    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder,
+    require_cluster, set_node_images, success_report,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -25,14 +25,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A build namespace with the builder ServiceAccount, and an operator using it.
 async fn setup(client: &Client, name: &str, extra: &[&str]) -> (TestNamespace, Operator) {
-    install_crd(client).await;
-    let builds = TestNamespace::new(client, &format!("{name}-b")).await;
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "enbi-builder"}})).expect("sa");
-    Api::<ServiceAccount>::namespaced(client.clone(), &builds.name)
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("builder ServiceAccount");
+    let builds = build_namespace(client, &format!("{name}-b")).await;
     let mut args = vec![
         "--build-namespace",
         &builds.name,
@@ -57,19 +50,6 @@ fn spec(tag: &str, system: &str) -> NixBuildSpec {
     }
 }
 
-fn success(tag: &str) -> String {
-    BuildReport::Succeeded(ImageReport {
-        image_tag: tag.into(),
-        digest: format!("sha256:{}", "d".repeat(64)),
-        size: 4_194_304,
-        store_path: "/nix/store/x-app".into(),
-        bytes_streamed: 4_194_304,
-        imported: true,
-        timings: Timings::default(),
-    })
-    .encode()
-}
-
 async fn builds_in(client: &Client, ns: &str) -> Vec<NixBuild> {
     Api::<NixBuild>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
@@ -85,40 +65,6 @@ async fn jobs_for(client: &Client, build_ns: &str, build: &str) -> Vec<Job> {
         .await
         .expect("jobs")
         .items
-}
-
-/// Waits for the builder Pod of `build` to run and ends it like the builder would; returns its node.
-async fn finish_builder(
-    client: &Client,
-    build_ns: &str,
-    build: &str,
-    exit_code: i32,
-    message: &str,
-) -> String {
-    let pods = Api::<Pod>::namespaced(client.clone(), build_ns);
-    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
-    let pod = eventually("the builder Pod to run", WAIT, || async {
-        let list = pods
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .ok()?;
-        list.items
-            .into_iter()
-            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-    })
-    .await;
-    let patch = json!({"metadata": {"annotations": {
-        "kwok.enbi.test/exit-code": exit_code.to_string(),
-        "kwok.enbi.test/termination-message": message,
-    }}});
-    pods.patch(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .expect("end builder");
-    pod.spec.and_then(|s| s.node_name).expect("scheduled")
 }
 
 async fn wait_phase(client: &Client, ns: &str, name: &str, phase: Phase) -> NixBuild {
@@ -196,7 +142,14 @@ async fn annotated_deployment_gets_one_build_and_then_runs() {
         "system from the Pods' node arch"
     );
     assert_eq!(build.spec.image_tag, tag);
-    let node = finish_builder(&client, &builds.name, &build.name_any(), 0, &success(tag)).await;
+    let node = finish_builder(
+        &client,
+        &builds.name,
+        &build.name_any(),
+        0,
+        &success_report(tag),
+    )
+    .await;
     assert_eq!(node_arch(&client, &node).await, "arm64");
     let done = wait_phase(&client, &app.name, &build.name_any(), Phase::Succeeded).await;
     let status = done.status.clone().expect("status");
@@ -401,7 +354,7 @@ async fn repelled_nodes_are_never_used_and_no_node_means_pending() {
         &builds.name,
         "arm",
         0,
-        &success("example.test/arm:1"),
+        &success_report("example.test/arm:1"),
     )
     .await;
     assert_eq!(node, "kwok-arm64-1", "the flag keeps kwok-arm64-0 out");
@@ -442,7 +395,7 @@ async fn operator_killed_mid_build_resumes_without_a_second_job() {
             "127.0.0.1:18082",
         ],
     );
-    finish_builder(&client, &builds.name, "r", 0, &success(tag)).await;
+    finish_builder(&client, &builds.name, "r", 0, &success_report(tag)).await;
     wait_phase(&client, &app.name, "r", Phase::Succeeded).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -478,7 +431,7 @@ async fn garbage_collection_keeps_the_newest() {
         )
         .await
         .expect("create");
-        finish_builder(&client, &builds.name, &name, 0, &success(&tag)).await;
+        finish_builder(&client, &builds.name, &name, 0, &success_report(&tag)).await;
         wait_phase(&client, &app.name, &name, Phase::Succeeded).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
@@ -492,4 +445,90 @@ async fn garbage_collection_keeps_the_newest() {
     })
     .await;
     assert_eq!(left, BTreeSet::from(["gc2".to_owned()]));
+}
+
+#[tokio::test]
+async fn policy_denies_before_anything_runs() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, _operator) = setup(
+        &client,
+        "policy",
+        &["--allowed-image-tags", "example.test/*"],
+    )
+    .await;
+    let app = TestNamespace::new(&client, "policy-app").await;
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    api.create(
+        &PostParams::default(),
+        &NixBuild::new("nginx", spec("nginx:latest", "x86_64-linux")),
+    )
+    .await
+    .expect("create");
+    let denied = wait_phase(&client, &app.name, "nginx", Phase::Failed).await;
+    let status = denied.status.expect("status");
+    assert_eq!(status.failure_reason.as_deref(), Some("PolicyDenied"));
+    let message = status.failure_message.unwrap_or_default();
+    assert!(
+        message.contains("docker.io/library/nginx:latest matches no allowed pattern"),
+        "{message}"
+    );
+    eventually("a Failed Event", WAIT, || async {
+        events_for(&client, &app.name, "nginx")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Failed"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        jobs_for(&client, &builds.name, "nginx").await.is_empty(),
+        "nothing ran"
+    );
+}
+
+#[tokio::test]
+async fn malformed_pod_annotations_warn_and_build_nothing() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (_builds, _operator) = setup(&client, "annot", &[]).await;
+    let app = TestNamespace::new(&client, "annot-app").await;
+    let tag = "example.test/annot:v1";
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p", "annotations": {
+            "enbi.hrzn.ee/nixbuild-flakeUrl": "not a flake",
+            "enbi.hrzn.ee/nixbuild-imageTag": tag,
+            "enbi.hrzn.ee/nixbuild-packageName": "app",
+        }},
+        "spec": {
+            "nodeSelector": {"type": "kwok"},
+            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
+        },
+    }))
+    .expect("pod");
+    Api::<Pod>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create");
+    let warning = eventually("an InvalidBuildAnnotations Warning", WAIT, || async {
+        events_for(&client, &app.name, "p")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("InvalidBuildAnnotations"))
+    })
+    .await;
+    set_node_images(&client, None).await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(
+        warning
+            .note
+            .unwrap_or_default()
+            .contains("annotation enbi.hrzn.ee/nixbuild-flakeUrl must be")
+    );
+    assert!(
+        builds_in(&client, &app.name).await.is_empty(),
+        "no NixBuild for bad annotations"
+    );
 }
