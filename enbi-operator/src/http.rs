@@ -10,13 +10,14 @@ use axum::routing::get;
 
 use crate::metrics::Metrics;
 
-/// Serves until the process ends. Ready once `ready` is set (the CRD is served and the caches
+/// Binds `address` (a taken port stops the operator at once) and returns the server, which
+/// serves until the process ends. Ready once `ready` is set (the CRD is served and the caches
 /// are filled), whether or not this replica leads.
-pub async fn serve(
+pub async fn bind(
     address: SocketAddr,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route(
@@ -31,5 +32,5 @@ pub async fn serve(
         )
         .route("/metrics", get(move || async move { metrics.encode() }));
     let listener = tokio::net::TcpListener::bind(address).await?;
-    axum::serve(listener, app).await
+    Ok(async move { axum::serve(listener, app).await })
 }

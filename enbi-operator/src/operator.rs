@@ -32,11 +32,8 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = Arc::new(Metrics::new());
     let client = counting_client(metrics.clone()).await?;
     let ready = Arc::new(AtomicBool::new(false));
-    let server = tokio::spawn(http::serve(
-        args.listen_address,
-        ready.clone(),
-        metrics.clone(),
-    ));
+    let server =
+        tokio::spawn(http::bind(args.listen_address, ready.clone(), metrics.clone()).await?);
 
     let crd_name = NixBuild::crd_name();
     info!(crd = crd_name, "waiting for the CRD to be Established");
