@@ -38,6 +38,11 @@ impl Metrics {
         let mut m = Metrics::default();
         let mut registry = Registry::with_prefix("enbi");
         registry.register(
+            "api_writes",
+            "Write requests to the Kubernetes API, by resource",
+            m.api_writes.clone(),
+        );
+        registry.register(
             "reconciliations",
             "NixBuild reconciliations",
             m.reconciliations.clone(),
