@@ -35,7 +35,7 @@ done
 for n in $nodes; do "$KUBECTL" annotate --overwrite "$n" kwok.enbi.test/images=localhost/enbi:bench >/dev/null; done
 cleanup() { # the operator still runs while the namespaces go, to release its finalizers
   for n in $nodes; do "$KUBECTL" annotate "$n" kwok.enbi.test/images- >/dev/null 2>&1 || true; done
-  "$KUBECTL" delete ns "$NS" "$BNS" --timeout=120s >/dev/null 2>&1 || true
+  [[ -n "${BENCH_KEEP:-}" ]] || "$KUBECTL" delete ns "$NS" "$BNS" --timeout=120s >/dev/null 2>&1 || true
   kill "${OP:-}" 2>/dev/null || true
 }
 trap cleanup EXIT
