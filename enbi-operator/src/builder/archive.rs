@@ -158,7 +158,9 @@ fn read_small(input: &mut impl Read, padded: u64) -> Result<Vec<u8>, ArchiveErro
     Ok(data)
 }
 
-fn checksum_ok(header: &[u8; BLOCK]) -> bool {
+/// Whether a 512-byte tar header's checksum field matches its contents (the checksum field
+/// itself counted as spaces). Also how the output detector recognises an old-style tar.
+pub(super) fn checksum_ok(header: &[u8; BLOCK]) -> bool {
     let stored = octal(&header[148..156]).ok();
     let sum: u64 = header
         .iter()

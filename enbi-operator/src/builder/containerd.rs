@@ -139,10 +139,7 @@ impl Ctr {
         name: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), CtrError> {
-        let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let mut args = vec!["images", "label", name];
-        args.extend(pairs.iter().map(String::as_str));
-        self.run(&args).map(drop)
+        self.label("images", name, labels)
     }
 
     pub fn remove(&self, names: &[String]) -> Result<(), CtrError> {
@@ -212,8 +209,18 @@ impl Ctr {
         digest: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), CtrError> {
+        self.label("content", digest, labels)
+    }
+
+    /// `ctr <store> label <target> k=v…`, for images and content alike.
+    fn label(
+        &self,
+        store: &str,
+        target: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), CtrError> {
         let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let mut args = vec!["content", "label", digest];
+        let mut args = vec![store, "label", target];
         args.extend(pairs.iter().map(String::as_str));
         self.run(&args).map(drop)
     }

@@ -83,22 +83,9 @@ fn is_tar_header(block: &[u8]) -> bool {
     if &block[257..262] == b"ustar" {
         return true;
     }
-    let stored = std::str::from_utf8(&block[148..156])
-        .ok()
-        .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' '))
-        .and_then(|s| u32::from_str_radix(s, 8).ok());
-    let sum: u32 = block[..512]
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u32::from(*b)
-            }
-        })
-        .sum();
-    stored == Some(sum)
+    block[..512]
+        .try_into()
+        .is_ok_and(super::archive::checksum_ok)
 }
 
 /// Pipe buffer for the image stream: 1 MiB (Linux's default maximum for unprivileged
