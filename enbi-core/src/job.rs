@@ -13,15 +13,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EnvVar, HostPathVolumeSource, Pod, PodSecurityContext,
-    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    Affinity, Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::crd::NixBuild;
 use crate::naming;
+use crate::trace::TraceContext;
 
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -147,12 +148,14 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
-/// The Job for `attempt` of `build`, placed by `affinity`, joining trace `traceparent`.
+/// The Job for `attempt` of `build`, placed by `affinity`, its builder joining trace `trace`
+/// (`TRACEPARENT`): the context is the build's and never changes, so re-applying the same Job
+/// is a no-op.
 pub fn render(
     build: &NixBuild,
     attempt: u32,
     affinity: Affinity,
-    traceparent: Option<&str>,
+    trace: Option<&TraceContext>,
     settings: &BuilderSettings,
 ) -> Job {
     let spec = &build.spec;
@@ -198,17 +201,28 @@ pub fn render(
         volumes.extend([v, sv]);
         mounts.extend([m, sm]);
     }
-    let mut env_vars: Vec<EnvVar> = traceparent
-        .map(|t| env("TRACEPARENT", t))
+    let mut env_vars: Vec<EnvVar> = trace
+        .map(|t| env("TRACEPARENT", &t.to_string()))
         .into_iter()
         .collect();
+    env_vars.push(EnvVar {
+        name: "ENBI_NODE_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "spec.nodeName".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     env_vars.extend(settings.env.iter().cloned());
 
     let container = Container {
         name: CONTAINER.into(),
         image: Some(settings.image.clone()),
         args: Some(args),
-        env: (!env_vars.is_empty()).then_some(env_vars),
+        env: Some(env_vars),
         volume_mounts: Some(mounts),
         resources: settings.resources.clone(),
         // The report is the termination message; if the builder dies before writing it, the
@@ -385,7 +399,7 @@ mod tests {
             &build(),
             1,
             placement.affinity,
-            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_ref(),
             &BuilderSettings::default(),
         );
         insta::assert_yaml_snapshot!(job);
@@ -411,7 +425,11 @@ mod tests {
                 .any(|m| m.mount_path == "/nix/var/nix/daemon-socket/socket")
         );
         assert!(
-            pod.containers[0].env.is_none(),
+            !pod.containers[0]
+                .env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "TRACEPARENT"),
             "no TRACEPARENT without a trace"
         );
         assert!(

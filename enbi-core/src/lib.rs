@@ -15,4 +15,5 @@ pub mod reason;
 pub mod reference;
 pub mod result;
 pub mod system;
+pub mod trace;
 pub mod validation;

@@ -102,6 +102,13 @@ pub struct Decision {
     pub requeue_after: Option<Duration>,
 }
 
+/// Whether the build waits for a free build slot (`enbi_builds_queued`).
+pub fn is_queued(status: &NixBuildStatus) -> bool {
+    status.phase == Some(Phase::Pending)
+        && conditions::get(&status.conditions, READY)
+            .is_some_and(|c| c.reason == WaitReason::Queued.as_str())
+}
+
 /// Decides the next step for a build.
 pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
     let status = obs.build.status.clone().unwrap_or_default();

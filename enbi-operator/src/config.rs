@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use enbi_core::job::{BuilderSettings, StoreMode};
 use enbi_core::policy::{Policy, TagRule};
 use enbi_core::{gc, machine};
+use k8s_openapi::api::core::v1::EnvVar;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Store {
@@ -117,6 +118,14 @@ impl RunArgs {
             active_deadline_seconds: self.build_timeout_seconds,
             pin: !self.no_pin,
             allow_overwrite: self.allow_tag_overwrite,
+            env: enbi_core::trace::builder_env(&std::env::vars().collect())
+                .into_iter()
+                .map(|(name, value)| EnvVar {
+                    name,
+                    value: Some(value),
+                    ..EnvVar::default()
+                })
+                .collect(),
             ..BuilderSettings::default()
         }
     }

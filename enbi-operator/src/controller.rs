@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use enbi_core::crd::{NixBuild, Phase};
+use enbi_core::crd::{NixBuild, NixBuildStatus, Phase};
 use enbi_core::job::{self, BuilderSettings, JobView};
 use enbi_core::machine::{self, Decision, EventType, Observation};
 use enbi_core::placement::{self, NodeView};
+use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
 use enbi_core::{capacity, policy};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -19,11 +20,14 @@ use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporte
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
+use opentelemetry::KeyValue;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::Error;
-use crate::metrics::{Finished, Metrics};
+use crate::metrics::{Finished, Metrics, Outcome};
+use crate::telemetry;
 
 /// Field manager of every server-side apply enbi makes.
 pub const MANAGER: &str = "enbi-operator";
@@ -45,6 +49,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Whether spans are exported: builds then get a trace context.
+    pub tracing: bool,
     /// Consecutive failures per NixBuild, for error_policy's backoff.
     pub failures: Mutex<HashMap<ObjectRef<NixBuild>, u32>>,
 }
@@ -108,20 +114,54 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
     ctx.metrics.reconciliations.inc();
     let namespace = build.namespace().ok_or(Error::NoNamespace)?;
     let api = Api::<NixBuild>::namespaced(ctx.client.clone(), &namespace);
+    let trace = match TraceContext::of(&build) {
+        None if ctx.tracing && build.meta().deletion_timestamp.is_none() => {
+            Some(stamp_trace(&api, &build).await?)
+        }
+        trace => trace,
+    };
+    let span = info_span!(
+        "reconcile",
+        k8s.namespace.name = %namespace,
+        enbi.nixbuild = %build.name_any(),
+        enbi.phase = ?build.phase(),
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    telemetry::join(&span, trace.as_ref());
     let key = ObjectRef::from(build.as_ref());
     let action = finalizer(&api, FINALIZER, build, |event| async {
         match event {
-            Finalizer::Apply(build) => apply(&build, &namespace, &ctx).await,
+            Finalizer::Apply(build) => apply(&build, &namespace, trace.as_ref(), &ctx).await,
             Finalizer::Cleanup(build) => cleanup(&build, &ctx).await,
         }
     })
+    .instrument(span)
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))?;
     ctx.failures.lock().map(|mut f| f.remove(&key)).ok();
     Ok(action)
 }
 
-async fn apply(build: &NixBuild, namespace: &str, ctx: &Context) -> Result<Action, Error> {
+/// Gives a build made without one (by a user, or before spans were exported) its trace.
+async fn stamp_trace(api: &Api<NixBuild>, build: &NixBuild) -> Result<TraceContext, Error> {
+    let trace = telemetry::new_context();
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_TRACEPARENT: trace.to_string()}}});
+    api.patch(
+        &build.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(trace)
+}
+
+async fn apply(
+    build: &NixBuild,
+    namespace: &str,
+    trace: Option<&TraceContext>,
+    ctx: &Context,
+) -> Result<Action, Error> {
     let nodes: Vec<NodeView> = ctx
         .nodes
         .state()
@@ -149,7 +189,7 @@ async fn apply(build: &NixBuild, namespace: &str, ctx: &Context) -> Result<Actio
         },
         &ctx.machine,
     );
-    execute(build, namespace, &decision, ctx).await?;
+    execute(build, namespace, &decision, trace, ctx).await?;
     Ok(decision
         .requeue_after
         .map_or_else(Action::await_change, Action::requeue))
@@ -161,6 +201,7 @@ async fn execute(
     build: &NixBuild,
     namespace: &str,
     decision: &Decision,
+    trace: Option<&TraceContext>,
     ctx: &Context,
 ) -> Result<(), Error> {
     if let Some(plan) = &decision.create_job {
@@ -168,7 +209,7 @@ async fn execute(
             build,
             plan.attempt,
             plan.affinity.clone(),
-            None,
+            trace,
             &ctx.builder,
         );
         let name = manifest.name_any();
@@ -193,25 +234,16 @@ async fn execute(
                 &Patch::Apply(&patch),
             )
             .await?;
+        ctx.metrics.set_queued(
+            &format!("{namespace}/{}", build.name_any()),
+            machine::is_queued(&decision.status),
+        );
         let finished = matches!(
             decision.status.phase,
             Some(Phase::Succeeded | Phase::Failed)
         );
         if finished && build.phase() != decision.status.phase.unwrap_or_default() {
-            let result = if decision.status.phase == Some(Phase::Succeeded) {
-                "succeeded"
-            } else {
-                "failed"
-            };
-            let reason = decision
-                .status
-                .failure_reason
-                .clone()
-                .unwrap_or_else(|| "ResultSuccess".into());
-            ctx.metrics
-                .builds_finished
-                .get_or_create(&Finished { result, reason })
-                .inc();
+            finish(build, namespace, &decision.status, trace, ctx);
         }
     }
     let reference = build.object_ref(&());
@@ -233,8 +265,83 @@ async fn execute(
     Ok(())
 }
 
+/// Counts a build that just finished and ends its trace's root span.
+fn finish(
+    build: &NixBuild,
+    namespace: &str,
+    status: &NixBuildStatus,
+    trace: Option<&TraceContext>,
+    ctx: &Context,
+) {
+    let succeeded = status.phase == Some(Phase::Succeeded);
+    let result = if succeeded { "succeeded" } else { "failed" };
+    let reason = status
+        .failure_reason
+        .clone()
+        .unwrap_or_else(|| "ResultSuccess".into());
+    ctx.metrics
+        .builds_finished
+        .get_or_create(&Finished {
+            result,
+            reason: reason.clone(),
+        })
+        .inc();
+    if let (Some(start), Some(end)) = (&status.start_time, &status.completion_time) {
+        let seconds = end.0.duration_since(start.0).as_secs_f64().max(0.0);
+        ctx.metrics
+            .build_duration
+            .get_or_create(&Outcome { result })
+            .observe(seconds);
+    }
+    let Some(context) = trace else { return };
+    let spec = &build.spec;
+    let mut attributes = vec![
+        KeyValue::new("k8s.namespace.name", namespace.to_owned()),
+        KeyValue::new("enbi.nixbuild", build.name_any()),
+        KeyValue::new("enbi.flake_url", spec.flake_url.clone()),
+        KeyValue::new("enbi.package", spec.package_name.clone()),
+        KeyValue::new("enbi.system", spec.system.clone()),
+        KeyValue::new("enbi.image_tag", spec.image_tag.clone()),
+        KeyValue::new("enbi.result", result),
+        KeyValue::new("enbi.attempts", i64::from(status.attempts)),
+    ];
+    let optional = [
+        ("enbi.node", status.build_node.clone()),
+        ("enbi.image_digest", status.image_digest.clone()),
+        ("enbi.failure_reason", status.failure_reason.clone()),
+    ];
+    attributes.extend(
+        optional
+            .into_iter()
+            .filter_map(|(key, value)| Some(KeyValue::new(key, value?))),
+    );
+    if let Some(size) = status.image_size {
+        attributes.push(KeyValue::new("enbi.image_size", size));
+    }
+    let error = (!succeeded).then(|| {
+        format!(
+            "{reason}: {}",
+            status.failure_message.as_deref().unwrap_or_default()
+        )
+    });
+    telemetry::end_root_span(telemetry::RootSpan {
+        context: *context,
+        started: build
+            .creation_timestamp()
+            .map_or_else(SystemTime::now, |t| SystemTime::from(t.0)),
+        attributes,
+        error: error.as_deref(),
+    });
+}
+
 /// Deletes every builder Job of the NixBuild (all attempts), found by its UID label.
 async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
+    let key = format!(
+        "{}/{}",
+        build.namespace().unwrap_or_default(),
+        build.name_any()
+    );
+    ctx.metrics.set_queued(&key, false);
     let uid = build.uid().unwrap_or_default();
     let api = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     for job in ctx

@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use enbi_core::crd::NixBuild;
 use kube::CustomResourceExt;
+
+use crate::telemetry::LogFormat;
 
 mod builder;
 mod config;
@@ -16,6 +18,7 @@ mod leader;
 mod metrics;
 mod operator;
 mod pods;
+mod telemetry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,17 +26,12 @@ mod pods;
     about = "Builds container images from Nix flakes into the nodes' containerd"
 )]
 struct Cli {
-    /// Log line format.
+    /// Log line format. Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; see README, "Observability".
     #[arg(long, env = "ENBI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,23 +44,33 @@ enum Command {
     Build(Box<builder::BuildArgs>),
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Runs `work` with logs and span export set up, then flushes the spans. The runtime carries
+/// the gRPC exporter (and the operator); it outlives `work` so the flush can still send.
+fn traced(
+    format: LogFormat,
+    service_name: &'static str,
+    work: impl FnOnce(&tokio::runtime::Runtime, bool) -> ExitCode,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = {
+        let _entered = runtime.enter();
+        telemetry::init(format, service_name)
+    };
+    let code = work(&runtime, telemetry.exporting());
+    telemetry.shutdown();
+    code
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Build(args) => builder::run(*args),
+        Command::Build(args) => traced(cli.log_format, "enbi-builder", |_, _| builder::run(*args)),
         Command::Crd => match serde_yaml::to_string(&NixBuild::crd()) {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -73,18 +81,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => {
-            init_logs(cli.log_format);
-            let result = tokio::runtime::Runtime::new()
-                .map_err(Into::into)
-                .and_then(|rt| rt.block_on(operator::run(*args)));
-            match result {
+        Command::Run(args) => traced(cli.log_format, "enbi-operator", |rt, tracing| {
+            match rt.block_on(operator::run(*args, tracing)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "enbi-operator stopped");
                     ExitCode::FAILURE
                 }
             }
-        }
+        }),
     }
 }

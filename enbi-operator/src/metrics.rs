@@ -1,10 +1,20 @@
 //! Prometheus metrics (`enbi_*`). Labels are bounded: results, reasons and error categories,
 //! never names or tags.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// Build durations in seconds: from a few seconds (cached) to the default one-hour deadline.
+const DURATION_BUCKETS: [f64; 11] = [
+    5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Finished {
@@ -22,7 +32,12 @@ pub struct Write {
     pub resource: String,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: &'static str,
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     pub api_writes: Family<Write, Counter>,
     pub reconciliations: Counter,
@@ -30,7 +45,28 @@ pub struct Metrics {
     pub builds_started: Counter,
     pub builds_finished: Family<Finished, Counter>,
     pub pod_triggered_builds: Counter,
+    pub build_duration: Family<Outcome, Histogram>,
+    builds_queued: Gauge,
+    /// Builds counted in `builds_queued`, by `namespace/name`.
+    queued: Mutex<HashSet<String>>,
     pub registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            api_writes: Family::default(),
+            reconciliations: Counter::default(),
+            reconcile_errors: Family::default(),
+            builds_started: Counter::default(),
+            builds_finished: Family::default(),
+            pod_triggered_builds: Counter::default(),
+            build_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            builds_queued: Gauge::default(),
+            queued: Mutex::default(),
+            registry: Registry::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -67,8 +103,34 @@ impl Metrics {
             "NixBuilds created for Pods",
             m.pod_triggered_builds.clone(),
         );
+        registry.register(
+            "build_duration_seconds",
+            "Time from a build's first builder Job to its result, by result",
+            m.build_duration.clone(),
+        );
+        registry.register(
+            "builds_queued",
+            "NixBuilds waiting for a free build slot",
+            m.builds_queued.clone(),
+        );
         m.registry = registry;
         m
+    }
+
+    /// Counts `build` (`namespace/name`) as queued or not; the gauge is the set's size, so a
+    /// repeated reconcile never counts a build twice.
+    pub fn set_queued(&self, build: &str, queued: bool) {
+        if let Ok(mut set) = self.queued.lock() {
+            let changed = if queued {
+                set.insert(build.to_owned())
+            } else {
+                set.remove(build)
+            };
+            if changed {
+                self.builds_queued
+                    .set(i64::try_from(set.len()).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -28,7 +28,9 @@ use crate::{gc, http};
 
 type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
 
-pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs the operator until a signal stops it; `tracing`: spans are exported, so builds get a
+/// trace context.
+pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = Arc::new(Metrics::new());
     let client = counting_client(metrics.clone()).await?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -114,6 +116,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         nodes: nodes.clone(),
         recorder: recorder.clone(),
         metrics: metrics.clone(),
+        tracing,
         failures: Default::default(),
     });
 
@@ -123,6 +126,7 @@ pub async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         builds.clone(),
         recorder,
         metrics,
+        tracing,
     ));
     let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
         vec![None]

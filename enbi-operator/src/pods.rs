@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use enbi_core::crd::NixBuild;
 use enbi_core::podwatch::{self, BuildRequest, Finding};
+use enbi_core::trace::ANNOTATION_TRACEPARENT;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, Pod, PodSpec,
@@ -19,10 +20,13 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::controller::ANNOTATION_WANTED_ON;
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 /// Label on NixBuilds the Pod watcher made.
 pub const LABEL_CREATED_BY: &str = "app.kubernetes.io/created-by";
@@ -35,6 +39,8 @@ pub struct PodWatcher {
     pub builds: Store<NixBuild>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Whether spans are exported: new NixBuilds then get a trace context.
+    tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
     created: Mutex<HashSet<ObjectRef<NixBuild>>>,
     /// Events already published, per Pod UID, so each is said once.
@@ -110,8 +116,10 @@ impl PodWatcher {
         builds: Store<NixBuild>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
+        tracing: bool,
     ) -> Self {
         Self {
+            tracing,
             client,
             nodes,
             builds,
@@ -233,11 +241,32 @@ impl PodWatcher {
         if let Some(node) = &request.node {
             annotations.insert(ANNOTATION_WANTED_ON.into(), node.clone());
         }
+        // The build's trace starts here, stamped at creation (no extra write); this Pod's span
+        // links to it.
+        let trace = self.tracing.then(telemetry::new_context);
+        if let Some(cx) = &trace {
+            annotations.insert(ANNOTATION_TRACEPARENT.into(), cx.to_string());
+        }
         build.metadata.annotations = Some(annotations);
-        match Api::<NixBuild>::namespaced(self.client.clone(), &namespace)
+        let span = info_span!(
+            "pod needs image",
+            k8s.namespace.name = %namespace,
+            k8s.pod.name = %pod.name_any(),
+            enbi.nixbuild = %request.name,
+            enbi.image_tag = %request.spec.image_tag,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        if let Some(cx) = &trace {
+            span.add_link(telemetry::span_context(cx));
+        }
+        telemetry::record_ids(&span);
+        let created = Api::<NixBuild>::namespaced(self.client.clone(), &namespace)
             .create(&PostParams::default(), &build)
-            .await
-        {
+            .instrument(span.clone())
+            .await;
+        let _in_span = span.enter();
+        match created {
             Ok(_) => {
                 self.metrics.pod_triggered_builds.inc();
                 info!(build = %request.name, %namespace, pod = %pod.name_any(), "NixBuild created for a Pod");

@@ -5,6 +5,7 @@
 //! `SKIPPED` line straight to stderr (past the test harness's capture) and returns.
 
 pub mod cases;
+pub mod host;
 
 use std::future::Future;
 use std::io::Write;
@@ -191,6 +192,11 @@ impl Operator {
 
     /// Starts the operator with `args`, logging to a file under the target directory.
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_with_env(name, args, &[])
+    }
+
+    /// [`Operator::start`] with extra environment variables (e.g. `OTEL_*`).
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let bin = Self::binary();
         let log = bin.with_file_name(format!("operator-{name}.log"));
         let file = std::fs::File::create(&log).expect("operator log file");
@@ -199,6 +205,7 @@ impl Operator {
             .args(args)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,kube=warn")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()

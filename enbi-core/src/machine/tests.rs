@@ -321,6 +321,7 @@ fn no_node_and_queue_wait_and_say_so_once() {
     let d = decide(obs, &settings());
     assert_eq!(d.status.phase, Some(Phase::Pending));
     assert_eq!(condition(&d, READY).reason, "NoEligibleNode");
+    assert!(!is_queued(&d.status));
     assert_eq!(d.events.len(), 1);
     assert!(
         d.requeue_after.is_none(),
@@ -335,6 +336,7 @@ fn no_node_and_queue_wait_and_say_so_once() {
     obs.capacity = Err("2 builds running, the global limit".into());
     let d = decide(obs, &settings());
     assert_eq!(condition(&d, READY).reason, "Queued");
+    assert!(is_queued(&d.status));
     assert!(d.create_job.is_none());
     apply(&mut b, &d);
     // A node appears and a slot frees: the build starts.

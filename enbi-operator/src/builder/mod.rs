@@ -22,13 +22,19 @@ use enbi_core::crd::NixBuildSpec;
 use enbi_core::reason::FailureReason;
 use enbi_core::reference::normalise;
 use enbi_core::result::{BuildReport, FailureReport, ImageReport, Timings};
+use enbi_core::trace::TraceContext;
 use garde::Validate;
+use opentelemetry::trace::Status;
+use tracing::field::Empty;
+use tracing::info_span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use self::containerd::{Ctr, CtrError};
 use self::load::{LoadError, Request};
 use self::log::LogTail;
 use self::nix::{NixError, Store};
 use self::output::OutputError;
+use crate::telemetry;
 
 /// Build a flake's image and load it into the node's containerd (runs inside a build Job).
 #[derive(Debug, clap::Args)]
@@ -74,6 +80,9 @@ pub struct BuildArgs {
     /// Seconds streaming, importing and tagging may take.
     #[arg(long, env = "ENBI_IMPORT_TIMEOUT", default_value_t = 900)]
     pub import_timeout: u64,
+    /// Node the build runs on, for the trace (the Job sets it from `spec.nodeName`).
+    #[arg(long, env = "ENBI_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Where the JSON report goes (the container's termination message).
     #[arg(
         long,
@@ -111,28 +120,73 @@ impl BuildError {
     }
 }
 
-/// Runs a build and writes its report; the exit code says whether it succeeded.
+/// Runs a build and writes its report; the exit code says whether it succeeded. With a
+/// `TRACEPARENT` (set by the operator), its spans join the build's trace.
 pub fn run(args: BuildArgs) -> ExitCode {
     let log = LogTail::stdout();
     let started = Instant::now();
-    let report = match build(&args, &log, started) {
-        Ok(image) => BuildReport::Succeeded(image),
+    let span = info_span!(
+        "builder",
+        enbi.flake_url = %args.flake_url,
+        enbi.package = %args.package_name,
+        enbi.system = %args.system,
+        enbi.image_tag = %args.image_tag,
+        enbi.node = args.node_name.as_deref().unwrap_or_default(),
+        enbi.image_digest = Empty,
+        enbi.image_size = Empty,
+        enbi.bytes_streamed = Empty,
+        enbi.build_ms = Empty,
+        enbi.import_ms = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    let parent = std::env::var("TRACEPARENT")
+        .ok()
+        .and_then(|v| TraceContext::parse(&v));
+    telemetry::join(&span, parent.as_ref());
+    if let Some(trace) = parent {
+        log.line("enbi", &format!("trace_id={}", trace.trace_id_hex()));
+    }
+    let report = span.in_scope(|| match build(&args, &log, started) {
+        Ok(image) => {
+            span.record("enbi.image_digest", image.digest.as_str());
+            // As i64: OpenTelemetry has no unsigned integers (a u64 would become a string).
+            let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            span.record("enbi.image_size", int(image.size));
+            span.record("enbi.bytes_streamed", int(image.bytes_streamed));
+            span.record("enbi.build_ms", int(image.timings.build_ms));
+            span.record("enbi.import_ms", int(image.timings.import_ms));
+            BuildReport::Succeeded(image)
+        }
         Err(e) => {
             // The tail is taken first: the message is in the report already.
             let log_tail = log.text();
             log.line("enbi", &format!("error: {e}"));
+            span.set_status(Status::error(format!("{}: {e}", e.reason().as_str())));
             BuildReport::Failed(FailureReport {
                 reason: e.reason(),
                 message: e.to_string(),
                 log_tail,
             })
         }
-    };
-    report::write(&report, &args.termination_log, &log);
+    });
+    span.in_scope(|| {
+        info_span!("report").in_scope(|| report::write(&report, &args.termination_log, &log));
+    });
     match report {
         BuildReport::Succeeded(_) => ExitCode::SUCCESS,
         BuildReport::Failed(_) => ExitCode::FAILURE,
     }
+}
+
+/// Runs one step of the build in a span of its own, marked as an error if it fails.
+fn step<T>(name: &'static str, f: impl FnOnce() -> Result<T, BuildError>) -> Result<T, BuildError> {
+    let span = info_span!("step", otel.name = name);
+    let result = span.in_scope(f);
+    if let Err(e) = &result {
+        span.set_status(Status::error(format!("{}: {e}", e.reason().as_str())));
+    }
+    result
 }
 
 fn build(args: &BuildArgs, log: &LogTail, started: Instant) -> Result<ImageReport, BuildError> {
@@ -153,35 +207,38 @@ fn build(args: &BuildArgs, log: &LogTail, started: Instant) -> Result<ImageRepor
     // Before a long build: without containerd there is nowhere to put the image.
     ctr.check_socket()?;
 
-    let store_path = nix::build(
-        &spec.installable(),
-        args.store,
-        Duration::from_secs(args.build_timeout),
-        log,
-    )?;
+    let installable = spec.installable();
+    let deadline = started + Duration::from_secs(args.build_timeout);
+    let drv = step("evaluate", || {
+        Ok(nix::evaluate(&installable, args.store, deadline, log)?)
+    })?;
+    let store_path = step("build", || {
+        Ok(nix::build(&drv, &installable, args.store, deadline, log)?)
+    })?;
     let build_ms = millis(started.elapsed());
     log.line("enbi", &format!("built {}", store_path.display()));
-    let output = output::detect(&store_path)?;
 
     let import_started = Instant::now();
-    let store_path = store_path.display().to_string();
-    let loaded = load::load(
-        &ctr,
-        &Request {
-            tag: &tag,
-            store_path: &store_path,
-            output: &output,
-            pin: args.pin,
-            allow_overwrite: args.allow_overwrite,
-            timeout: Duration::from_secs(args.import_timeout),
-        },
-        log,
-    )?;
+    let loaded = step("import", || {
+        let output = output::detect(&store_path)?;
+        Ok(load::load(
+            &ctr,
+            &Request {
+                tag: &tag,
+                store_path: &store_path.display().to_string(),
+                output: &output,
+                pin: args.pin,
+                allow_overwrite: args.allow_overwrite,
+                timeout: Duration::from_secs(args.import_timeout),
+            },
+            log,
+        )?)
+    })?;
     Ok(ImageReport {
         image_tag: tag,
         digest: loaded.digest,
         size: loaded.size,
-        store_path,
+        store_path: store_path.display().to_string(),
         bytes_streamed: loaded.bytes_streamed,
         imported: loaded.imported,
         timings: Timings {

@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use enbi_core::reason::FailureReason;
 
@@ -41,10 +41,10 @@ pub enum NixError {
         first_error: String,
     },
     #[error(
-        "nix build ran past {0:?}; raise --build-timeout (ENBI_BUILD_TIMEOUT) or make the build faster"
+        "nix ran past the build timeout; raise --build-timeout (ENBI_BUILD_TIMEOUT) or make the build faster"
     )]
-    Timeout(Duration),
-    #[error("nix build succeeded but printed no output path: {0}")]
+    Timeout,
+    #[error("nix succeeded but printed no derivation or output path: {0}")]
     NoOutput(String),
 }
 
@@ -52,7 +52,7 @@ impl NixError {
     pub fn reason(&self) -> FailureReason {
         match self {
             NixError::Eval { .. } => FailureReason::EvalFailed,
-            NixError::Timeout(_) => FailureReason::DeadlineExceeded,
+            NixError::Timeout => FailureReason::DeadlineExceeded,
             NixError::Spawn(_) | NixError::Build { .. } | NixError::NoOutput(_) => {
                 FailureReason::BuildFailed
             }
@@ -119,22 +119,60 @@ impl Verdict {
     }
 }
 
-/// Builds `installable` and returns its output path.
-pub fn build(
+/// Evaluates `installable` to its derivation (`nix eval --raw <installable>.drvPath`): a
+/// step of its own, so the trace shows evaluation apart from building.
+pub fn evaluate(
     installable: &str,
     store: Store,
-    timeout: Duration,
+    deadline: Instant,
+    log: &LogTail,
+) -> Result<String, NixError> {
+    let attribute = format!("{installable}.drvPath");
+    let drv = run(
+        &["eval", "--raw", &attribute],
+        installable,
+        store,
+        deadline,
+        log,
+    )?;
+    let drv = drv.trim();
+    if drv.starts_with('/') && drv.ends_with(".drv") {
+        Ok(drv.to_owned())
+    } else {
+        Err(NixError::NoOutput(drv.chars().take(500).collect()))
+    }
+}
+
+/// Builds the derivation `drv` of `installable` and returns its output path.
+pub fn build(
+    drv: &str,
+    installable: &str,
+    store: Store,
+    deadline: Instant,
     log: &LogTail,
 ) -> Result<PathBuf, NixError> {
+    let json = run(
+        &["build", "--json", "--no-link", "--print-build-logs", drv],
+        installable,
+        store,
+        deadline,
+        log,
+    )?;
+    output_path(&json).ok_or_else(|| NixError::NoOutput(json.chars().take(500).collect()))
+}
+
+/// Runs nix with `args` until `deadline`, its log forwarded, and returns its stdout; a failure
+/// is classified by what nix printed.
+fn run(
+    args: &[&str],
+    installable: &str,
+    store: Store,
+    deadline: Instant,
+    log: &LogTail,
+) -> Result<String, NixError> {
     let mut command = Command::new("nix");
     command
-        .args([
-            "build",
-            "--json",
-            "--no-link",
-            "--print-build-logs",
-            installable,
-        ])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -142,7 +180,7 @@ pub fn build(
         Store::NodeDaemon => command.env("NIX_REMOTE", "daemon"),
         Store::Pod => command.env_remove("NIX_REMOTE"),
     };
-    log.line("enbi", &format!("nix build {installable}"));
+    log.line("enbi", &format!("nix {}", args.join(" ")));
     let mut child = command.spawn().map_err(NixError::Spawn)?;
     let verdict = Arc::new(Mutex::new(Verdict::default()));
     let stderr = child.stderr.take().map(|stderr| {
@@ -156,25 +194,25 @@ pub fn build(
     });
     let stdout = child.stdout.take().map(|mut stdout| {
         std::thread::spawn(move || {
-            let mut json = String::new();
-            let _ = stdout.read_to_string(&mut json);
-            json
+            let mut out = String::new();
+            let _ = stdout.read_to_string(&mut out);
+            out
         })
     });
-    let status = wait_until(&mut child, Instant::now() + timeout).map_err(NixError::Spawn)?;
+    let status = wait_until(&mut child, deadline).map_err(NixError::Spawn)?;
     if let Some(t) = stderr {
         let _ = t.join();
     }
-    let json = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
+    let out = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
     let Some(status) = status else {
-        return Err(NixError::Timeout(timeout));
+        return Err(NixError::Timeout);
     };
     if !status.success() {
         let verdict = verdict.lock().unwrap_or_else(PoisonError::into_inner);
         let first_error = verdict
             .first_error
             .clone()
-            .unwrap_or_else(|| format!("nix build exited with {status}"));
+            .unwrap_or_else(|| format!("nix {} exited with {status}", args[0]));
         let installable = installable.to_owned();
         return Err(if verdict.is_build_failure() {
             NixError::Build {
@@ -188,7 +226,7 @@ pub fn build(
             }
         });
     }
-    output_path(&json).ok_or_else(|| NixError::NoOutput(json.chars().take(500).collect()))
+    Ok(out)
 }
 
 /// The `out` output (or the only one) from `nix build --json`.
