@@ -160,6 +160,12 @@ pub fn render(
 ) -> Job {
     let spec = &build.spec;
     let labels = labels(build, attempt);
+    // The builder stops nix and the import itself, within the Job's deadline, so it can still
+    // report DeadlineExceeded: 3/4 of the deadline for nix, 1/6 for the import, the rest for
+    // scheduling and the report.
+    let deadline = settings.active_deadline_seconds.max(12);
+    let build_timeout = (deadline * 3 / 4).to_string();
+    let import_timeout = (deadline / 6).to_string();
     let args = [
         "build",
         "--flake-url",
@@ -176,6 +182,10 @@ pub fn render(
         &settings.containerd_namespace,
         "--store",
         settings.store.as_str(),
+        "--build-timeout",
+        &build_timeout,
+        "--import-timeout",
+        &import_timeout,
     ]
     .into_iter()
     .map(String::from)

@@ -221,6 +221,11 @@ impl PodWatcher {
         let namespace = pod.namespace().unwrap_or_default();
         let key = ObjectRef::<NixBuild>::new(&request.name).within(&namespace);
         if let Some(existing) = self.builds.get(&key) {
+            // The cache has it now: forget it, so a NixBuild deleted later is made again
+            // while Pods still wait for its image.
+            if let Ok(mut c) = self.created.lock() {
+                c.remove(&key);
+            }
             return format!("{:?}", existing.phase());
         }
         if self
