@@ -604,3 +604,64 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
     );
     set_node_images(&client, None).await;
 }
+
+/// The same builder spans over OTLP/HTTP with protobuf bodies, received by a minimal
+/// `/v1/traces` endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_spans_also_go_over_http_protobuf() {
+    use axum::body::Bytes;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    if !enbi_tests::host::tools() {
+        return;
+    }
+    let (sender, mut received) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| async move {
+            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+            for span in request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+            {
+                let _ = sender.send(span.name.clone());
+            }
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let containerd = Containerd::start();
+    let fixture = Fixture::new();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+        (
+            "TRACEPARENT",
+            "00-2bf7651916cd43dd8448eb211c80319c-d7ad6b7169203331-01".into(),
+        ),
+    ];
+    let report = run_builder(&containerd, &fixture, "stream", "fixture/http:built", &env);
+    assert!(matches!(
+        BuildReport::parse(&report),
+        Ok(BuildReport::Succeeded(_))
+    ));
+    let mut names = vec![];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !names.iter().any(|n| n == "builder") {
+        match tokio::time::timeout_at(deadline, received.recv()).await {
+            Ok(Some(name)) => names.push(name),
+            _ => panic!("no builder span over HTTP; got {names:?}"),
+        }
+    }
+    for step in ["evaluate", "build", "import", "report"] {
+        assert!(names.contains(&step.to_owned()), "{step} in {names:?}");
+    }
+}
