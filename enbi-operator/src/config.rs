@@ -8,6 +8,39 @@ use clap::{Args, ValueEnum};
 use enbi_core::job::{BuilderSettings, StoreMode};
 use enbi_core::policy::{Policy, TagRule};
 use enbi_core::{gc, machine};
+use k8s_openapi::api::core::v1::Toleration;
+
+/// Parses `key[=value][:Effect]`: `Equal` with a value, `Exists` without; no effect matches
+/// every effect.
+fn parse_toleration(text: &str) -> Result<Toleration, String> {
+    let (rest, effect) = match text.rsplit_once(':') {
+        Some((rest, effect)) => (rest, Some(effect)),
+        None => (text, None),
+    };
+    if let Some(effect) = effect
+        && !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&effect)
+    {
+        return Err(format!(
+            "{text:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let (key, value) = match rest.split_once('=') {
+        Some((key, value)) => (key, Some(value)),
+        None => (rest, None),
+    };
+    if key.is_empty() {
+        return Err(format!(
+            "{text:?}: a toleration needs a key (key[=value][:Effect])"
+        ));
+    }
+    Ok(Toleration {
+        key: Some(key.to_owned()),
+        operator: Some(if value.is_some() { "Equal" } else { "Exists" }.to_owned()),
+        value: value.map(str::to_owned),
+        effect: effect.map(str::to_owned),
+        ..Default::default()
+    })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Store {
@@ -35,6 +68,10 @@ pub struct RunArgs {
     /// Nodes never to build on (comma-separated); the label enbi.hrzn.ee/repel does the same.
     #[arg(long, env = "ENBI_NODE_REPEL", value_delimiter = ',')]
     pub node_repel: Vec<String>,
+    /// Taints the builder Pods tolerate, as `key[=value][:Effect]` (comma-separated); a node
+    /// with a NoSchedule or NoExecute taint is used for builds only if it is tolerated.
+    #[arg(long, env = "ENBI_BUILDER_TOLERATIONS", value_delimiter = ',', value_parser = parse_toleration)]
+    pub builder_tolerations: Vec<Toleration>,
     /// Where builders keep their Nix store.
     #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = Store::Pod)]
     pub store_mode: Store,
@@ -117,6 +154,7 @@ impl RunArgs {
             active_deadline_seconds: self.build_timeout_seconds,
             pin: !self.no_pin,
             allow_overwrite: self.allow_tag_overwrite,
+            tolerations: self.builder_tolerations.clone(),
             ..BuilderSettings::default()
         }
     }
@@ -156,5 +194,38 @@ impl RunArgs {
             flake_url_prefixes: self.allowed_flake_prefixes.clone(),
             tag_rules,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerations_parse_like_kubectl_taints() {
+        let t = parse_toleration("enbi.test/real-node=true:NoSchedule").expect("valid");
+        assert_eq!(
+            (
+                t.key.as_deref(),
+                t.operator.as_deref(),
+                t.value.as_deref(),
+                t.effect.as_deref()
+            ),
+            (
+                Some("enbi.test/real-node"),
+                Some("Equal"),
+                Some("true"),
+                Some("NoSchedule")
+            )
+        );
+        let t = parse_toleration("dedicated").expect("valid");
+        assert_eq!(
+            (t.operator.as_deref(), t.value, t.effect),
+            (Some("Exists"), None, None)
+        );
+        let t = parse_toleration("dedicated:NoExecute").expect("valid");
+        assert_eq!(t.effect.as_deref(), Some("NoExecute"));
+        assert!(parse_toleration("dedicated:Sometimes").is_err());
+        assert!(parse_toleration("=x").is_err());
     }
 }

@@ -126,7 +126,7 @@ async fn apply(build: &NixBuild, namespace: &str, ctx: &Context) -> Result<Actio
         .nodes
         .state()
         .iter()
-        .map(|n| NodeView::from(n.as_ref()))
+        .map(|n| NodeView::new(n.as_ref(), &ctx.builder.tolerations))
         .collect();
     let preferred = build
         .annotations()
