@@ -154,8 +154,14 @@ fn affinity(arch: &str, repelled: &[String], preferred: Option<&str>) -> Affinit
             requirement(OS_LABEL, "In", Some(vec![system::OS.to_owned()])),
             requirement(REPEL_LABEL, "DoesNotExist", None),
         ]),
-        match_fields: (!repelled.is_empty())
-            .then(|| vec![requirement("metadata.name", "NotIn", Some(repelled))]),
+        // The apiserver allows exactly one value in an `In`/`NotIn` field selector, so one
+        // requirement per repelled node (the requirements of a term are ANDed).
+        match_fields: (!repelled.is_empty()).then(|| {
+            repelled
+                .into_iter()
+                .map(|node| requirement("metadata.name", "NotIn", Some(vec![node])))
+                .collect()
+        }),
     };
     let preferred = preferred.map(|node| {
         vec![PreferredSchedulingTerm {
@@ -277,6 +283,18 @@ mod tests {
         assert_eq!(
             term["matchFields"][0]["values"],
             serde_json::json!(["amd-0"])
+        );
+        let two =
+            place("aarch64-linux", &cluster(), &["b".into(), "a".into()], None).expect("placed");
+        let yaml = serde_json::to_value(&two.affinity).expect("serialises");
+        assert_eq!(
+            yaml["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                [0]["matchFields"],
+            serde_json::json!([
+                {"key": "metadata.name", "operator": "NotIn", "values": ["a"]},
+                {"key": "metadata.name", "operator": "NotIn", "values": ["b"]},
+            ]),
+            "one value per field requirement, as the apiserver demands"
         );
         assert_eq!(
             na["preferredDuringSchedulingIgnoredDuringExecution"][0]["preference"]["matchFields"]
