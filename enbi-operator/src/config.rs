@@ -10,6 +10,15 @@ use enbi_core::policy::{Policy, TagRule};
 use enbi_core::{gc, machine};
 use k8s_openapi::api::core::v1::Toleration;
 
+/// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
+/// the Timoni module sets by default) means none.
+fn check_toleration(text: &str) -> Result<String, String> {
+    if !text.is_empty() {
+        parse_toleration(text)?;
+    }
+    Ok(text.to_owned())
+}
+
 /// Parses `key[=value][:Effect]`: `Equal` with a value, `Exists` without; no effect matches
 /// every effect.
 fn parse_toleration(text: &str) -> Result<Toleration, String> {
@@ -70,8 +79,8 @@ pub struct RunArgs {
     pub node_repel: Vec<String>,
     /// Taints the builder Pods tolerate, as `key[=value][:Effect]` (comma-separated); a node
     /// with a NoSchedule or NoExecute taint is used for builds only if it is tolerated.
-    #[arg(long, env = "ENBI_BUILDER_TOLERATIONS", value_delimiter = ',', value_parser = parse_toleration)]
-    pub builder_tolerations: Vec<Toleration>,
+    #[arg(long, env = "ENBI_BUILDER_TOLERATIONS", value_delimiter = ',', value_parser = check_toleration)]
+    pub builder_tolerations: Vec<String>,
     /// Where builders keep their Nix store.
     #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = Store::Pod)]
     pub store_mode: Store,
@@ -154,7 +163,11 @@ impl RunArgs {
             active_deadline_seconds: self.build_timeout_seconds,
             pin: !self.no_pin,
             allow_overwrite: self.allow_tag_overwrite,
-            tolerations: self.builder_tolerations.clone(),
+            tolerations: self
+                .builder_tolerations
+                .iter()
+                .filter_map(|t| parse_toleration(t).ok())
+                .collect(),
             ..BuilderSettings::default()
         }
     }
@@ -227,5 +240,7 @@ mod tests {
         assert_eq!(t.effect.as_deref(), Some("NoExecute"));
         assert!(parse_toleration("dedicated:Sometimes").is_err());
         assert!(parse_toleration("=x").is_err());
+        assert_eq!(check_toleration(""), Ok(String::new()), "empty: none");
+        assert!(check_toleration("a:Sometimes").is_err());
     }
 }
