@@ -149,6 +149,23 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Drops empty entries of the list settings: an empty environment variable (as the Timoni
+    /// module sets for an empty list, e.g. `ENBI_ALLOWED_NAMESPACES=""`) reaches clap as one empty
+    /// value, which would otherwise be a list of one empty name (allowing no namespace at all).
+    pub fn without_empty_entries(mut self) -> Self {
+        for list in [
+            &mut self.node_repel,
+            &mut self.builder_tolerations,
+            &mut self.watch_namespaces,
+            &mut self.allowed_namespaces,
+            &mut self.allowed_flake_prefixes,
+            &mut self.allowed_image_tags,
+        ] {
+            list.retain(|entry| !entry.trim().is_empty());
+        }
+        self
+    }
+
     pub fn builder(&self) -> BuilderSettings {
         BuilderSettings {
             image: self.builder_image.clone(),
@@ -166,6 +183,7 @@ impl RunArgs {
             tolerations: self
                 .builder_tolerations
                 .iter()
+                .filter(|t| !t.is_empty())
                 .filter_map(|t| parse_toleration(t).ok())
                 .collect(),
             ..BuilderSettings::default()
@@ -241,6 +259,40 @@ mod tests {
         assert!(parse_toleration("dedicated:Sometimes").is_err());
         assert!(parse_toleration("=x").is_err());
         assert_eq!(check_toleration(""), Ok(String::new()), "empty: none");
+    }
+
+    #[test]
+    fn empty_environment_lists_are_empty_lists() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let args = Cli::try_parse_from([
+            "run",
+            "--allowed-namespaces",
+            "",
+            "--watch-namespaces",
+            "",
+            "--node-repel",
+            "a,,b",
+            "--builder-tolerations",
+            "",
+        ])
+        .expect("parses")
+        .run;
+        assert_eq!(
+            args.allowed_namespaces,
+            [""],
+            "what clap makes of an empty value"
+        );
+        let args = args.without_empty_entries();
+        assert!(args.allowed_namespaces.is_empty());
+        assert!(args.watch_namespaces.is_empty());
+        assert!(args.builder_tolerations.is_empty());
+        assert_eq!(args.node_repel, ["a", "b"]);
+        assert!(args.policy().allowed_namespaces.is_empty());
         assert!(check_toleration("a:Sometimes").is_err());
     }
 }

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             init_logs(cli.log_format);
             let result = tokio::runtime::Runtime::new()
                 .map_err(Into::into)
-                .and_then(|rt| rt.block_on(operator::run(*args)));
+                .and_then(|rt| rt.block_on(operator::run(args.without_empty_entries())));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
