@@ -20,7 +20,7 @@ use enbi_core::crd::{NixBuild, Phase};
 use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{ListParams, LogParams, PostParams};
+use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
@@ -303,6 +303,31 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         .expect("container log");
     assert!(log.contains(MESSAGE), "log: {log:?}");
     eprintln!("e2e: the Pod's log: {}", log.trim());
+
+    // Deleting the NixBuild while the operator runs: its finalizer deletes the Job, so nothing
+    // is left when the namespaces go.
+    nixbuilds
+        .delete(&build.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete the NixBuild");
+    let jobs_api = Api::<Job>::namespaced(client.clone(), &builds.name);
+    eventually(
+        "the NixBuild and its Job gone",
+        Duration::from_secs(60),
+        || async {
+            let build_gone = nixbuilds.get_opt(&build.name_any()).await.ok()?.is_none();
+            let jobs = jobs_api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            let jobs_gone = jobs
+                .items
+                .iter()
+                .all(|j| j.metadata.deletion_timestamp.is_some());
+            (build_gone && jobs_gone).then_some(())
+        },
+    )
+    .await;
 
     // Leave the node's containerd as it was: remove this run's image names.
     let ours: Vec<String> = node_images(&socket)
