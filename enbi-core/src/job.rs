@@ -15,7 +15,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource,
     ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext, Volume, VolumeMount,
+    SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
@@ -75,6 +75,8 @@ pub struct BuilderSettings {
     pub resources: Option<ResourceRequirements>,
     /// Extra environment, e.g. `OTEL_EXPORTER_OTLP_*` for the builder's spans.
     pub env: Vec<EnvVar>,
+    /// Tolerations of the builder Pods; placement counts a tainted node only if they tolerate it.
+    pub tolerations: Vec<Toleration>,
 }
 
 impl Default for BuilderSettings {
@@ -94,6 +96,7 @@ impl Default for BuilderSettings {
             allow_overwrite: false,
             resources: None,
             env: vec![],
+            tolerations: vec![],
         }
     }
 }
@@ -275,6 +278,8 @@ pub fn render(
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     affinity: Some(affinity),
+                    tolerations: (!settings.tolerations.is_empty())
+                        .then(|| settings.tolerations.clone()),
                     security_context: Some(PodSecurityContext {
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
@@ -449,6 +454,32 @@ mod tests {
                 .expect("args")
                 .contains(&"node-daemon".to_owned())
         );
+    }
+
+    #[test]
+    fn tolerations_go_to_the_pod() {
+        let job = render(
+            &build(),
+            1,
+            Affinity::default(),
+            None,
+            &BuilderSettings::default(),
+        );
+        let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+        assert_eq!(pod.tolerations, None, "none by default");
+        let toleration = Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        let settings = BuilderSettings {
+            tolerations: vec![toleration.clone()],
+            ..Default::default()
+        };
+        let job = render(&build(), 1, Affinity::default(), None, &settings);
+        let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+        assert_eq!(pod.tolerations, Some(vec![toleration]));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Where a build may run: a node of the system's architecture, Ready, schedulable and not
 //! repelled (by the operator's `--node-repel` list or the node label `enbi.hrzn.ee/repel`).
+//! A node with a `NoSchedule`/`NoExecute` taint counts only if the builders tolerate it (the
+//! operator's `--builder-tolerations`; none by default).
 //!
 //! The result is both a verdict (is there any such node now?) and the node affinity that makes
 //! the scheduler keep to it, so a build never lands on a repelled or wrong-arch node even if the
@@ -7,7 +9,7 @@
 
 use k8s_openapi::api::core::v1::{
     Affinity, Node, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    PreferredSchedulingTerm,
+    PreferredSchedulingTerm, Taint, Toleration,
 };
 
 use crate::system;
@@ -24,19 +26,44 @@ pub struct NodeView {
     pub arch: Option<String>,
     pub os: Option<String>,
     pub ready: bool,
-    /// Not cordoned and no `NoSchedule`/`NoExecute` taint (builders tolerate none).
+    /// Not cordoned and no `NoSchedule`/`NoExecute` taint the builders do not tolerate.
     pub schedulable: bool,
     pub repel_label: bool,
 }
 
 impl From<&Node> for NodeView {
+    /// The node as seen by builders that tolerate no taint.
     fn from(node: &Node) -> Self {
+        NodeView::new(node, &[])
+    }
+}
+
+/// Whether `toleration` tolerates `taint`, by the Kubernetes rules: an empty key with `Exists`
+/// tolerates everything, an empty effect matches every effect, `Equal` (the default) compares
+/// values.
+pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+    let key = toleration.key.as_deref().unwrap_or_default();
+    let exists = toleration.operator.as_deref() == Some("Exists");
+    let effect = toleration.effect.as_deref().unwrap_or_default();
+    (effect.is_empty() || effect == taint.effect)
+        && ((key.is_empty() && exists)
+            || (key == taint.key
+                && (exists
+                    || toleration.value.as_deref().unwrap_or_default()
+                        == taint.value.as_deref().unwrap_or_default())))
+}
+
+impl NodeView {
+    /// The node as seen by builders with `tolerations`.
+    pub fn new(node: &Node, tolerations: &[Toleration]) -> Self {
         let labels = node.metadata.labels.as_ref();
         let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
         let spec = node.spec.as_ref();
         let tainted = spec.and_then(|s| s.taints.as_ref()).is_some_and(|ts| {
-            ts.iter()
-                .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            ts.iter().any(|t| {
+                (t.effect == "NoSchedule" || t.effect == "NoExecute")
+                    && !tolerations.iter().any(|tol| tolerates(tol, t))
+            })
         });
         let cordoned = spec.and_then(|s| s.unschedulable).unwrap_or(false);
         let ready = node
@@ -127,8 +154,14 @@ fn affinity(arch: &str, repelled: &[String], preferred: Option<&str>) -> Affinit
             requirement(OS_LABEL, "In", Some(vec![system::OS.to_owned()])),
             requirement(REPEL_LABEL, "DoesNotExist", None),
         ]),
-        match_fields: (!repelled.is_empty())
-            .then(|| vec![requirement("metadata.name", "NotIn", Some(repelled))]),
+        // The apiserver allows exactly one value in an `In`/`NotIn` field selector, so one
+        // requirement per repelled node (the requirements of a term are ANDed).
+        match_fields: (!repelled.is_empty()).then(|| {
+            repelled
+                .into_iter()
+                .map(|node| requirement("metadata.name", "NotIn", Some(vec![node])))
+                .collect()
+        }),
     };
     let preferred = preferred.map(|node| {
         vec![PreferredSchedulingTerm {
@@ -251,6 +284,18 @@ mod tests {
             term["matchFields"][0]["values"],
             serde_json::json!(["amd-0"])
         );
+        let two =
+            place("aarch64-linux", &cluster(), &["b".into(), "a".into()], None).expect("placed");
+        let yaml = serde_json::to_value(&two.affinity).expect("serialises");
+        assert_eq!(
+            yaml["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                [0]["matchFields"],
+            serde_json::json!([
+                {"key": "metadata.name", "operator": "NotIn", "values": ["a"]},
+                {"key": "metadata.name", "operator": "NotIn", "values": ["b"]},
+            ]),
+            "one value per field requirement, as the apiserver demands"
+        );
         assert_eq!(
             na["preferredDuringSchedulingIgnoredDuringExecution"][0]["preference"]["matchFields"]
                 [0]["values"],
@@ -268,5 +313,66 @@ mod tests {
         let v = NodeView::from(&node);
         assert_eq!((v.ready, v.schedulable, v.repel_label), (true, false, true));
         assert_eq!(v.arch.as_deref(), Some("arm64"));
+    }
+
+    fn toleration(key: &str, operator: &str, value: &str, effect: &str) -> Toleration {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Toleration {
+            key: some(key),
+            operator: some(operator),
+            value: some(value),
+            effect: some(effect),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tolerated_taints_keep_a_node_schedulable() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "labels": {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux"}},
+            "spec": {"taints": [
+                {"key": "dedicated", "value": "builds", "effect": "NoSchedule"},
+                {"key": "soft", "effect": "PreferNoSchedule"},
+            ]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        })).expect("valid node");
+        let schedulable = |tols: &[Toleration]| NodeView::new(&node, tols).schedulable;
+        assert!(!schedulable(&[]), "an untolerated NoSchedule taint");
+        assert!(schedulable(&[toleration(
+            "dedicated",
+            "Equal",
+            "builds",
+            "NoSchedule"
+        )]));
+        assert!(schedulable(&[toleration("dedicated", "", "builds", "")]));
+        assert!(schedulable(&[toleration("dedicated", "Exists", "", "")]));
+        assert!(
+            schedulable(&[toleration("", "Exists", "", "")]),
+            "tolerate all"
+        );
+        assert!(!schedulable(&[toleration(
+            "dedicated",
+            "Equal",
+            "other",
+            ""
+        )]));
+        assert!(!schedulable(&[toleration(
+            "dedicated",
+            "Exists",
+            "",
+            "NoExecute"
+        )]));
+        assert!(!schedulable(&[toleration("other", "Exists", "", "")]));
+        let p = place(
+            "x86_64-linux",
+            &[NodeView::new(
+                &node,
+                &[toleration("dedicated", "Exists", "", "")],
+            )],
+            &[],
+            None,
+        )
+        .expect("tolerated node placed");
+        assert_eq!(p.eligible, ["n"]);
     }
 }

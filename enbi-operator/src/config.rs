@@ -8,7 +8,48 @@ use clap::{Args, ValueEnum};
 use enbi_core::job::{BuilderSettings, StoreMode};
 use enbi_core::policy::{Policy, TagRule};
 use enbi_core::{gc, machine};
-use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::api::core::v1::{EnvVar, Toleration};
+
+/// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
+/// the Timoni module sets by default) means none.
+fn check_toleration(text: &str) -> Result<String, String> {
+    if !text.is_empty() {
+        parse_toleration(text)?;
+    }
+    Ok(text.to_owned())
+}
+
+/// Parses `key[=value][:Effect]`: `Equal` with a value, `Exists` without; no effect matches
+/// every effect.
+fn parse_toleration(text: &str) -> Result<Toleration, String> {
+    let (rest, effect) = match text.rsplit_once(':') {
+        Some((rest, effect)) => (rest, Some(effect)),
+        None => (text, None),
+    };
+    if let Some(effect) = effect
+        && !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&effect)
+    {
+        return Err(format!(
+            "{text:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let (key, value) = match rest.split_once('=') {
+        Some((key, value)) => (key, Some(value)),
+        None => (rest, None),
+    };
+    if key.is_empty() {
+        return Err(format!(
+            "{text:?}: a toleration needs a key (key[=value][:Effect])"
+        ));
+    }
+    Ok(Toleration {
+        key: Some(key.to_owned()),
+        operator: Some(if value.is_some() { "Equal" } else { "Exists" }.to_owned()),
+        value: value.map(str::to_owned),
+        effect: effect.map(str::to_owned),
+        ..Default::default()
+    })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Store {
@@ -36,6 +77,10 @@ pub struct RunArgs {
     /// Nodes never to build on (comma-separated); the label enbi.hrzn.ee/repel does the same.
     #[arg(long, env = "ENBI_NODE_REPEL", value_delimiter = ',')]
     pub node_repel: Vec<String>,
+    /// Taints the builder Pods tolerate, as `key[=value][:Effect]` (comma-separated); a node
+    /// with a NoSchedule or NoExecute taint is used for builds only if it is tolerated.
+    #[arg(long, env = "ENBI_BUILDER_TOLERATIONS", value_delimiter = ',', value_parser = check_toleration)]
+    pub builder_tolerations: Vec<String>,
     /// Where builders keep their Nix store.
     #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = Store::Pod)]
     pub store_mode: Store,
@@ -104,6 +149,23 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Drops empty entries of the list settings: an empty environment variable (as the Timoni
+    /// module sets for an empty list, e.g. `ENBI_ALLOWED_NAMESPACES=""`) reaches clap as one empty
+    /// value, which would otherwise be a list of one empty name (allowing no namespace at all).
+    pub fn without_empty_entries(mut self) -> Self {
+        for list in [
+            &mut self.node_repel,
+            &mut self.builder_tolerations,
+            &mut self.watch_namespaces,
+            &mut self.allowed_namespaces,
+            &mut self.allowed_flake_prefixes,
+            &mut self.allowed_image_tags,
+        ] {
+            list.retain(|entry| !entry.trim().is_empty());
+        }
+        self
+    }
+
     pub fn builder(&self) -> BuilderSettings {
         BuilderSettings {
             image: self.builder_image.clone(),
@@ -125,6 +187,12 @@ impl RunArgs {
                     value: Some(value),
                     ..EnvVar::default()
                 })
+                .collect(),
+            tolerations: self
+                .builder_tolerations
+                .iter()
+                .filter(|t| !t.is_empty())
+                .filter_map(|t| parse_toleration(t).ok())
                 .collect(),
             ..BuilderSettings::default()
         }
@@ -165,5 +233,74 @@ impl RunArgs {
             flake_url_prefixes: self.allowed_flake_prefixes.clone(),
             tag_rules,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerations_parse_like_kubectl_taints() {
+        let t = parse_toleration("enbi.test/real-node=true:NoSchedule").expect("valid");
+        assert_eq!(
+            (
+                t.key.as_deref(),
+                t.operator.as_deref(),
+                t.value.as_deref(),
+                t.effect.as_deref()
+            ),
+            (
+                Some("enbi.test/real-node"),
+                Some("Equal"),
+                Some("true"),
+                Some("NoSchedule")
+            )
+        );
+        let t = parse_toleration("dedicated").expect("valid");
+        assert_eq!(
+            (t.operator.as_deref(), t.value, t.effect),
+            (Some("Exists"), None, None)
+        );
+        let t = parse_toleration("dedicated:NoExecute").expect("valid");
+        assert_eq!(t.effect.as_deref(), Some("NoExecute"));
+        assert!(parse_toleration("dedicated:Sometimes").is_err());
+        assert!(parse_toleration("=x").is_err());
+        assert_eq!(check_toleration(""), Ok(String::new()), "empty: none");
+    }
+
+    #[test]
+    fn empty_environment_lists_are_empty_lists() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let args = Cli::try_parse_from([
+            "run",
+            "--allowed-namespaces",
+            "",
+            "--watch-namespaces",
+            "",
+            "--node-repel",
+            "a,,b",
+            "--builder-tolerations",
+            "",
+        ])
+        .expect("parses")
+        .run;
+        assert_eq!(
+            args.allowed_namespaces,
+            [""],
+            "what clap makes of an empty value"
+        );
+        let args = args.without_empty_entries();
+        assert!(args.allowed_namespaces.is_empty());
+        assert!(args.watch_namespaces.is_empty());
+        assert!(args.builder_tolerations.is_empty());
+        assert_eq!(args.node_repel, ["a", "b"]);
+        assert!(args.policy().allowed_namespaces.is_empty());
+        assert!(check_toleration("a:Sometimes").is_err());
     }
 }

@@ -166,7 +166,7 @@ async fn apply(
         .nodes
         .state()
         .iter()
-        .map(|n| NodeView::from(n.as_ref()))
+        .map(|n| NodeView::new(n.as_ref(), &ctx.builder.tolerations))
         .collect();
     let preferred = build
         .annotations()

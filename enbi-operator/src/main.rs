@@ -82,7 +82,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => traced(cli.log_format, "enbi-operator", |rt, tracing| {
-            match rt.block_on(operator::run(*args, tracing)) {
+            match rt.block_on(operator::run(args.without_empty_entries(), tracing)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "enbi-operator stopped");

@@ -1,0 +1,341 @@
+//! The whole story with real components, on the local cluster's real node (`tests/cluster/up
+//! --real-node`: a real kubelet on a real containerd, and a Nix daemon on the host):
+//!
+//! an annotated Pod whose image is missing gets `ErrImagePull` -> the operator's Pod watcher
+//! creates one NixBuild -> a builder Job runs on the real node with the real builder
+//! (`enbi-operator build` in an image made of this machine's binaries: this operator, nix, ctr),
+//! which builds the offline fixture flake through the node's Nix daemon and streams the image
+//! into the node's containerd -> the kubelet's next pull attempt finds it, and the Pod's real
+//! container prints the fixture's message.
+//!
+//! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
+//! prints a loud `SKIPPED` line and returns.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use enbi_core::crd::{NixBuild, Phase};
+use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const REAL_NODE: &str = "enbi-real-0";
+const REAL_NODE_TAINT: &str = "enbi.test/real-node";
+const BUILDER_IMAGE: &str = "localhost/enbi:e2e";
+const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nbuild-users-group =\nsandbox = false\nsubstituters =";
+const BUSYBOX: &str = "/bin/busybox";
+const MESSAGE: &str = "hello from the stream";
+
+fn cluster_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/real-node")
+}
+
+/// Runs `tests/cluster/real-node ARGS` and returns its stdout.
+fn real_node(args: &[&str]) -> String {
+    let out = Command::new(cluster_script())
+        .args(args)
+        .output()
+        .expect("tests/cluster/real-node runs");
+    assert!(
+        out.status.success(),
+        "real-node {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Whether the real node is Ready; fails in CI and says SKIPPED elsewhere when it is not.
+async fn real_node_ready(client: &Client) -> bool {
+    let node = Api::<Node>::all(client.clone()).get_opt(REAL_NODE).await;
+    let ready = node
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .is_some_and(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+    if ready {
+        return true;
+    }
+    let why = format!(
+        "no Ready node {REAL_NODE} ({node:?}); start it with tests/cluster/up --real-node (root)"
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI needs the real node: {why}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {}: {why}",
+        std::thread::current().name().unwrap_or("test")
+    );
+    false
+}
+
+/// The fixture flake (tests/fixtures/images next to a static busybox) added to the host's Nix
+/// store through its daemon: the builder Pod sees the node's store, so `path:<store path>`
+/// is a flake URL it can read.
+fn fixture_in_store() -> String {
+    let dir = std::env::temp_dir().join(format!("enbi-e2e-fixture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("bin")).expect("fixture dir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
+    for file in ["flake.nix", "parts.sh"] {
+        std::fs::copy(src.join(file), dir.join(file)).expect("copy fixture");
+    }
+    std::fs::copy(BUSYBOX, dir.join("bin/busybox")).expect("copy a static busybox");
+    let out = Command::new("nix")
+        .args(["flake", "archive", "--json"])
+        .arg(format!("path:{}", dir.display()))
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("NIX_REMOTE", "daemon")
+        .output()
+        .expect("nix runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "nix flake archive: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nix's json");
+    let path = json["path"].as_str().expect("a store path").to_owned();
+    format!("path:{path}")
+}
+
+/// Image names in the real node's containerd (`k8s.io`, the kubelet's namespace).
+fn node_images(socket: &str) -> Vec<String> {
+    let out = Command::new("ctr")
+        .args(["--address", socket, "-n", "k8s.io", "images", "ls", "-q"])
+        .output()
+        .expect("ctr runs");
+    assert!(out.status.success(), "ctr images ls");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn waiting_reason(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())
+}
+
+fn phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+#[tokio::test]
+async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let socket = real_node(&["socket"]);
+    real_node(&[
+        "builder-image",
+        &Operator::binary().display().to_string(),
+        BUILDER_IMAGE,
+    ]);
+    let flake_url = fixture_in_store();
+    // A tag of this run only, so that the image is missing at first.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tag = format!("enbi.test/e2e-stream:{nanos:x}");
+
+    // Builds go to the real node: it is tolerated, and every fake node is repelled.
+    let kwok_nodes: Vec<String> = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels("type=kwok"))
+        .await
+        .expect("nodes")
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let builds = build_namespace(&client, "e2e-b").await;
+    let repel = kwok_nodes.join(",");
+    let operator = Operator::start(
+        "e2e",
+        &[
+            "--build-namespace",
+            &builds.name,
+            "--builder-image",
+            BUILDER_IMAGE,
+            "--listen-address",
+            "127.0.0.1:18087",
+            "--store-mode",
+            "node-daemon",
+            "--containerd-socket",
+            &socket,
+            "--builder-tolerations",
+            REAL_NODE_TAINT,
+            "--node-repel",
+            &repel,
+        ],
+    );
+
+    let app = TestNamespace::new(&client, "e2e-app").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "app", "annotations": {
+            "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
+            "enbi.hrzn.ee/nixbuild-imageTag": tag,
+            "enbi.hrzn.ee/nixbuild-packageName": "stream",
+        }},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": REAL_NODE},
+            "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": tag}],
+        },
+    }))
+    .expect("pod");
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create the Pod");
+
+    // The kubelet cannot pull the image (there is no registry): ErrImagePull comes first.
+    let reason = eventually(
+        "the Pod's ErrImagePull",
+        Duration::from_secs(60),
+        || async {
+            let pod = pods.get("app").await.ok()?;
+            assert_ne!(
+                phase(&pod),
+                Some("Succeeded"),
+                "ran before its image existed"
+            );
+            waiting_reason(&pod).filter(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+        },
+    )
+    .await;
+    eprintln!("e2e: the Pod waits with {reason}");
+
+    // One NixBuild, made by the Pod watcher, succeeds on the real node.
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = eventually(
+        "the NixBuild to succeed",
+        Duration::from_secs(180),
+        || async {
+            let list = nixbuilds.list(&ListParams::default()).await.ok()?;
+            let build = list.items.into_iter().next()?;
+            assert_ne!(
+                build.phase(),
+                Phase::Failed,
+                "the build failed: {:?}\noperator log:\n{}",
+                build.status,
+                operator.logs()
+            );
+            (build.phase() == Phase::Succeeded).then_some(build)
+        },
+    )
+    .await;
+    let all = nixbuilds.list(&ListParams::default()).await.expect("list");
+    assert_eq!(all.items.len(), 1, "exactly one NixBuild for the Pod");
+    assert_eq!(
+        build
+            .annotations()
+            .get("enbi.hrzn.ee/requested-by-pod")
+            .map(String::as_str),
+        Some("app"),
+        "made by the Pod watcher"
+    );
+    assert_eq!(build.spec.image_tag, tag);
+    assert_eq!(build.spec.flake_url, flake_url);
+    let status = build.status.clone().expect("status");
+    assert_eq!(status.build_node.as_deref(), Some(REAL_NODE));
+    let digest = status.image_digest.clone().expect("a digest");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert!(status.image_size.is_some_and(|s| s > 0), "{status:?}");
+
+    // Its one Job ran on the real node.
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={}", build.name_any());
+    let jobs = Api::<Job>::namespaced(client.clone(), &builds.name)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("jobs");
+    assert_eq!(jobs.items.len(), 1, "one builder Job");
+    let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("builder pods");
+    let nodes: Vec<Option<String>> = builder_pods
+        .items
+        .iter()
+        .map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .collect();
+    assert_eq!(nodes, [Some(REAL_NODE.to_owned())], "the builder's node");
+
+    // The image is in the node's containerd, where the kubelet looks.
+    let images = node_images(&socket);
+    assert!(images.contains(&tag), "{tag} not in {images:?}");
+
+    // The kubelet's next attempt finds it; the container prints the fixture's message.
+    eventually(
+        "the Pod to run to completion",
+        Duration::from_secs(120),
+        || async {
+            let pod = pods.get("app").await.ok()?;
+            assert_ne!(phase(&pod), Some("Failed"), "{:?}", pod.status);
+            (phase(&pod) == Some("Succeeded")).then_some(())
+        },
+    )
+    .await;
+    let log = pods
+        .logs("app", &LogParams::default())
+        .await
+        .expect("container log");
+    assert!(log.contains(MESSAGE), "log: {log:?}");
+    eprintln!("e2e: the Pod's log: {}", log.trim());
+
+    // Deleting the NixBuild while the operator runs: its finalizer deletes the Job, so nothing
+    // is left when the namespaces go.
+    nixbuilds
+        .delete(&build.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete the NixBuild");
+    let jobs_api = Api::<Job>::namespaced(client.clone(), &builds.name);
+    eventually(
+        "the NixBuild and its Job gone",
+        Duration::from_secs(60),
+        || async {
+            let build_gone = nixbuilds.get_opt(&build.name_any()).await.ok()?.is_none();
+            let jobs = jobs_api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            let jobs_gone = jobs
+                .items
+                .iter()
+                .all(|j| j.metadata.deletion_timestamp.is_some());
+            (build_gone && jobs_gone).then_some(())
+        },
+    )
+    .await;
+
+    // Leave the node's containerd as it was: remove this run's image names.
+    let ours: Vec<String> = node_images(&socket)
+        .into_iter()
+        .filter(|name| name.starts_with("enbi.test/e2e-stream"))
+        .collect();
+    let _ = Command::new("ctr")
+        .args(["--address", &socket, "-n", "k8s.io", "images", "rm"])
+        .args(&ours)
+        .output();
+}
