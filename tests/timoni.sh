@@ -120,6 +120,8 @@ check "OTel endpoint and extra env reach the operator" sh -c \
    grep -A1 'name: OTEL_EXPORTER_OTLP_ENDPOINT' '$work/otel.yaml' | grep -q 'value: http://otel-collector.observability:4317' &&
    grep -A1 'name: OTEL_EXPORTER_OTLP_HEADERS' '$work/otel.yaml' | grep -q 'value: x-team=builds'"
 check "no OTLP endpoint by default" sh -c "! grep -q OTEL_EXPORTER_OTLP_ENDPOINT '$work/build.yaml'"
+check "one replica without leader election: Recreate, never two operators" \
+  sh -c "grep -A1 '^  strategy:' '$work/build.yaml' | grep -q 'type: Recreate'"
 
 # Namespaced objects cannot be dry-run before their namespace exists: create the two
 # Namespaces (as Timoni does first), then dry-run the whole build output on the server.
@@ -232,6 +234,8 @@ env_of() { "$kubectl" get deployment -n "$ns" enbi-operator \
   -o jsonpath="{.spec.template.spec.containers[0].env[?(@.name==\"$1\")].value}"; }
 equals "ENBI_KEEP_SUCCEEDED" 3 env_of ENBI_KEEP_SUCCEEDED
 equals "ENBI_LEADER_ELECTION with 2 replicas" true env_of ENBI_LEADER_ELECTION
+equals "rolling updates with leader election" RollingUpdate \
+  "$kubectl" get deployment -n "$ns" enbi-operator -o jsonpath='{.spec.strategy.type}'
 equals "the NixBuild survived the upgrade (same uid)" "$uid" \
   "$kubectl" get nixbuild -n "$app_ns" timoni-upgrade -o jsonpath='{.metadata.uid}'
 
