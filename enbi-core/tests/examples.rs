@@ -2,6 +2,8 @@
 //! CEL admission rules, evaluated locally), and the Deployment's Pods ask for the same build,
 //! whose tag is their container image and the example flake's image name.
 
+mod common;
+
 use enbi_core::crd::{NixBuild, NixBuildSpec};
 use enbi_core::podwatch::{self, Finding};
 use garde::Validate;
@@ -14,19 +16,10 @@ const DEPLOYMENT: &str = include_str!("../../examples/deployment.yaml");
 const FLAKE: &str = include_str!("../../examples/flake/flake.nix");
 
 fn admitted(build: &NixBuild) -> Result<(), String> {
-    let crd = <NixBuild as kube::CustomResourceExt>::crd();
-    let schema = serde_json::to_value(
-        &crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .expect("the derived CRD has a schema")
-            .open_api_v3_schema,
+    common::admitted(
+        &serde_json::to_value(build).expect("NixBuilds serialise"),
+        None,
     )
-    .expect("schemas serialise");
-    let object = serde_json::to_value(build).expect("NixBuilds serialise");
-    kube::core::cel::Validator::new()
-        .validate(&schema, &object, None)
-        .map_err(|e| e.to_string())
 }
 
 fn example_build() -> NixBuild {

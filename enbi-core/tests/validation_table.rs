@@ -1,7 +1,9 @@
 //! One table of good and bad spec values, checked against both the CRD's CEL rules (evaluated
 //! locally, as the apiserver would) and the garde validators used outside admission.
 
-use enbi_core::crd::{NixBuild, NixBuildSpec};
+mod common;
+
+use enbi_core::crd::NixBuildSpec;
 use garde::Validate;
 use serde_json::json;
 
@@ -39,18 +41,7 @@ fn object(spec: &NixBuildSpec) -> serde_json::Value {
 
 /// The CRD's CEL rules for one object, as the apiserver evaluates them (on update when `old` is set).
 fn admitted_over(spec: &NixBuildSpec, old: Option<&NixBuildSpec>) -> Result<(), String> {
-    let crd = <NixBuild as kube::CustomResourceExt>::crd();
-    let schema = serde_json::to_value(
-        &crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .expect("the derived CRD has a schema")
-            .open_api_v3_schema,
-    )
-    .expect("schemas serialise");
-    kube::core::cel::Validator::new()
-        .validate(&schema, &object(spec), old.map(object).as_ref())
-        .map_err(|e| e.to_string())
+    common::admitted(&object(spec), old.map(object).as_ref())
 }
 
 fn admitted(spec: &NixBuildSpec) -> Result<(), String> {

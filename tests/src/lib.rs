@@ -345,3 +345,34 @@ pub async fn finish_builder(
     .expect("end the builder");
     pod.spec.and_then(|s| s.node_name).expect("scheduled")
 }
+
+/// Waits up to a minute for NixBuild `ns/name` to reach `phase`.
+pub async fn wait_phase(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    phase: enbi_core::crd::Phase,
+) -> enbi_core::crd::NixBuild {
+    let api = Api::<enbi_core::crd::NixBuild>::namespaced(client.clone(), ns);
+    eventually(
+        &format!("NixBuild {name} to be {phase:?}"),
+        Duration::from_secs(60),
+        || async { api.get(name).await.ok().filter(|b| b.phase() == phase) },
+    )
+    .await
+}
+
+/// The builder Jobs of NixBuild `build` (every attempt) in `build_ns`.
+pub async fn jobs_for(
+    client: &Client,
+    build_ns: &str,
+    build: &str,
+) -> Vec<k8s_openapi::api::batch::v1::Job> {
+    use kube::api::ListParams;
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
+    Api::<k8s_openapi::api::batch::v1::Job>::namespaced(client.clone(), build_ns)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list Jobs")
+        .items
+}

@@ -9,11 +9,10 @@ use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
 use enbi_core::result::{BuildReport, FailureReport};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder,
-    require_cluster, set_node_images, success_report,
+    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder, jobs_for,
+    require_cluster, set_node_images, success_report, wait_phase,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -56,25 +55,6 @@ async fn builds_in(client: &Client, ns: &str) -> Vec<NixBuild> {
         .await
         .expect("list")
         .items
-}
-
-async fn jobs_for(client: &Client, build_ns: &str, build: &str) -> Vec<Job> {
-    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
-    Api::<Job>::namespaced(client.clone(), build_ns)
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .expect("jobs")
-        .items
-}
-
-async fn wait_phase(client: &Client, ns: &str, name: &str, phase: Phase) -> NixBuild {
-    let api = Api::<NixBuild>::namespaced(client.clone(), ns);
-    eventually(
-        &format!("NixBuild {name} to be {phase:?}"),
-        WAIT,
-        || async { api.get(name).await.ok().filter(|b| b.phase() == phase) },
-    )
-    .await
 }
 
 async fn node_arch(client: &Client, node: &str) -> String {

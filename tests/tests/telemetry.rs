@@ -17,11 +17,10 @@ use enbi_core::result::{BuildReport, FailureReport};
 use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
 use enbi_tests::host::{Containerd, Fixture, NIX_CONFIG};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder,
-    require_cluster, set_node_images,
+    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder, jobs_for,
+    require_cluster, set_node_images, wait_phase,
 };
 use fake_opentelemetry_collector::{ExportedSpan, FakeCollectorServer};
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -169,15 +168,11 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn start_operator(
-    client: &Client,
-    name: &str,
-    collector: &Collector,
-) -> (TestNamespace, Operator) {
-    let builds = build_namespace(client, &format!("{name}-b")).await;
+/// An operator exporting to `collector`, its builders in `builds`.
+fn start_operator(name: &str, builds: &TestNamespace, collector: &Collector) -> Operator {
     let env = collector.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let operator = Operator::start_with_env(
+    Operator::start_with_env(
         name,
         &[
             "--build-namespace",
@@ -190,20 +185,12 @@ async fn start_operator(
             "0",
         ],
         &env,
-    );
-    (builds, operator)
+    )
 }
 
 async fn job_traceparent(client: &Client, build_ns: &str, build: &str) -> String {
-    let jobs = Api::<Job>::namespaced(client.clone(), build_ns);
-    let selector = format!("enbi.hrzn.ee/nixbuild-name={build}");
     let job = eventually("the builder Job", WAIT, || async {
-        jobs.list(&ListParams::default().labels(&selector))
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .next()
+        jobs_for(client, build_ns, build).await.into_iter().next()
     })
     .await;
     let env = job
@@ -218,14 +205,6 @@ async fn job_traceparent(client: &Client, build_ns: &str, build: &str) -> String
         .find(|e| e.name == "TRACEPARENT")
         .and_then(|e| e.value)
         .expect("the Job has TRACEPARENT")
-}
-
-async fn wait_phase(client: &Client, ns: &str, name: &str, phase: Phase) -> NixBuild {
-    let api = Api::<NixBuild>::namespaced(client.clone(), ns);
-    eventually(&format!("{name} {phase:?}"), WAIT, || async {
-        api.get(name).await.ok().filter(|b| b.phase() == phase)
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +324,8 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     }
     let _serial = OPERATOR_LOCK.lock().await;
     let mut collector = Collector::start().await;
-    let (builds, _operator) = start_operator(&client, "otel", &collector).await;
+    let builds = build_namespace(&client, "otel-b").await;
+    let _operator = start_operator("otel", &builds, &collector);
     let app = TestNamespace::new(&client, "otel-app").await;
     let containerd = Containerd::start();
     let fixture = Fixture::new();
@@ -504,7 +484,8 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
     let client = require_cluster!();
     let _serial = OPERATOR_LOCK.lock().await;
     let mut collector = Collector::start().await;
-    let (builds, mut first) = start_operator(&client, "otel-restart", &collector).await;
+    let builds = build_namespace(&client, "otel-restart-b").await;
+    let mut first = start_operator("otel-restart", &builds, &collector);
     let app = TestNamespace::new(&client, "otel-restart-app").await;
     set_node_images(&client, Some("localhost/enbi:test")).await;
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
@@ -538,22 +519,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("clock")
         .as_nanos() as u64;
-    let env = collector.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _second = Operator::start_with_env(
-        "otel-restart-2",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--builder-image",
-            "localhost/enbi:test",
-            "--listen-address",
-            METRICS,
-            "--max-builds-per-node",
-            "0",
-        ],
-        &env,
-    );
+    let _second = start_operator("otel-restart-2", &builds, &collector);
     let failure = BuildReport::Failed(FailureReport {
         reason: FailureReason::EvalFailed,
         message: "flake does not provide attribute 'packages.x86_64-linux.missing'".into(),
