@@ -57,8 +57,6 @@ impl FailureReason {
 /// Why a build is still Pending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitReason {
-    /// Seen, nothing decided yet.
-    Accepted,
     /// No Ready, schedulable, non-repelled node of the architecture; re-evaluated when Nodes change.
     NoEligibleNode,
     /// A concurrency limit is reached.
@@ -70,7 +68,6 @@ pub enum WaitReason {
 impl WaitReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Accepted => "Accepted",
             Self::NoEligibleNode => "NoEligibleNode",
             Self::Queued => "Queued",
             Self::RetryScheduled => "RetryScheduled",
