@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, Phase};
+use enbi_tests::host::{Fixture, NIX_CONFIG};
 use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -27,8 +28,6 @@ use serde_json::json;
 const REAL_NODE: &str = "enbi-real-0";
 const REAL_NODE_TAINT: &str = "enbi.test/real-node";
 const BUILDER_IMAGE: &str = "localhost/enbi:e2e";
-const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nbuild-users-group =\nsandbox = false\nsubstituters =";
-const BUSYBOX: &str = "/bin/busybox";
 const MESSAGE: &str = "hello from the stream";
 
 fn cluster_script() -> PathBuf {
@@ -83,22 +82,14 @@ async fn real_node_ready(client: &Client) -> bool {
 /// store through its daemon: the builder Pod sees the node's store, so `path:<store path>`
 /// is a flake URL it can read.
 fn fixture_in_store() -> String {
-    let dir = std::env::temp_dir().join(format!("enbi-e2e-fixture-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("bin")).expect("fixture dir");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
-    for file in ["flake.nix", "parts.sh"] {
-        std::fs::copy(src.join(file), dir.join(file)).expect("copy fixture");
-    }
-    std::fs::copy(BUSYBOX, dir.join("bin/busybox")).expect("copy a static busybox");
+    let fixture = Fixture::new();
     let out = Command::new("nix")
         .args(["flake", "archive", "--json"])
-        .arg(format!("path:{}", dir.display()))
+        .arg(fixture.url())
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("NIX_REMOTE", "daemon")
         .output()
         .expect("nix runs");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "nix flake archive: {}",
