@@ -11,7 +11,7 @@ use enbi_core::job::{self, BuilderSettings, JobView};
 use enbi_core::machine::{self, Decision, EventType, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
-use enbi_core::{capacity, policy};
+use enbi_core::{capacity, conditions, policy};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -125,6 +125,9 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
         k8s.namespace.name = %namespace,
         enbi.nixbuild = %build.name_any(),
         enbi.phase = ?build.phase(),
+        enbi.next_phase = Empty,
+        enbi.reason = Empty,
+        enbi.job_applied = Empty,
         trace_id = Empty,
         span_id = Empty,
     );
@@ -189,6 +192,16 @@ async fn apply(
         },
         &ctx.machine,
     );
+    // What this reconcile decided, on its span: a trace reads as the build's history.
+    let span = tracing::Span::current();
+    span.record(
+        "enbi.next_phase",
+        tracing::field::debug(decision.status.phase.unwrap_or_default()),
+    );
+    if let Some(c) = conditions::get(&decision.status.conditions, conditions::READY) {
+        span.record("enbi.reason", c.reason.as_str());
+    }
+    span.record("enbi.job_applied", decision.create_job.is_some());
     execute(build, namespace, &decision, trace, ctx).await?;
     Ok(decision
         .requeue_after

@@ -412,6 +412,18 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     let reconciles = named(&spans, &trace, "reconcile");
     assert!(reconciles.len() >= 2, "reconciles: {}", reconciles.len());
     assert!(reconciles.iter().all(|s| s.parent_span_id == root_id));
+    // The reconciles tell the build's history: the Job applied, then the result.
+    assert!(
+        reconciles
+            .iter()
+            .any(|s| attr(s, "enbi.job_applied").contains("BoolValue(true)"))
+    );
+    assert!(
+        reconciles
+            .iter()
+            .any(|s| attr(s, "enbi.next_phase").contains("Succeeded")
+                && attr(s, "enbi.reason").contains("ResultSuccess"))
+    );
     let builder = one(&spans, &trace, "builder");
     assert_eq!(builder.parent_span_id, root_id);
     assert!(
