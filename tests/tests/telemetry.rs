@@ -168,9 +168,15 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// An operator exporting to `collector`, its builders in `builds`.
-fn start_operator(name: &str, builds: &TestNamespace, collector: &Collector) -> Operator {
-    let env = collector.env();
+/// An operator exporting to `collector`, its builders in `builds`, logging `format`.
+fn start_operator(
+    name: &str,
+    builds: &TestNamespace,
+    collector: &Collector,
+    format: &str,
+) -> Operator {
+    let mut env = collector.env();
+    env.push(("ENBI_LOG_FORMAT", format.to_owned()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Operator::start_with_env(
         name,
@@ -325,7 +331,7 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     let _serial = OPERATOR_LOCK.lock().await;
     let mut collector = Collector::start().await;
     let builds = build_namespace(&client, "otel-b").await;
-    let _operator = start_operator("otel", &builds, &collector);
+    let operator = start_operator("otel", &builds, &collector, "text");
     let app = TestNamespace::new(&client, "otel-app").await;
     let containerd = Containerd::start();
     let fixture = Fixture::new();
@@ -437,6 +443,10 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
             && root.end_time_unix_nano >= builder.end_time_unix_nano,
         "the root span covers the build"
     );
+    assert!(
+        operator.logs().contains(&format!("trace_id=\"{trace}\"")),
+        "log lines of the build's reconciles name its trace"
+    );
     // The Pod's own span links to the build's trace.
     let pod_span = spans
         .iter()
@@ -497,7 +507,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
     let _serial = OPERATOR_LOCK.lock().await;
     let mut collector = Collector::start().await;
     let builds = build_namespace(&client, "otel-restart-b").await;
-    let mut first = start_operator("otel-restart", &builds, &collector);
+    let mut first = start_operator("otel-restart", &builds, &collector, "text");
     let app = TestNamespace::new(&client, "otel-restart-app").await;
     set_node_images(&client, Some("localhost/enbi:test")).await;
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
@@ -531,7 +541,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("clock")
         .as_nanos() as u64;
-    let _second = start_operator("otel-restart-2", &builds, &collector);
+    let second = start_operator("otel-restart-2", &builds, &collector, "json");
     let failure = BuildReport::Failed(FailureReport {
         reason: FailureReason::EvalFailed,
         message: "flake does not provide attribute 'packages.x86_64-linux.missing'".into(),
@@ -572,6 +582,11 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
             .any(|s| s.start_time_unix_nano > restarted),
         "the restarted operator adds to the same trace"
     );
+    let traced_json_line = second.logs().lines().any(|line| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .is_ok_and(|v| v["span"]["trace_id"] == trace.as_str())
+    });
+    assert!(traced_json_line, "JSON log lines carry the trace id");
     let by_parent: BTreeMap<&str, usize> = reconciles.iter().fold(BTreeMap::new(), |mut m, s| {
         *m.entry(s.parent_span_id.as_str()).or_default() += 1;
         m
