@@ -40,7 +40,7 @@ cleanup() { # the operator still runs while the namespaces go, to release its fi
 }
 trap cleanup EXIT
 
-RUST_LOG=warn "$BIN" run --build-namespace "$BNS" --builder-image localhost/enbi:bench \
+RUST_LOG="${BENCH_LOG:-warn}" "$BIN" run --build-namespace "$BNS" --builder-image localhost/enbi:bench \
   --listen-address 127.0.0.1:18090 --max-concurrent-builds 0 --max-builds-per-node 0 \
   --gc-interval-seconds 3600 >"$STATE_DIR/logs/bench-operator.log" 2>&1 &
 OP=$!

@@ -109,6 +109,11 @@ pub fn is_queued(status: &NixBuildStatus) -> bool {
             .is_some_and(|c| c.reason == WaitReason::Queued.as_str())
 }
 
+/// The reason of the Ready condition: what the build waits for or did last.
+pub fn ready_reason(status: &NixBuildStatus) -> Option<&str> {
+    conditions::get(&status.conditions, READY).map(|c| c.reason.as_str())
+}
+
 /// Decides the next step for a build.
 pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
     let status = obs.build.status.clone().unwrap_or_default();
@@ -318,7 +323,11 @@ impl Step<'_> {
             }
             return;
         };
-        if view.node.is_some() && self.status.build_node != view.node {
+        // The node is recorded (with its `Building` Event) once the builder runs or has
+        // finished, not as soon as its Pod is scheduled: one status write then says both where
+        // and that it runs, instead of one write for each a moment apart.
+        let started = view.state != JobState::Pending;
+        if started && view.node.is_some() && self.status.build_node != view.node {
             self.status.build_node = view.node.clone();
             let node = view.node.clone().unwrap_or_default();
             self.event(

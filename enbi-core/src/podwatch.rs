@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use garde::Validate;
 use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 
-use crate::crd::NixBuildSpec;
+use crate::crd::{NixBuild, NixBuildSpec, Phase};
 use crate::{naming, reference, system};
 
 pub const ANNOTATION_FLAKE_URL: &str = "enbi.hrzn.ee/nixbuild-flakeUrl";
@@ -121,6 +121,54 @@ pub fn inspect(pod: &Pod, node_arch: Option<&str>) -> Vec<Finding> {
         });
     }
     findings
+}
+
+/// An Event to publish on a Pod. `key` names what it is about (the NixBuild): the Pod watcher
+/// publishes each `(reason, key)` once per Pod, however often the Pod changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNotice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub key: String,
+    pub note: String,
+}
+
+/// The Events a Pod waiting for `request` needs, given its NixBuild as cached (`None`: not
+/// seen yet, e.g. just created):
+/// - `WaitingForBuild`, once per Pod and NixBuild: which NixBuild makes the missing image. It
+///   does not say the build's phase and is not said again when the phase changes: the progress
+///   is the NixBuild's own (status, Events), and the Pod starts by itself once the image is on
+///   its node.
+/// - `BuildFailed` (Warning), once per Pod and NixBuild, when the build has Failed while the
+///   Pod still waits: the Pod will not start until the build is fixed or retried.
+pub fn waiting_notices(request: &BuildRequest, build: Option<&NixBuild>) -> Vec<PodNotice> {
+    let name = &request.name;
+    let mut notices = vec![PodNotice {
+        warning: false,
+        reason: "WaitingForBuild",
+        key: name.clone(),
+        note: format!(
+            "Waiting for NixBuild {name} to build and load {}; its status and Events show the progress",
+            request.spec.image_tag
+        ),
+    }];
+    if let Some(build) = build.filter(|b| b.phase() == Phase::Failed) {
+        let status = build.status.as_ref();
+        let reason = status.and_then(|s| s.failure_reason.as_deref());
+        let message = status.and_then(|s| s.failure_message.as_deref());
+        notices.push(PodNotice {
+            warning: true,
+            reason: "BuildFailed",
+            key: name.clone(),
+            note: format!(
+                "NixBuild {name} failed ({}): {}; fix it or set {} on it to build again",
+                reason.unwrap_or("unknown reason"),
+                message.unwrap_or("see its status"),
+                crate::crd::ANNOTATION_RETRY,
+            ),
+        });
+    }
+    notices
 }
 
 /// The NixBuild spec the annotations describe, checked with the CRD's own rules.
@@ -399,5 +447,51 @@ mod tests {
         assert!(
             matches!(&f[..], [Finding::InvalidAnnotations(m)] if m.contains(ANNOTATION_SYSTEM))
         );
+    }
+
+    #[test]
+    fn a_waiting_pod_is_told_once_per_build_not_per_phase() {
+        let p = pod(annotations(), TAG, "IfNotPresent", "ErrImagePull", false);
+        let Some(Finding::Build(request)) = inspect(&p, Some("arm64")).pop() else {
+            panic!("a build request");
+        };
+        let mut build = NixBuild::new(&request.name, request.spec.clone());
+        let mut keys = std::collections::BTreeSet::new();
+        for phase in [
+            None,
+            Some(Phase::Pending),
+            Some(Phase::Building),
+            Some(Phase::Succeeded),
+        ] {
+            let cached = phase.map(|phase| {
+                build.status = Some(crate::crd::NixBuildStatus {
+                    phase: Some(phase),
+                    ..Default::default()
+                });
+                &build
+            });
+            let notices = waiting_notices(&request, cached);
+            assert_eq!(notices.len(), 1, "{phase:?}");
+            assert_eq!(notices[0].reason, "WaitingForBuild");
+            assert!(notices[0].note.contains(&request.name));
+            keys.extend(notices.into_iter().map(|n| (n.reason, n.key)));
+        }
+        assert_eq!(keys.len(), 1, "one Event however the phase moves: {keys:?}");
+
+        build.status = Some(crate::crd::NixBuildStatus {
+            phase: Some(Phase::Failed),
+            failure_reason: Some("BuildFailed".into()),
+            failure_message: Some("nix build exited 1".into()),
+            ..Default::default()
+        });
+        let notices = waiting_notices(&request, Some(&build));
+        assert_eq!(notices.len(), 2);
+        assert!(
+            keys.contains(&(notices[0].reason, notices[0].key.clone())),
+            "still the same WaitingForBuild"
+        );
+        assert!(notices[1].warning);
+        assert_eq!(notices[1].reason, "BuildFailed");
+        assert!(notices[1].note.contains("nix build exited 1"));
     }
 }

@@ -23,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use opentelemetry::KeyValue;
 use serde_json::json;
 use tracing::field::Empty;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::Error;
 use crate::metrics::{Finished, Metrics, Outcome};
@@ -247,6 +247,13 @@ async fn execute(
                 &Patch::Apply(&patch),
             )
             .await?;
+        debug!(
+            build = %build.name_any(),
+            phase = ?decision.status.phase,
+            ready = ?machine::ready_reason(&decision.status),
+            node = ?decision.status.build_node,
+            "status written"
+        );
         ctx.metrics.set_queued(
             &format!("{namespace}/{}", build.name_any()),
             machine::is_queued(&decision.status),

@@ -230,6 +230,7 @@ async fn counting_client(metrics: Arc<Metrics>) -> Result<Client, kube::Error> {
         tower::util::MapRequestLayer::new(move |request: ::http::Request<kube::client::Body>| {
             if request.method() != ::http::Method::GET {
                 let resource = crate::metrics::resource_of(request.uri().path());
+                debug!(method = %request.method(), path = request.uri().path(), "API write");
                 metrics
                     .api_writes
                     .get_or_create(&crate::metrics::Write { resource })

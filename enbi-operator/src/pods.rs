@@ -12,8 +12,8 @@ use enbi_core::podwatch::{self, BuildRequest, Finding};
 use enbi_core::trace::ANNOTATION_TRACEPARENT;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, Pod, PodSpec,
-    PodStatus,
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, ObjectReference, Pod,
+    PodSpec, PodStatus,
 };
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -21,10 +21,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::field::Empty;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::controller::ANNOTATION_WANTED_ON;
+use crate::controller::{ANNOTATION_WANTED_ON, FINALIZER};
 use crate::metrics::Metrics;
 use crate::telemetry;
 
@@ -43,7 +43,8 @@ pub struct PodWatcher {
     tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
     created: Mutex<HashSet<ObjectRef<NixBuild>>>,
-    /// Events already published, per Pod UID, so each is said once.
+    /// Events already published, as (Pod UID, `reason/key`), so each is said once per Pod
+    /// (see `podwatch::waiting_notices` for which a waiting Pod gets).
     announced: Mutex<HashSet<(String, String)>>,
 }
 
@@ -166,13 +167,24 @@ impl PodWatcher {
         for finding in podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref()) {
             match finding {
                 Finding::Build(request) => {
-                    let phase = self.ensure_build(pod, &request).await;
-                    let note = format!(
-                        "Waiting for NixBuild {} to load {} ({})",
-                        request.name, request.spec.image_tag, phase
-                    );
-                    self.announce(pod, EventType::Normal, "WaitingForBuild", &phase, note)
+                    let build = self.ensure_build(pod, &request).await;
+                    let related = build_reference(pod, &request.name);
+                    for notice in podwatch::waiting_notices(&request, build.as_deref()) {
+                        let type_ = if notice.warning {
+                            EventType::Warning
+                        } else {
+                            EventType::Normal
+                        };
+                        self.announce(
+                            pod,
+                            type_,
+                            notice.reason,
+                            &notice.key,
+                            notice.note,
+                            Some(related.clone()),
+                        )
                         .await;
+                    }
                 }
                 Finding::InvalidAnnotations(message) => {
                     self.announce(
@@ -181,6 +193,7 @@ impl PodWatcher {
                         "InvalidBuildAnnotations",
                         &message,
                         message.clone(),
+                        None,
                     )
                     .await;
                 }
@@ -195,6 +208,7 @@ impl PodWatcher {
                         "ImagePullPolicyAlways",
                         &container,
                         note,
+                        None,
                     )
                     .await;
                 }
@@ -209,6 +223,7 @@ impl PodWatcher {
                         "CrashLoopOnLoadedImage",
                         &container,
                         note,
+                        None,
                     )
                     .await;
                 }
@@ -216,8 +231,8 @@ impl PodWatcher {
         }
     }
 
-    /// Makes sure the NixBuild exists; returns its phase for the Pod's Event.
-    async fn ensure_build(&self, pod: &Pod, request: &BuildRequest) -> String {
+    /// Makes sure the NixBuild exists; returns it if the cache has it.
+    async fn ensure_build(&self, pod: &Pod, request: &BuildRequest) -> Option<Arc<NixBuild>> {
         let namespace = pod.namespace().unwrap_or_default();
         let key = ObjectRef::<NixBuild>::new(&request.name).within(&namespace);
         if let Some(existing) = self.builds.get(&key) {
@@ -226,7 +241,7 @@ impl PodWatcher {
             if let Ok(mut c) = self.created.lock() {
                 c.remove(&key);
             }
-            return format!("{:?}", existing.phase());
+            return Some(existing);
         }
         if self
             .created
@@ -234,10 +249,13 @@ impl PodWatcher {
             .map(|mut c| !c.insert(key.clone()))
             .unwrap_or(false)
         {
-            return "Pending".into();
+            return None;
         }
         let mut build = NixBuild::new(&request.name, request.spec.clone());
         build.metadata.namespace = Some(namespace.clone());
+        // Made with the controller's finalizer, so that its first reconcile need not add it
+        // (a write per build, and one that could race the first status write).
+        build.metadata.finalizers = Some(vec![FINALIZER.into()]);
         build.metadata.labels = Some(BTreeMap::from([(
             LABEL_CREATED_BY.into(),
             "enbi-pod-watcher".into(),
@@ -276,7 +294,9 @@ impl PodWatcher {
                 self.metrics.pod_triggered_builds.inc();
                 info!(build = %request.name, %namespace, pod = %pod.name_any(), "NixBuild created for a Pod");
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                debug!(build = %request.name, %namespace, "NixBuild for a Pod already exists");
+            }
             Err(e) => {
                 warn!(error = %e, build = %request.name, "creating a NixBuild for a Pod");
                 if let Ok(mut c) = self.created.lock() {
@@ -284,10 +304,20 @@ impl PodWatcher {
                 }
             }
         }
-        "Pending".into()
+        None
     }
 
-    async fn announce(&self, pod: &Pod, type_: EventType, reason: &str, key: &str, note: String) {
+    /// Publishes an Event on the Pod unless this process already published `key` for it.
+    /// `related` is the NixBuild it is about, if any.
+    async fn announce(
+        &self,
+        pod: &Pod,
+        type_: EventType,
+        reason: &str,
+        key: &str,
+        note: String,
+        related: Option<ObjectReference>,
+    ) {
         let id = (pod.uid().unwrap_or_default(), format!("{reason}/{key}"));
         if !self
             .announced
@@ -302,7 +332,7 @@ impl PodWatcher {
             reason: reason.into(),
             note: Some(note),
             action: "WatchPod".into(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&event, &pod.object_ref(&())).await {
             warn!(error = %e, "publishing a Pod Event");
@@ -321,6 +351,17 @@ pub fn waited_on(stores: &[Store<Pod>], nodes: &Store<Node>) -> HashSet<(String,
         }
     }
     out
+}
+
+/// A reference to the NixBuild `name` in the Pod's namespace, for an Event's `related`.
+fn build_reference(pod: &Pod, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(NixBuild::api_version(&()).into_owned()),
+        kind: Some(NixBuild::kind(&()).into_owned()),
+        name: Some(name.to_owned()),
+        namespace: pod.namespace(),
+        ..Default::default()
+    }
 }
 
 /// The `kubernetes.io/arch` of the Pod's node, if it is scheduled and the node is known.

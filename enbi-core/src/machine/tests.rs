@@ -161,6 +161,59 @@ fn success_path_records_digest_size_and_node() {
     assert!(after.events.is_empty() && after.create_job.is_none() && after.requeue_after.is_none());
 }
 
+/// Status writes of one successful build: the operator writes whenever the decided status
+/// differs from the one it read.
+fn status_writes(states: &[JobState]) -> (usize, NixBuild) {
+    let mut b = build();
+    let mut writes = 0;
+    let mut step = |b: &mut NixBuild, v: Option<&JobView>, now| {
+        let d = decide(observe(b, v, now), &settings());
+        if b.status.as_ref() != Some(&d.status) {
+            writes += 1;
+        }
+        apply(b, &d);
+    };
+    step(&mut b, None, 0);
+    for (i, state) in states.iter().enumerate() {
+        let message = (*state == JobState::Succeeded).then(|| success_report(TAG));
+        let v = view(&b, state.clone(), message.clone(), message.is_some());
+        // Each state is seen twice, as after the watch event of the write it caused.
+        step(&mut b, Some(&v), 1 + i as i64);
+        step(&mut b, Some(&v), 1 + i as i64);
+    }
+    (writes, b)
+}
+
+#[test]
+fn a_scheduled_builder_is_recorded_with_its_start_not_apart() {
+    // Scheduled (node known, container not running yet) -> Running -> Succeeded: the node
+    // is written with Running, not on its own.
+    let (writes, b) = status_writes(&[JobState::Pending, JobState::Running, JobState::Succeeded]);
+    assert_eq!(writes, 3, "Scheduled, Running with its node, Succeeded");
+    assert_eq!(
+        b.status.and_then(|s| s.build_node).as_deref(),
+        Some("arm-0")
+    );
+
+    // A builder that finishes before it was seen running: its node comes with the result.
+    let mut b = build();
+    let d = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &d);
+    let pending = view(&b, JobState::Pending, None, false);
+    let d = decide(observe(&b, Some(&pending), 1), &settings());
+    assert_eq!(
+        Some(&d.status),
+        b.status.as_ref(),
+        "a scheduled Pod alone writes nothing"
+    );
+    assert!(d.events.is_empty());
+    let (writes, b) = status_writes(&[JobState::Pending, JobState::Succeeded]);
+    assert_eq!(writes, 2, "Scheduled, Succeeded with its node");
+    let status = b.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Succeeded));
+    assert_eq!(status.build_node.as_deref(), Some("arm-0"));
+}
+
 #[test]
 fn deterministic_failures_end_the_build_at_once() {
     for reason in [
