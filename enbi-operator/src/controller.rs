@@ -114,12 +114,12 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
     ctx.metrics.reconciliations.inc();
     let namespace = build.namespace().ok_or(Error::NoNamespace)?;
     let api = Api::<NixBuild>::namespaced(ctx.client.clone(), &namespace);
-    let trace = match TraceContext::of(&build) {
-        None if ctx.tracing && build.meta().deletion_timestamp.is_none() => {
-            Some(stamp_trace(&api, &build).await?)
-        }
-        trace => trace,
-    };
+    let trace = TraceContext::of(&build);
+    if trace.is_none() && ctx.tracing && build.meta().deletion_timestamp.is_none() {
+        // The write wakes the next reconcile, which then works inside the trace.
+        stamp_trace(&api, &build).await?;
+        return Ok(Action::await_change());
+    }
     let span = info_span!(
         "reconcile",
         k8s.namespace.name = %namespace,
@@ -146,17 +146,26 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
     Ok(action)
 }
 
-/// Gives a build made without one (by a user, or before spans were exported) its trace.
-async fn stamp_trace(api: &Api<NixBuild>, build: &NixBuild) -> Result<TraceContext, Error> {
-    let trace = telemetry::new_context();
-    let patch = json!({"metadata": {"annotations": {ANNOTATION_TRACEPARENT: trace.to_string()}}});
+/// Gives a build made without one (by a user, or before spans were exported) its trace, and
+/// the finalizer in the same write. The resourceVersion makes it conditional: the finalizer
+/// list is replaced whole, so it must be the list this reconcile read.
+async fn stamp_trace(api: &Api<NixBuild>, build: &NixBuild) -> Result<(), Error> {
+    let mut finalizers = build.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.to_owned());
+    }
+    let patch = json!({"metadata": {
+        "resourceVersion": build.resource_version(),
+        "finalizers": finalizers,
+        "annotations": {ANNOTATION_TRACEPARENT: telemetry::new_context().to_string()},
+    }});
     api.patch(
         &build.name_any(),
         &PatchParams::default(),
         &Patch::Merge(&patch),
     )
     .await?;
-    Ok(trace)
+    Ok(())
 }
 
 async fn apply(
@@ -299,6 +308,7 @@ fn finish(
         .failure_reason
         .clone()
         .unwrap_or_else(|| "ResultSuccess".into());
+    info!(build = %build.name_any(), %namespace, result, %reason, "build finished");
     ctx.metrics
         .builds_finished
         .get_or_create(&Finished {
