@@ -1,12 +1,12 @@
-//! Faults on the real local cluster: a builder past its deadline, and a leader replica killed
-//! while another waits.
+//! Faults on the real local cluster: a builder past its deadline, a leader replica killed while
+//! another waits, the apiserver and etcd restarted during builds, a builder's node deleted.
 
 use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, require_cluster,
-    success_report,
+    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder,
+    require_cluster, success_report, wait_phase,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{ListParams, PostParams};
@@ -247,4 +247,82 @@ async fn builds_survive_an_apiserver_restart() {
 #[tokio::test]
 async fn builds_survive_an_etcd_restart() {
     builds_survive_restart_of("etcd").await;
+}
+
+/// A builder's node is deleted (scaled down, lost): Kubernetes removes its orphaned Pod (the
+/// pod GC, after its quarantine), the Job fails without a report, and enbi retries the build
+/// (`BuilderLost`) on a node that exists.
+#[tokio::test]
+async fn a_builder_whose_node_is_deleted_is_retried_elsewhere() {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let builds = build_namespace(&client, "nodeloss-b").await;
+    let app = TestNamespace::new(&client, "nodeloss-app").await;
+    let _operator = Operator::start(
+        "nodeloss",
+        &[
+            "--build-namespace",
+            &builds.name,
+            "--listen-address",
+            "127.0.0.1:18087",
+        ],
+    );
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let tag = "example.test/nodeloss:1";
+    api.create(&PostParams::default(), &NixBuild::new("lost", spec(tag)))
+        .await
+        .expect("create");
+    let pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
+    let node = eventually("the first builder scheduled", WAIT, || async {
+        let pod = pods
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .next()?;
+        pod.spec?.node_name
+    })
+    .await;
+
+    let deleted = std::time::Instant::now();
+    Api::<Node>::all(client.clone())
+        .delete(&node, &Default::default())
+        .await
+        .expect("delete the build node");
+    let retrying = eventually(
+        "the loss noticed (pod GC quarantine is 40 s)",
+        Duration::from_secs(180),
+        || async {
+            let status = api.get("lost").await.ok()?.status?;
+            (status.failure_reason.as_deref() == Some("BuilderLost")).then_some(status)
+        },
+    )
+    .await;
+    eprintln!("node loss noticed after {:?}", deleted.elapsed());
+    assert_eq!(
+        retrying.attempts, 1,
+        "no second Job before the loss is known"
+    );
+    // The node comes back (kwok's nodes are made by `up`), and so does room for attempt 2.
+    tokio::task::spawn_blocking(|| {
+        let up = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/up");
+        std::process::Command::new(up)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("up")
+    })
+    .await
+    .expect("up");
+    let node2 = finish_builder(&client, &builds.name, "lost", 0, &success_report(tag)).await;
+    let done = wait_phase(&client, &app.name, "lost", Phase::Succeeded).await;
+    let status = done.status.expect("status");
+    assert_eq!(status.attempts, 2);
+    assert_eq!(status.build_node.as_deref(), Some(node2.as_str()));
+    assert_eq!(
+        job_count(&client, &builds.name).await,
+        2,
+        "one Job per attempt"
+    );
 }
