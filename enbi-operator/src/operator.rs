@@ -100,7 +100,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     }
 
     let reporter = Context::reporter(std::env::var("POD_NAME").ok());
-    let recorder = Recorder::new(client.clone(), reporter);
+    let recorder = Recorder::new(client.clone(), reporter.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         builder: args.builder(),
@@ -114,7 +114,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         jobs,
         builder_pods,
         nodes: nodes.clone(),
-        recorder: recorder.clone(),
+        recorder,
         metrics: metrics.clone(),
         tracing,
         failures: Default::default(),
@@ -124,7 +124,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         client.clone(),
         nodes.clone(),
         builds.clone(),
-        recorder,
+        reporter,
         metrics,
         tracing,
     ));

@@ -15,8 +15,11 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, ObjectReference, Pod,
     PodSpec, PodStatus,
 };
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -37,7 +40,8 @@ pub struct PodWatcher {
     pub client: Client,
     pub nodes: Store<Node>,
     pub builds: Store<NixBuild>,
-    pub recorder: Recorder,
+    /// Who publishes the Pods' Events.
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     tracing: bool,
@@ -115,7 +119,7 @@ impl PodWatcher {
         client: Client,
         nodes: Store<Node>,
         builds: Store<NixBuild>,
-        recorder: Recorder,
+        reporter: Reporter,
         metrics: Arc<Metrics>,
         tracing: bool,
     ) -> Self {
@@ -124,7 +128,7 @@ impl PodWatcher {
             client,
             nodes,
             builds,
-            recorder,
+            reporter,
             metrics,
             created: Mutex::default(),
             announced: Mutex::default(),
@@ -327,14 +331,41 @@ impl PodWatcher {
         {
             return;
         }
-        let event = Event {
-            type_,
-            reason: reason.into(),
+        // Created directly, not through kube's Recorder: each is said once per Pod already, and
+        // the Recorder would keep every one in its series cache for six minutes (and scan that
+        // cache on each publish), which is most of the operator's memory with 10,000 Pods.
+        let now = Timestamp::now();
+        let event = KubeEvent {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", pod.name_any(), now.as_nanosecond())),
+                namespace: pod.namespace(),
+                ..ObjectMeta::default()
+            },
+            type_: Some(
+                match type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            reason: Some(reason.into()),
             note: Some(note),
-            action: "WatchPod".into(),
-            secondary: related,
+            action: Some("WatchPod".into()),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(pod.object_ref(&())),
+            related,
+            reporting_controller: Some(self.reporter.controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| self.reporter.controller.clone()),
+            ),
+            ..KubeEvent::default()
         };
-        if let Err(e) = self.recorder.publish(&event, &pod.object_ref(&())).await {
+        let events =
+            Api::<KubeEvent>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        if let Err(e) = events.create(&PostParams::default(), &event).await {
             warn!(error = %e, "publishing a Pod Event");
         }
     }
