@@ -3,7 +3,6 @@
 //! makes the images). Without nix, containerd, ctr, runc or a static busybox, [`tools`] fails
 //! in CI (`CI=true`) and elsewhere prints a loud `SKIPPED` line.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -37,19 +36,13 @@ pub fn tools() -> bool {
     if missing.is_empty() {
         return true;
     }
-    let why = format!(
-        "missing {} (install tests/cluster/debian-packages)",
-        missing.join(", ")
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI needs the builder's tools: {why}");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {}: {why}",
-        std::thread::current().name().unwrap_or("test")
-    );
-    false
+    crate::unavailable(
+        "the builder's tools",
+        &format!(
+            "missing {} (install tests/cluster/debian-packages)",
+            missing.join(", ")
+        ),
+    )
 }
 
 /// A containerd of the test's own, stopped when dropped.

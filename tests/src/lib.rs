@@ -26,19 +26,29 @@ pub fn kubeconfig_path() -> PathBuf {
         })
 }
 
+/// Something a test needs is missing: a failure in CI (`CI=true`), elsewhere a loud `SKIPPED`
+/// line on stderr (past the harness's capture) and `false`, so the test returns.
+pub fn unavailable(what: &str, why: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI needs {what}: {why}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {}: needs {what}: {why}",
+        std::thread::current().name().unwrap_or("test")
+    );
+    false
+}
+
 /// A client for the local cluster, or `None` (after saying so loudly) when there is none
 /// outside CI. In CI a missing cluster is a failure.
 pub async fn cluster() -> Option<Client> {
     match connect().await {
         Ok(client) => Some(client),
-        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI needs the local cluster (tests/cluster/up): {why}")
-        }
         Err(why) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {}: no cluster ({why}); start one with tests/cluster/up",
-                std::thread::current().name().unwrap_or("test")
+            unavailable(
+                "the local cluster",
+                &format!("{why}; start one with tests/cluster/up"),
             );
             None
         }

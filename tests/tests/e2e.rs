@@ -11,7 +11,6 @@
 //! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
 //! prints a loud `SKIPPED` line and returns.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -64,18 +63,12 @@ async fn real_node_ready(client: &Client) -> bool {
     if ready {
         return true;
     }
-    let why = format!(
-        "no Ready node {REAL_NODE} ({node:?}); start it with tests/cluster/up --real-node (root)"
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI needs the real node: {why}");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {}: {why}",
-        std::thread::current().name().unwrap_or("test")
-    );
-    false
+    enbi_tests::unavailable(
+        "the real node",
+        &format!(
+            "no Ready node {REAL_NODE} ({node:?}); start it with tests/cluster/up --real-node (root)"
+        ),
+    )
 }
 
 /// The fixture flake (tests/fixtures/images next to a static busybox) added to the host's Nix
