@@ -165,7 +165,7 @@ pub fn render(
     let labels = labels(build, attempt);
     // The builder stops nix and the import itself, within the Job's deadline, so it can still
     // report DeadlineExceeded: 3/4 of the deadline for nix, 1/6 for the import, the rest for
-    // scheduling and the report.
+    // scheduling and the report. At least 12 s, so that neither limit rounds down to zero.
     let deadline = settings.active_deadline_seconds.max(12);
     let build_timeout = (deadline * 3 / 4).to_string();
     let import_timeout = (deadline / 6).to_string();

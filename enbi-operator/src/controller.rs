@@ -263,10 +263,8 @@ async fn execute(
             node = ?decision.status.build_node,
             "status written"
         );
-        ctx.metrics.set_queued(
-            &format!("{namespace}/{}", build.name_any()),
-            machine::is_queued(&decision.status),
-        );
+        ctx.metrics
+            .set_queued(ObjectRef::from(build), machine::is_queued(&decision.status));
         let finished = matches!(
             decision.status.phase,
             Some(Phase::Succeeded | Phase::Failed)
@@ -366,12 +364,7 @@ fn finish(
 
 /// Deletes every builder Job of the NixBuild (all attempts), found by its UID label.
 async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
-    let key = format!(
-        "{}/{}",
-        build.namespace().unwrap_or_default(),
-        build.name_any()
-    );
-    ctx.metrics.set_queued(&key, false);
+    ctx.metrics.set_queued(ObjectRef::from(build), false);
     let uid = build.uid().unwrap_or_default();
     let api = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     for job in ctx

@@ -4,6 +4,9 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use enbi_core::crd::NixBuild;
+use kube::runtime::reflector::ObjectRef;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,8 +50,8 @@ pub struct Metrics {
     pub pod_triggered_builds: Counter,
     pub build_duration: Family<Outcome, Histogram>,
     builds_queued: Gauge,
-    /// Builds counted in `builds_queued`, by `namespace/name`.
-    queued: Mutex<HashSet<String>>,
+    /// Builds counted in `builds_queued`.
+    queued: Mutex<HashSet<ObjectRef<NixBuild>>>,
     pub registry: Registry,
 }
 
@@ -117,14 +120,14 @@ impl Metrics {
         m
     }
 
-    /// Counts `build` (`namespace/name`) as queued or not; the gauge is the set's size, so a
-    /// repeated reconcile never counts a build twice.
-    pub fn set_queued(&self, build: &str, queued: bool) {
+    /// Counts `build` as queued or not; the gauge is the set's size, so a repeated reconcile
+    /// never counts a build twice.
+    pub fn set_queued(&self, build: ObjectRef<NixBuild>, queued: bool) {
         if let Ok(mut set) = self.queued.lock() {
             let changed = if queued {
-                set.insert(build.to_owned())
+                set.insert(build)
             } else {
-                set.remove(build)
+                set.remove(&build)
             };
             if changed {
                 self.builds_queued

@@ -118,6 +118,11 @@ impl BuildError {
             BuildError::Ctr(_) => FailureReason::ImportFailed,
         }
     }
+
+    /// The span status of a step or build that failed so: `Reason: message`.
+    fn status(&self) -> Status {
+        Status::error(format!("{}: {self}", self.reason().as_str()))
+    }
 }
 
 /// Runs a build and writes its report; the exit code says whether it succeeded. With a
@@ -162,7 +167,7 @@ pub fn run(args: BuildArgs) -> ExitCode {
             // The tail is taken first: the message is in the report already.
             let log_tail = log.text();
             log.line("enbi", &format!("error: {e}"));
-            span.set_status(Status::error(format!("{}: {e}", e.reason().as_str())));
+            span.set_status(e.status());
             BuildReport::Failed(FailureReport {
                 reason: e.reason(),
                 message: e.to_string(),
@@ -184,7 +189,7 @@ fn step<T>(name: &'static str, f: impl FnOnce() -> Result<T, BuildError>) -> Res
     let span = info_span!("step", otel.name = name);
     let result = span.in_scope(f);
     if let Err(e) = &result {
-        span.set_status(Status::error(format!("{}: {e}", e.reason().as_str())));
+        span.set_status(e.status());
     }
     result
 }
@@ -217,6 +222,7 @@ fn build(args: &BuildArgs, log: &LogTail, started: Instant) -> Result<ImageRepor
     })?;
     let build_ms = millis(started.elapsed());
     log.line("enbi", &format!("built {}", store_path.display()));
+    let store_path_text = store_path.display().to_string();
 
     let import_started = Instant::now();
     let loaded = step("import", || {
@@ -225,7 +231,7 @@ fn build(args: &BuildArgs, log: &LogTail, started: Instant) -> Result<ImageRepor
             &ctr,
             &Request {
                 tag: &tag,
-                store_path: &store_path.display().to_string(),
+                store_path: &store_path_text,
                 output: &output,
                 pin: args.pin,
                 allow_overwrite: args.allow_overwrite,
@@ -238,7 +244,7 @@ fn build(args: &BuildArgs, log: &LogTail, started: Instant) -> Result<ImageRepor
         image_tag: tag,
         digest: loaded.digest,
         size: loaded.size,
-        store_path: store_path.display().to_string(),
+        store_path: store_path_text,
         bytes_streamed: loaded.bytes_streamed,
         imported: loaded.imported,
         timings: Timings {

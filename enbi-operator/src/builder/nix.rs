@@ -1,4 +1,5 @@
-//! `nix build` of the flake output, its log streamed and its failure classified.
+//! Evaluation (`nix eval` of the output's derivation) and `nix build` of it, their log streamed
+//! and a failure classified.
 //!
 //! Nix logs to stderr; every line is forwarded to stdout (so `kubectl logs` shows the build)
 //! and the end is kept for the report. Nix 2.8 has no `--print-out-paths`, so the output path
@@ -49,6 +50,11 @@ pub enum NixError {
 }
 
 impl NixError {
+    /// Nix's unexpected output, shortened for the report.
+    fn no_output(printed: &str) -> Self {
+        NixError::NoOutput(printed.chars().take(500).collect())
+    }
+
     pub fn reason(&self) -> FailureReason {
         match self {
             NixError::Eval { .. } => FailureReason::EvalFailed,
@@ -139,7 +145,7 @@ pub fn evaluate(
     if drv.starts_with('/') && drv.ends_with(".drv") {
         Ok(drv.to_owned())
     } else {
-        Err(NixError::NoOutput(drv.chars().take(500).collect()))
+        Err(NixError::no_output(drv))
     }
 }
 
@@ -158,7 +164,7 @@ pub fn build(
         deadline,
         log,
     )?;
-    output_path(&json).ok_or_else(|| NixError::NoOutput(json.chars().take(500).collect()))
+    output_path(&json).ok_or_else(|| NixError::no_output(&json))
 }
 
 /// Runs nix with `args` until `deadline`, its log forwarded, and returns its stdout; a failure
