@@ -7,11 +7,13 @@
 # containerd (so nothing is deduplicated):
 #   - baseline: `ctr images import` of the image from a ready file (written beforehand, untimed);
 #   - pipe: the stream script piped straight into `ctr images import -` (no enbi);
-#   - enbi: `enbi-operator build`, which runs the stream script and pipes it into ctr.
+#   - enbi: a builder Pod's two containers as local processes: `enbi-operator build` runs the
+#     stream script into a FIFO, `enbi-operator load` reads it, checks it and pipes it into ctr.
 # Prints the import times, their ratio (throughput of enbi / baseline, goal >= 0.95), the bytes
 # the builder's process tree wrote to storage (goal 0; /proc/<pid>/io write_bytes, sampled),
 # and the time of a warm rebuild of the unchanged flake with the image present (goal < 2 s).
-# Set ENBI_BIN to use a prebuilt binary; otherwise a release build is made.
+# Set ENBI_BIN to use a prebuilt binary; otherwise a release build is made. containerd and ctr
+# are the first on PATH (put a containerd 2.x bin dir first to measure 2.x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -89,9 +91,15 @@ script=$(nix build --json --no-link "$flake#packages.$system.stream-big" |
 "$script" >"$work/big.tar"
 size=$(stat -c %s "$work/big.tar")
 
+# enbi REPORT: the build and load containers, sharing an image pipe, as in a builder Pod.
 enbi() {
-  "$ENBI_BIN" build --flake-url "$flake" --package-name stream-big --system "$system" \
-    --image-tag bench/big:v1 --containerd-address "$sock" --termination-log "$1" >/dev/null
+  rm -f "$work/image" "$work/image.loader-exited"
+  "$ENBI_BIN" load --image-pipe "$work/image" --image-tag bench/big:v1 \
+    --containerd-address "$sock" --termination-log "$1" >/dev/null &
+  local loader=$!
+  "$ENBI_BIN" build --image-pipe "$work/image" --flake-url "$flake" \
+    --package-name stream-big --system "$system" >/dev/null
+  wait "$loader"
 }
 import_ms() { sed -E 's/.*"importMs":([0-9]+).*/\1/' "$1"; }
 
@@ -126,9 +134,7 @@ wait "$pid"
 enbi_written=0; for w in "${written[@]}"; do enbi_written=$((enbi_written + w)); done
 
 t0=$(now_ms)
-"$ENBI_BIN" build --flake-url "$flake" --package-name stream-big --system "$system" \
-  --image-tag bench/big:v1 --containerd-address "$sock" \
-  --termination-log "$work/warm.json" >/dev/null
+enbi "$work/warm.json"
 warm_ms=$(( $(now_ms) - t0 ))
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -137,7 +143,8 @@ echo
 echo "image archive:                       $size bytes"
 echo "ctr images import from a file:       ${b} ms (median of $runs), plus writing the $size-byte file first"
 echo "script | ctr images import - :       ${p} ms (median of $runs; streaming without enbi)"
-echo "enbi build (stream into ctr, tag):   ${e} ms (median of $runs; importMs of the report)"
+echo "containerd:                          $(containerd --version | awk '{print $3}')"
+echo "enbi build | load (FIFO, ctr, tag):  ${e} ms (median of $runs; importMs of the report)"
 echo "throughput enbi / file import:       $(awk -v b="$b" -v e="$e" 'BEGIN {printf "%.2fx", b / e}')"
 echo "throughput enbi / plain pipe:        $(awk -v p="$p" -v e="$e" 'BEGIN {printf "%.2fx", p / e}')"
 echo "bytes written by enbi's processes:   $enbi_written (the file import first writes $size)"

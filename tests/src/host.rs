@@ -151,6 +151,70 @@ impl Drop for Containerd {
     }
 }
 
+/// What a builder Pod's two containers did, run as local processes.
+#[derive(Debug)]
+pub struct BuilderRun {
+    /// Whether `enbi-operator build` (the build container) exited 0.
+    pub built: bool,
+    /// Whether `enbi-operator load` (the load container) exited 0.
+    pub loaded: bool,
+    /// The load container's report (its termination message).
+    pub report: String,
+    /// Both containers' stdout: the build container's first.
+    pub log: String,
+}
+
+/// Runs a builder Pod's containers as the Job does, sharing an image pipe in a temp dir:
+/// `enbi-operator build ARGS` and `enbi-operator load --containerd-address SOCKET ARGS`.
+pub fn run_builder(
+    binary: &Path,
+    containerd: &Path,
+    build_args: &[&str],
+    load_args: &[&str],
+    env: &[(&str, String)],
+) -> BuilderRun {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipe = dir.path().join("image");
+    let report = dir.path().join("report");
+    let spawn = |args: &[&str], extra: &[&std::ffi::OsStr]| {
+        Command::new(binary)
+            .args(args)
+            .arg("--image-pipe")
+            .arg(&pipe)
+            .args(extra)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("enbi-operator runs")
+    };
+    let loader = spawn(
+        load_args,
+        &[
+            "--containerd-address".as_ref(),
+            containerd.as_os_str(),
+            "--termination-log".as_ref(),
+            report.as_os_str(),
+        ],
+    );
+    let build = spawn(build_args, &[]);
+    let build = build.wait_with_output().expect("build runs");
+    let loader = loader.wait_with_output().expect("load runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&build.stdout),
+        String::from_utf8_lossy(&loader.stdout)
+    );
+    let report =
+        std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("no report ({e}); log:\n{log}"));
+    BuilderRun {
+        built: build.status.success(),
+        loaded: loader.status.success(),
+        report,
+        log,
+    }
+}
+
 /// The fixture flake, copied (flakes in a git repository only see tracked files) next to a
 /// static busybox.
 #[derive(Debug)]

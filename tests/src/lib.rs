@@ -306,7 +306,10 @@ pub fn success_report(tag: &str) -> String {
         image_tag: tag.into(),
         digest: format!("sha256:{}", "d".repeat(64)),
         size: 4_194_304,
-        store_path: "/nix/store/x-app".into(),
+        provenance: enbi_core::result::Provenance {
+            store_path: "/nix/store/x-app".into(),
+            ..Default::default()
+        },
         bytes_streamed: 4_194_304,
         imported: true,
         timings: Timings::default(),

@@ -190,7 +190,10 @@ async fn builder_job_succeeds_on_an_arm64_node_and_its_report_is_read() {
         image_tag: b.spec.image_tag.clone(),
         digest: format!("sha256:{}", "c".repeat(64)),
         size: 112_199_680,
-        store_path: "/nix/store/x-chog".into(),
+        provenance: enbi_core::result::Provenance {
+            store_path: "/nix/store/x-chog".into(),
+            ..Default::default()
+        },
         bytes_streamed: 112_199_680,
         imported: true,
         timings: Timings::default(),

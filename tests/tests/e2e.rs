@@ -75,10 +75,14 @@ async fn real_node_ready(client: &Client) -> bool {
 /// store through its daemon: the builder Pod sees the node's store, so `path:<store path>`
 /// is a flake URL it can read.
 fn fixture_in_store() -> String {
-    let fixture = Fixture::new();
+    flake_in_store(&Fixture::new().url())
+}
+
+/// `flake_url` added to the host's Nix store through its daemon, as `path:<store path>`.
+fn flake_in_store(flake_url: &str) -> String {
     let out = Command::new("nix")
         .args(["flake", "archive", "--json"])
-        .arg(fixture.url())
+        .arg(flake_url)
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("NIX_REMOTE", "daemon")
         .output()
@@ -247,6 +251,26 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         "{digest}"
     );
     assert!(status.image_size.is_some_and(|s| s > 0), "{status:?}");
+    // Provenance: the flake as Nix locked it, the derivation and the output it was read from.
+    let provenance = status.provenance.clone().expect("provenance");
+    assert!(
+        provenance
+            .locked_flake
+            .as_deref()
+            .is_some_and(|f| f.starts_with("path:/nix/store/") && f.contains("narHash=")),
+        "{provenance:?}"
+    );
+    assert!(
+        provenance
+            .derivation
+            .as_deref()
+            .is_some_and(|d| d.ends_with(".drv")),
+        "{provenance:?}"
+    );
+    assert!(
+        provenance.store_path.starts_with("/nix/store/"),
+        "{provenance:?}"
+    );
 
     // Its one Job ran on the real node.
     let selector = format!("enbi.hrzn.ee/nixbuild-name={}", build.name_any());
@@ -322,4 +346,180 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         .args(["--address", &socket, "-n", "k8s.io", "images", "rm"])
         .args(&ours)
         .output();
+}
+
+/// The hostile fixtures (tests/fixtures/hostile), with `targets` listing what to try on this
+/// node, added to the host's store.
+fn hostile_in_store(targets: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hostile");
+    for file in ["flake.nix", "probe.sh"] {
+        std::fs::copy(src.join(file), dir.path().join(file)).expect("copy fixture");
+    }
+    std::fs::write(dir.path().join("targets"), targets).expect("targets");
+    std::fs::create_dir(dir.path().join("bin")).expect("bin");
+    std::fs::copy(enbi_tests::host::BUSYBOX, dir.path().join("bin/busybox")).expect("busybox");
+    flake_in_store(&format!("path:{}", dir.path().display()))
+}
+
+/// Flakes whose build step and image script try to reach the node's containerd socket, a
+/// ServiceAccount token, a file of the host and services on the host's loopback: each runs as a
+/// NixBuild on the real node, and reaches none of them.
+#[tokio::test]
+async fn hostile_flakes_reach_nothing_from_the_builder() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let socket = real_node(&["socket"]);
+    real_node(&[
+        "builder-image",
+        &Operator::binary().display().to_string(),
+        BUILDER_IMAGE,
+    ]);
+    // A file only the host has, and the apiserver and kubelet health ports on host loopback.
+    let marker = tempfile::NamedTempFile::new().expect("marker");
+    let kubeconfig = std::fs::read_to_string(std::env::var("KUBECONFIG").expect("KUBECONFIG"))
+        .expect("kubeconfig");
+    let apiserver_port = kubeconfig
+        .split("https://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .expect("the apiserver's port")
+        .to_owned();
+    let targets = format!(
+        "socket {socket}\nsocket /run/containerd/containerd.sock\nfile {}\ntcp 127.0.0.1 {apiserver_port}\n",
+        marker.path().display()
+    );
+    let flake_url = hostile_in_store(&targets);
+
+    let kwok_nodes: Vec<String> = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels("type=kwok"))
+        .await
+        .expect("nodes")
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let builds = build_namespace(&client, "hostile-b").await;
+    let repel = kwok_nodes.join(",");
+    let operator = Operator::start(
+        "hostile",
+        &[
+            "--build-namespace",
+            &builds.name,
+            "--builder-image",
+            BUILDER_IMAGE,
+            "--listen-address",
+            "127.0.0.1:18088",
+            "--store-mode",
+            "node-daemon",
+            "--containerd-socket",
+            &socket,
+            "--builder-tolerations",
+            REAL_NODE_TAINT,
+            "--node-repel",
+            &repel,
+        ],
+    );
+    let app = TestNamespace::new(&client, "hostile").await;
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
+    for (package, stage) in [("probe-script", "script"), ("probe-build", "build")] {
+        let build: NixBuild = serde_json::from_value(json!({
+            "apiVersion": "enbi.hrzn.ee/v1alpha1",
+            "kind": "NixBuild",
+            "metadata": {"name": package},
+            "spec": {
+                "flakeUrl": flake_url,
+                "packageName": package,
+                "imageTag": format!("enbi.test/{package}:hostile"),
+                "system": host_system(),
+            },
+        }))
+        .expect("nixbuild");
+        nixbuilds
+            .create(&PostParams::default(), &build)
+            .await
+            .expect("create the NixBuild");
+        let done = eventually(
+            "the hostile build to end",
+            Duration::from_secs(180),
+            || async {
+                let b = nixbuilds.get(package).await.ok()?;
+                matches!(b.phase(), Phase::Failed | Phase::Succeeded).then_some(b)
+            },
+        )
+        .await;
+        let status = done.status.clone().expect("status");
+        assert_eq!(
+            (done.phase(), status.failure_reason.as_deref()),
+            (Phase::Failed, Some("BuildFailed")),
+            "{package}: {status:?}\noperator log:\n{}",
+            operator.logs()
+        );
+        let message = status.failure_message.clone().unwrap_or_default();
+        let pod = builder_pods
+            .list(&ListParams::default().labels(&format!("enbi.hrzn.ee/nixbuild-name={package}")))
+            .await
+            .expect("builder pods")
+            .items
+            .into_iter()
+            .next()
+            .expect("a builder Pod");
+        let log = builder_pods
+            .logs(
+                &pod.name_any(),
+                &LogParams {
+                    container: Some("build".into()),
+                    ..LogParams::default()
+                },
+            )
+            .await
+            .expect("the build container's log");
+        let probes: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split_once("enbi-probe: ").map(|(_, p)| p))
+            .filter(|p| p.starts_with(stage))
+            .collect();
+        eprintln!("hostile {package}: {probes:#?}\nfailure: {message}");
+        // The probes ran to their end (a fixture that does nothing proves nothing)...
+        assert!(
+            probes.iter().any(|p| p.ends_with(" done")),
+            "{package}: the probes did not run:\n{log}"
+        );
+        for want in ["token", "socket", "file", "tcp"] {
+            assert!(
+                probes
+                    .iter()
+                    .any(|p| p.contains(&format!(" blocked {want} "))),
+                "{package}: no {want} probe: {probes:?}"
+            );
+        }
+        // ...and reached nothing, nor saw containerd's socket.
+        let reached: Vec<&&str> = probes.iter().filter(|p| p.contains(" reached ")).collect();
+        assert!(reached.is_empty(), "{package} reached: {reached:?}");
+        let sockets: Vec<&&str> = probes
+            .iter()
+            .filter(|p| p.contains(" seen socket ") && p.contains("containerd"))
+            .collect();
+        assert!(sockets.is_empty(), "{package} saw: {sockets:?}");
+        // The build ends with a clear reason.
+        let says = match stage {
+            "script" => "the image stream is empty",
+            _ => "could not build",
+        };
+        assert!(message.contains(says), "{package}: {message}");
+    }
+    // Nothing was loaded.
+    let images = node_images(&socket);
+    assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+}
+
+fn host_system() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "aarch64-linux",
+        _ => "x86_64-linux",
+    }
 }

@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
 use enbi_core::result::{BuildReport, FailureReport};
 use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
-use enbi_tests::host::{Containerd, Fixture, NIX_CONFIG};
+use enbi_tests::host::{Containerd, Fixture};
 use enbi_tests::{
     OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder, jobs_for,
     require_cluster, set_node_images, wait_phase,
@@ -119,7 +118,8 @@ fn arch() -> &'static str {
     }
 }
 
-/// Runs the real builder (`enbi-operator build`) with `env`; returns its report's text.
+/// Runs the real builder Pod's containers (`enbi-operator build` and `load`) with `env`;
+/// returns the report's text.
 fn run_builder(
     containerd: &Containerd,
     fixture: &Fixture,
@@ -127,26 +127,24 @@ fn run_builder(
     tag: &str,
     env: &[(&str, String)],
 ) -> String {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let report = dir.path().join("report");
-    let output = Command::new(Operator::binary())
-        .args(["build", "--flake-url", &fixture.url()])
-        .args(["--package-name", package, "--system", &system()])
-        .args(["--image-tag", tag])
-        .arg("--containerd-address")
-        .arg(containerd.socket())
-        .arg("--termination-log")
-        .arg(&report)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("the builder runs");
-    std::fs::read_to_string(&report).unwrap_or_else(|e| {
-        panic!(
-            "no report ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    let url = fixture.url();
+    let system = system();
+    enbi_tests::host::run_builder(
+        &Operator::binary(),
+        &containerd.socket(),
+        &[
+            "build",
+            "--flake-url",
+            &url,
+            "--package-name",
+            package,
+            "--system",
+            &system,
+        ],
+        &["load", "--image-tag", tag],
+        env,
+    )
+    .report
 }
 
 /// `GET /metrics` of the operator, as text (`None` while it does not answer).
@@ -239,48 +237,77 @@ async fn builder_spans_join_the_trace_they_are_given() {
     let BuildReport::Succeeded(image) = BuildReport::parse(&report).expect("report") else {
         panic!("build failed: {report}");
     };
+    // Each container flushes its spans as it exits: its root span comes with its steps.
     let spans = collector
-        .until("the builder's spans", |s| {
-            !named(s, trace, "builder").is_empty()
+        .until("the builder's and the loader's spans", |s| {
+            !named(s, trace, "builder").is_empty() && !named(s, trace, "loader").is_empty()
         })
         .await;
     let builder = one(&spans, trace, "builder");
-    assert_eq!(
-        builder.parent_span_id, "b7ad6b7169203331",
-        "child of the given span"
-    );
-    assert_ne!(status_code(builder), "STATUS_CODE_ERROR");
-    for (key, value) in [
-        ("enbi.package", "\"stream\"".to_owned()),
-        ("enbi.system", format!("{:?}", system())),
-        ("enbi.node", "\"node-a\"".to_owned()),
-        ("enbi.image_digest", format!("{:?}", image.digest)),
-        ("enbi.image_size", format!("IntValue({})", image.size)),
+    let loader = one(&spans, trace, "loader");
+    for span in [builder, loader] {
+        assert_eq!(
+            span.parent_span_id, "b7ad6b7169203331",
+            "{} is a child of the given span",
+            span.name
+        );
+        assert_ne!(status_code(span), "STATUS_CODE_ERROR");
+        assert!(
+            attr(span, "enbi.node").contains("\"node-a\""),
+            "{}",
+            span.name
+        );
+    }
+    for (span, key, value) in [
+        (builder, "enbi.package", "\"stream\"".to_owned()),
+        (builder, "enbi.system", format!("{:?}", system())),
+        (builder, "enbi.flake_url", format!("{:?}", fixture.url())),
         (
+            builder,
+            "enbi.store_path",
+            format!("{:?}", image.provenance.store_path),
+        ),
+        (loader, "enbi.image_digest", format!("{:?}", image.digest)),
+        (
+            loader,
+            "enbi.image_size",
+            format!("IntValue({})", image.size),
+        ),
+        (
+            loader,
             "enbi.bytes_streamed",
             format!("IntValue({})", image.bytes_streamed),
         ),
-        ("enbi.flake_url", format!("{:?}", fixture.url())),
     ] {
         assert!(
-            attr(builder, key).contains(&value),
-            "{key}: {} should hold {value}",
-            attr(builder, key)
+            attr(span, key).contains(&value),
+            "{} {key}: {} should hold {value}",
+            span.name,
+            attr(span, key)
         );
     }
-    let steps: Vec<&str> = spans
-        .iter()
-        .filter(|s| s.trace_id == trace && s.parent_span_id == builder.span_id)
-        .map(|s| s.name.as_str())
-        .collect();
-    for step in ["evaluate", "build", "import", "report"] {
+    let steps = |parent: &str| -> Vec<String> {
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace && s.parent_span_id == parent)
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    let (built, loaded) = (steps(&builder.span_id), steps(&loader.span_id));
+    for step in ["evaluate", "build", "stream"] {
         assert!(
-            steps.contains(&step),
-            "step {step} under the builder span: {steps:?}"
+            built.iter().any(|s| s == step),
+            "{step} under the builder: {built:?}"
+        );
+    }
+    for step in ["import", "report"] {
+        assert!(
+            loaded.iter().any(|s| s == step),
+            "{step} under the loader: {loaded:?}"
         );
     }
 
-    // A failure marks the failing step and the builder span as errors, with the reason.
+    // A failure marks the failing step and both containers' spans as errors, with the reason.
     let parent = "00-1bf7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01";
     let failed_trace = "1bf7651916cd43dd8448eb211c80319c";
     env.retain(|(k, _)| *k != "TRACEPARENT");
@@ -300,26 +327,31 @@ async fn builder_spans_join_the_trace_they_are_given() {
         }))
     ));
     let spans = collector
-        .until("the failed builder's spans", |s| {
+        .until("the failed builder's and loader's spans", |s| {
             !named(s, failed_trace, "builder").is_empty()
+                && !named(s, failed_trace, "loader").is_empty()
         })
         .await;
-    let builder = one(&spans, failed_trace, "builder");
-    assert_eq!(status_code(builder), "STATUS_CODE_ERROR");
-    let message = builder
-        .status
-        .as_ref()
-        .map(|s| s.message.clone())
-        .unwrap_or_default();
-    assert!(message.starts_with("NotAnImage"), "{message}");
+    for name in ["builder", "loader"] {
+        let span = one(&spans, failed_trace, name);
+        assert_eq!(status_code(span), "STATUS_CODE_ERROR", "{name}");
+        let message = span
+            .status
+            .as_ref()
+            .map(|s| s.message.clone())
+            .unwrap_or_default();
+        assert!(message.starts_with("NotAnImage"), "{name}: {message}");
+    }
+    // The build made a directory, not an image: the build step failed, nothing was streamed.
     assert_eq!(
-        status_code(one(&spans, failed_trace, "import")),
-        "STATUS_CODE_ERROR"
-    );
-    assert_ne!(
         status_code(one(&spans, failed_trace, "build")),
         "STATUS_CODE_ERROR"
     );
+    assert_ne!(
+        status_code(one(&spans, failed_trace, "evaluate")),
+        "STATUS_CODE_ERROR"
+    );
+    assert!(named(&spans, failed_trace, "import").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,7 +69,10 @@ fn success_report(tag: &str) -> String {
         image_tag: tag.into(),
         digest: format!("sha256:{}", "b".repeat(64)),
         size: 4096,
-        store_path: "/nix/store/x-app".into(),
+        provenance: crate::result::Provenance {
+            store_path: "/nix/store/x-app".into(),
+            ..Default::default()
+        },
         bytes_streamed: 4096,
         imported: true,
         timings: Timings::default(),
@@ -137,6 +140,10 @@ fn success_path_records_digest_size_and_node() {
     assert_eq!(
         d.status.image_digest,
         Some(format!("sha256:{}", "b".repeat(64)))
+    );
+    assert_eq!(
+        d.status.provenance.as_ref().map(|p| p.store_path.as_str()),
+        Some("/nix/store/x-app")
     );
     assert_eq!(d.status.completion_time, Some(Time(at(60))));
     for (type_, reason) in [

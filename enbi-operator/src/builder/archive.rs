@@ -32,7 +32,14 @@ pub enum ArchiveError {
         "the archive has neither manifest.json nor index.json; it is not a Docker or OCI image archive"
     )]
     NoManifest,
-    /// Reading the image failed (a script died, a file vanished).
+    /// The stream ended early: the image script in the build container failed or was killed.
+    #[error(
+        "the image stream {0}: the image script failed or was killed; see the build container's log"
+    )]
+    CutShort(&'static str),
+    #[error("the image is over the {0}-byte limit (--max-image-bytes, ENBI_MAX_IMAGE_BYTES)")]
+    TooLarge(u64),
+    /// Reading the image failed.
     #[error("reading the image failed: {0}")]
     Read(io::Error),
     /// Writing to containerd failed: containerd's own error says why.
@@ -41,13 +48,21 @@ pub enum ArchiveError {
 }
 
 /// Copies the tar stream `input` to `output` without image names; returns the bytes written.
+/// The stream comes from the flake's code: it must be a well-formed tar of at most `limit`
+/// bytes, every JSON entry small and valid.
 ///
 /// A small tar reader of its own rather than the `tar` crate's entry API: entry data is copied
 /// in 1 MiB blocks straight from one pipe to the other (the crate copies in 8 KiB steps
 /// through two buffers), so enbi adds no measurable time to a plain `script | ctr` pipe.
 /// Extension headers (GNU long names, PAX) pass through with their entry, and are dropped
 /// with a rewritten JSON entry, whose new header needs none.
-pub fn strip_names(mut input: impl Read, mut output: impl Write) -> Result<u64, ArchiveError> {
+pub fn strip_names(
+    input: impl Read,
+    mut output: impl Write,
+    limit: u64,
+) -> Result<u64, ArchiveError> {
+    // One byte over the limit is enough to know.
+    let mut input = input.take(limit.saturating_add(1));
     let mut written = 0u64;
     let mut buffer = vec![0u8; COPY_BYTES];
     let mut pending: Vec<u8> = Vec::new();
@@ -59,9 +74,20 @@ pub fn strip_names(mut input: impl Read, mut output: impl Write) -> Result<u64, 
         *written += bytes.len() as u64;
         Ok(())
     };
+    let mut first = true;
     loop {
         let mut header = [0u8; BLOCK];
-        if !read_block(&mut input, &mut header)? || header.iter().all(|b| *b == 0) {
+        if !read_block(&mut input, &mut header)? {
+            if first {
+                return Err(ArchiveError::CutShort("is empty"));
+            }
+            if input.limit() == 0 {
+                return Err(ArchiveError::TooLarge(limit));
+            }
+            return Err(ArchiveError::CutShort("ended before the archive's end"));
+        }
+        first = false;
+        if header.iter().all(|b| *b == 0) {
             break;
         }
         if !checksum_ok(&header) {
@@ -110,7 +136,8 @@ pub fn strip_names(mut input: impl Read, mut output: impl Write) -> Result<u64, 
                 .len()
                 .min(usize::try_from(left).unwrap_or(usize::MAX));
             let n = match input.read(&mut buffer[..want]) {
-                Ok(0) => return Err(ArchiveError::NotTar(format!("{name} is cut short"))),
+                Ok(0) if input.limit() == 0 => return Err(ArchiveError::TooLarge(limit)),
+                Ok(0) => return Err(ArchiveError::CutShort("ended inside an entry")),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ArchiveError::Read(e)),
@@ -123,6 +150,9 @@ pub fn strip_names(mut input: impl Read, mut output: impl Write) -> Result<u64, 
     output.flush().map_err(ArchiveError::Write)?;
     // Read the source to its end (tar pads with zeros) so a producing script is not cut off.
     io::copy(&mut input, &mut io::sink()).map_err(ArchiveError::Read)?;
+    if input.limit() == 0 {
+        return Err(ArchiveError::TooLarge(limit));
+    }
     if !seen_manifest {
         return Err(ArchiveError::NoManifest);
     }
@@ -135,7 +165,7 @@ fn read_block(input: &mut impl Read, block: &mut [u8; BLOCK]) -> Result<bool, Ar
     while got < BLOCK {
         match input.read(&mut block[got..]) {
             Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => return Err(ArchiveError::NotTar("it ends inside a header".into())),
+            Ok(0) => return Err(ArchiveError::CutShort("ended inside a header")),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(ArchiveError::Read(e)),
@@ -152,7 +182,7 @@ fn read_small(input: &mut impl Read, padded: u64) -> Result<Vec<u8>, ArchiveErro
     }
     let mut data = vec![0u8; padded as usize];
     input.read_exact(&mut data).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ArchiveError::NotTar("it is cut short".into()),
+        io::ErrorKind::UnexpectedEof => ArchiveError::CutShort("ended inside a metadata entry"),
         _ => ArchiveError::Read(e),
     })?;
     Ok(data)
@@ -316,7 +346,7 @@ mod tests {
             ("manifest.json", manifest.as_bytes()),
         ]);
         let mut out = Vec::new();
-        let written = strip_names(input.as_slice(), &mut out).expect("rewrites");
+        let written = strip_names(input.as_slice(), &mut out, u64::MAX).expect("rewrites");
         assert_eq!(written, out.len() as u64);
         let got = entries(&out);
         assert_eq!(got[0], (long.clone(), layer));
@@ -330,7 +360,8 @@ mod tests {
     fn strips_oci_name_annotations() {
         let index = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:ab","annotations":{"io.containerd.image.name":"docker.io/library/x:1","org.opencontainers.image.ref.name":"1","keep":"me"}}]}"#;
         let mut out = Vec::new();
-        strip_names(tar(&[("index.json", index)]).as_slice(), &mut out).expect("rewrites");
+        strip_names(tar(&[("index.json", index)]).as_slice(), &mut out, u64::MAX)
+            .expect("rewrites");
         let index: Value = serde_json::from_slice(&entries(&out)[0].1).expect("json");
         assert_eq!(
             index["manifests"][0]["annotations"],
@@ -340,18 +371,44 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_an_image_archive() {
-        let mut out = Vec::new();
+        let strip = |bytes: &[u8]| strip_names(bytes, Vec::new(), u64::MAX);
         assert!(matches!(
-            strip_names(&b"#!/bin/sh\necho hello\n"[..], &mut out),
-            Err(ArchiveError::NotTar(_) | ArchiveError::NoManifest)
+            strip(&b"#!/bin/sh\necho hello\n"[..]),
+            Err(ArchiveError::CutShort(_))
         ));
+        assert!(matches!(strip(&[b'x'; 1024]), Err(ArchiveError::NotTar(_))));
         assert!(matches!(
-            strip_names(tar(&[("hello.txt", b"hi")]).as_slice(), &mut out),
+            strip(&tar(&[("hello.txt", b"hi")])),
             Err(ArchiveError::NoManifest)
         ));
         assert!(matches!(
-            strip_names(tar(&[("manifest.json", b"nope")]).as_slice(), &mut out),
+            strip(&tar(&[("manifest.json", b"nope")])),
             Err(ArchiveError::BadJson { .. })
+        ));
+        assert!(matches!(
+            strip(&[]),
+            Err(ArchiveError::CutShort("is empty"))
+        ));
+        let whole = tar(&[("config.json", &[1u8; 4096]), ("manifest.json", b"[]")]);
+        assert!(matches!(
+            strip(&whole[..3000]),
+            Err(ArchiveError::CutShort(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_images_over_the_limit() {
+        let input = tar(&[("layer.tar", &[7u8; 10_000]), ("manifest.json", b"[]")]);
+        let size = input.len() as u64;
+        assert!(strip_names(input.as_slice(), Vec::new(), size).is_ok());
+        assert!(matches!(
+            strip_names(input.as_slice(), Vec::new(), 5000),
+            Err(ArchiveError::TooLarge(5000))
+        ));
+        // Padding past the end counts too: an endless stream of zeros is refused.
+        assert!(matches!(
+            strip_names(input.as_slice(), Vec::new(), size - 1),
+            Err(ArchiveError::TooLarge(_))
         ));
     }
 }

@@ -125,6 +125,42 @@ impl Verdict {
     }
 }
 
+/// The flake as Nix locks it (`nix flake metadata --json`): the locked URL, which pins a
+/// revision or a NAR hash, to evaluate and to report as the image's provenance.
+pub fn lock(
+    flake_url: &str,
+    store: Store,
+    deadline: Instant,
+    log: &LogTail,
+) -> Result<Locked, NixError> {
+    let json = run(
+        &["flake", "metadata", "--json", flake_url],
+        flake_url,
+        store,
+        deadline,
+        log,
+    )?;
+    parse_metadata(&json).ok_or_else(|| NixError::no_output(&json))
+}
+
+/// A locked flake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locked {
+    pub url: String,
+    pub revision: Option<String>,
+    pub nar_hash: Option<String>,
+}
+
+fn parse_metadata(json: &str) -> Option<Locked> {
+    let meta: serde_json::Value = serde_json::from_str(json).ok()?;
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
+    Some(Locked {
+        url: text(meta.get("url"))?,
+        revision: text(meta.get("revision")),
+        nar_hash: text(meta.get("locked").and_then(|l| l.get("narHash"))),
+    })
+}
+
 /// Evaluates `installable` to its derivation (`nix eval --raw <installable>.drvPath`): a
 /// step of its own, so the trace shows evaluation apart from building.
 pub fn evaluate(
@@ -277,6 +313,20 @@ mod tests {
             )
             .is_build_failure()
         );
+    }
+
+    #[test]
+    fn reads_the_locked_flake() {
+        let json = r#"{"locked":{"narHash":"sha256-bZs=","rev":"8005","type":"git"},"revision":"8005","url":"git+file:///f?ref=master&rev=8005"}"#;
+        assert_eq!(
+            parse_metadata(json),
+            Some(Locked {
+                url: "git+file:///f?ref=master&rev=8005".into(),
+                revision: Some("8005".into()),
+                nar_hash: Some("sha256-bZs=".into()),
+            })
+        );
+        assert_eq!(parse_metadata(r#"{"locked":{}}"#), None);
     }
 
     #[test]

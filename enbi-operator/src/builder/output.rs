@@ -5,18 +5,22 @@
 //!   (`buildImage`, `buildLayeredImage`, `.tar` or `.tar.gz`), read directly;
 //! - anything else (a directory, another file): not an image.
 //!
-//! Gzip is recognised by its magic bytes, not by the name, in archives and script output
-//! alike, and decompressed in the stream.
+//! The build container writes the bytes as they are into the image pipe ([`stream`]); the load
+//! container recognises gzip by its magic bytes, not by a name, in archives and script output
+//! alike, and decompresses it in the stream ([`decompressed`]).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Instant;
 
 use flate2::read::MultiGzDecoder;
 
 use super::log::LogTail;
+use super::process::wait_until;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// Reading in large blocks keeps the pipe to containerd full.
@@ -45,6 +49,8 @@ pub enum OutputError {
     Unreadable { path: String, error: io::Error },
     #[error("cannot run the image script {path}: {error}")]
     Spawn { path: String, error: io::Error },
+    #[error("cannot write the image to the load container: {error}")]
+    Write { error: io::Error },
 }
 
 /// Looks at the output at `path` (following the store's symlinks).
@@ -89,7 +95,7 @@ fn is_tar_header(block: &[u8]) -> bool {
 }
 
 /// Pipe buffer for the image stream: 1 MiB (Linux's default maximum for unprivileged
-/// processes) instead of 64 KiB makes 16 times fewer wake-ups between the three processes.
+/// processes) instead of 64 KiB makes 16 times fewer wake-ups between the processes.
 const PIPE_BYTES: usize = 1 << 20;
 
 /// Enlarges a pipe's buffer, if the kernel allows (a small pipe is only slower).
@@ -97,66 +103,65 @@ pub fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
     let _ = rustix::pipe::fcntl_setpipe_size(pipe, PIPE_BYTES);
 }
 
-/// The image bytes of an output, and the script producing them, if any.
-pub struct Source {
-    pub reader: Box<dyn Read + Send>,
-    pub script: Option<Child>,
-}
-
-impl std::fmt::Debug for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source")
-            .field("script", &self.script)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Opens the image stream of `output`; the script's stderr goes to the log.
-pub fn open(output: &Output, log: &LogTail) -> Result<Source, OutputError> {
-    let (raw, script): (Box<dyn Read + Send>, _) = match output {
+/// Writes the image of `output` into `pipe` until `deadline`: the script's stdout is the pipe
+/// itself (no copy in between), an archive is copied (the kernel splices it). The script's
+/// stderr goes to the log. Returns the script's exit status (`None` past the deadline).
+pub fn stream(
+    output: &Output,
+    pipe: &File,
+    deadline: Instant,
+    log: &LogTail,
+) -> Result<Option<ExitStatus>, OutputError> {
+    match output {
         Output::Archive(path) => {
-            let file = File::open(path).map_err(|error| OutputError::Unreadable {
+            let unreadable = |error| OutputError::Unreadable {
                 path: path.display().to_string(),
                 error,
-            })?;
-            (Box::new(file), None)
+            };
+            let mut file = File::open(path).map_err(unreadable)?;
+            io::copy(&mut file, &mut &*pipe).map_err(|error| OutputError::Write { error })?;
+            Ok(Some(ExitStatus::from_raw(0)))
         }
         Output::Stream(path) => {
             let spawn = |error| OutputError::Spawn {
                 path: path.display().to_string(),
                 error,
             };
+            let stdout = pipe.try_clone().map_err(spawn)?;
             let mut child = Command::new(path)
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
+                .stdout(stdout)
                 .stderr(Stdio::piped())
                 .spawn()
                 .map_err(spawn)?;
-            if let Some(stderr) = child.stderr.take() {
-                log.forward("image script", stderr, |_| {});
-            }
-            let stdout = child
-                .stdout
+            let forward = child
+                .stderr
                 .take()
-                .ok_or_else(|| spawn(io::Error::other("no stdout pipe")))?;
-            widen_pipe(&stdout);
-            (Box::new(stdout), Some(child))
+                .map(|stderr| log.forward("image script", stderr, |_| {}));
+            let status = wait_until(&mut child, deadline).map_err(spawn)?;
+            if let Some(f) = forward {
+                let _ = f.join();
+            }
+            Ok(status)
         }
-    };
+    }
+}
+
+/// The image stream as the loader reads it: gunzipped when it starts with gzip's magic bytes.
+pub fn decompressed(raw: impl Read + Send + 'static) -> Box<dyn Read + Send> {
     let mut buffered = BufReader::with_capacity(READ_BUFFER, raw);
     let gzipped = buffered
         .fill_buf()
         .map(|head| head.starts_with(&GZIP_MAGIC))
         .unwrap_or(false);
-    let reader: Box<dyn Read + Send> = if gzipped {
+    if gzipped {
         Box::new(BufReader::with_capacity(
             READ_BUFFER,
             MultiGzDecoder::new(buffered),
         ))
     } else {
         Box::new(buffered)
-    };
-    Ok(Source { reader, script })
+    }
 }
 
 #[cfg(test)]
@@ -213,9 +218,10 @@ mod tests {
             &gz.finish().expect("gzip"),
             0o444,
         );
-        let mut source = open(&Output::Archive(path), &LogTail::default()).expect("opens");
         let mut bytes = Vec::new();
-        source.reader.read_to_end(&mut bytes).expect("reads");
+        decompressed(File::open(path).expect("opens"))
+            .read_to_end(&mut bytes)
+            .expect("reads");
         assert_eq!(bytes, tar_bytes());
     }
 }

@@ -1,5 +1,7 @@
-//! Loading the image into containerd under its tag, without a temporary file, without ever
-//! changing a tag that names another image (unless overwriting is allowed).
+//! Importing the image stream into containerd under its tag, without a temporary file, without
+//! ever changing a tag that names another image (unless overwriting is allowed). This runs in
+//! the load container; the stream comes from the build container and is checked on the way
+//! ([`archive::strip_names`]).
 //!
 //! **Knowing the digest.** A `streamLayeredImage` image has no digest until it is streamed, and
 //! an archive's manifest digest is only known once containerd has converted it. So:
@@ -21,8 +23,7 @@
 //! advertises images that have both. `--pin` adds `io.cri-containerd.pinned=pinned`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::Child;
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,11 +34,14 @@ use serde_json::Value;
 use super::archive::{self, ArchiveError};
 use super::containerd::{Ctr, CtrError};
 use super::log::LogTail;
-use super::output::{self, Output, OutputError};
+use super::output;
 use super::process::wait_until;
 
 /// Image label naming the Nix store path the image was loaded from.
 pub const STORE_PATH_LABEL: &str = "enbi.hrzn.ee/store-path";
+/// Where the image came from, as the OCI annotations name it: the locked flake and its commit.
+pub const SOURCE_LABEL: &str = "org.opencontainers.image.source";
+pub const REVISION_LABEL: &str = "org.opencontainers.image.revision";
 /// The CRI's label for images its garbage collection must keep.
 pub const PINNED_LABEL: &str = "io.cri-containerd.pinned";
 /// Prefix of temporary image names.
@@ -48,11 +52,7 @@ pub enum LoadError {
     #[error(transparent)]
     Ctr(#[from] CtrError),
     #[error(transparent)]
-    Output(#[from] OutputError),
-    #[error(transparent)]
     Archive(#[from] ArchiveError),
-    #[error("the image script exited with {status}; see its output in the log")]
-    Script { status: String },
     #[error("containerd refused the image: {0}")]
     Import(String),
     #[error("loading the image ran past {0:?}; raise --import-timeout (ENBI_IMPORT_TIMEOUT)")]
@@ -74,13 +74,12 @@ pub enum LoadError {
 impl LoadError {
     pub fn reason(&self) -> FailureReason {
         match self {
-            LoadError::Output(OutputError::Spawn { .. }) | LoadError::Script { .. } => {
+            LoadError::ImageCount(_) => FailureReason::NotAnImage,
+            // The stream stopped: the build container's image script failed or was killed.
+            LoadError::Archive(ArchiveError::Read(_) | ArchiveError::CutShort(_)) => {
                 FailureReason::BuildFailed
             }
-            LoadError::Output(_) | LoadError::ImageCount(_) => FailureReason::NotAnImage,
-            LoadError::Archive(ArchiveError::Write(_) | ArchiveError::Read(_)) => {
-                FailureReason::ImportFailed
-            }
+            LoadError::Archive(ArchiveError::Write(_)) => FailureReason::ImportFailed,
             LoadError::Archive(_) => FailureReason::NotAnImage,
             LoadError::Timeout(_) => FailureReason::DeadlineExceeded,
             LoadError::TagConflict { .. } => FailureReason::TagConflict,
@@ -97,10 +96,14 @@ pub struct Request<'a> {
     /// The normalised image tag.
     pub tag: &'a str,
     pub store_path: &'a str,
-    pub output: &'a Output,
+    /// The locked flake and its revision, as `org.opencontainers.image.source`/`.revision`.
+    pub source: Option<&'a str>,
+    pub revision: Option<&'a str>,
     pub pin: bool,
     pub allow_overwrite: bool,
     pub timeout: Duration,
+    /// The most image bytes to read from the stream.
+    pub max_bytes: u64,
 }
 
 /// The loaded image.
@@ -113,8 +116,14 @@ pub struct Loaded {
     pub imported: bool,
 }
 
-/// Loads the image of `request` into containerd.
-pub fn load(ctr: &Ctr, request: &Request, log: &LogTail) -> Result<Loaded, LoadError> {
+/// Loads the image of `request`, read from `stream`, into containerd. When the tag already holds
+/// this build's image, the stream is dropped unread (the build container then stops writing).
+pub fn load(
+    ctr: &Ctr,
+    request: &Request,
+    stream: Box<dyn Read + Send>,
+    log: &LogTail,
+) -> Result<Loaded, LoadError> {
     ctr.check_socket()?;
     let deadline = Instant::now() + request.timeout;
     if let Some(existing) = ctr.image(request.tag)?
@@ -144,7 +153,7 @@ pub fn load(ctr: &Ctr, request: &Request, log: &LogTail) -> Result<Loaded, LoadE
     }
 
     let base = temporary_base();
-    let result = import_and_tag(ctr, request, &base, deadline, log);
+    let result = import_and_tag(ctr, request, stream, &base, deadline, log);
     // The temporary name goes in every case; on failure containerd's GC drops the content.
     match ctr.names_with_prefix(&format!("{base}@")) {
         Ok(names) => {
@@ -171,11 +180,12 @@ fn temporary_base() -> String {
 fn import_and_tag(
     ctr: &Ctr,
     request: &Request,
+    stream: Box<dyn Read + Send>,
     base: &str,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<Loaded, LoadError> {
-    let (bytes_streamed, temporary) = import(ctr, request, base, deadline, log)?;
+    let (bytes_streamed, temporary) = import(ctr, request, stream, base, deadline, log)?;
     let digest = temporary
         .split_once('@')
         .map(|(_, d)| d.to_owned())
@@ -242,6 +252,15 @@ fn image_labels(request: &Request) -> BTreeMap<String, String> {
     if request.pin {
         labels.insert(PINNED_LABEL.to_owned(), "pinned".to_owned());
     }
+    let provenance = [
+        (SOURCE_LABEL, request.source),
+        (REVISION_LABEL, request.revision),
+    ];
+    for (key, value) in provenance {
+        if let Some(value) = value {
+            labels.insert(key.to_owned(), value.to_owned());
+        }
+    }
     labels
 }
 
@@ -251,11 +270,12 @@ fn digest_reference(tag: &str, digest: &str) -> String {
     format!("{registry}/{repository}@{digest}")
 }
 
-/// Streams the output into `ctr images import`; returns the bytes streamed and the temporary
+/// Streams the image into `ctr images import`; returns the bytes streamed and the temporary
 /// image name.
 fn import(
     ctr: &Ctr,
     request: &Request,
+    stream: Box<dyn Read + Send>,
     base: &str,
     deadline: Instant,
     log: &LogTail,
@@ -281,20 +301,10 @@ fn import(
         return Err(LoadError::Import("ctr has no stdin".into()));
     };
     output::widen_pipe(&stdin);
-    let source = match output::open(request.output, log) {
-        Ok(source) => source,
-        Err(e) => {
-            drop(stdin);
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
-        }
-    };
-    let mut script: Option<Child> = source.script;
-    let reader = source.reader;
+    let max_bytes = request.max_bytes;
     let pump = std::thread::spawn(move || {
         let mut stdin = stdin;
-        let result = archive::strip_names(reader, &mut stdin);
+        let result = archive::strip_names(output::decompressed(stream), &mut stdin, max_bytes);
         let _ = stdin.flush();
         result
     });
@@ -307,24 +317,15 @@ fn import(
     let pumped = pump
         .join()
         .unwrap_or_else(|_| Err(ArchiveError::Write(std::io::Error::other("pump panicked"))));
-    let script_status = match script.as_mut() {
-        Some(s) => wait_until(s, deadline.max(Instant::now() + Duration::from_secs(5)))
-            .map_err(|e| LoadError::Import(e.to_string()))?,
-        None => None,
-    };
     let Some(status) = status else {
         return Err(LoadError::Timeout(request.timeout));
     };
-    // A malformed stream explains ctr's failure better than ctr does.
+    // A malformed or cut stream explains ctr's failure better than ctr does; a write that
+    // failed because ctr stopped does not.
     let bytes = match pumped {
         Ok(bytes) => bytes,
-        Err(
-            e @ (ArchiveError::NotTar(_) | ArchiveError::BadJson { .. } | ArchiveError::NoManifest),
-        ) => {
-            return Err(e.into());
-        }
-        Err(e) if status.success() => return Err(e.into()),
-        Err(_) => 0,
+        Err(ArchiveError::Write(_)) if !status.success() => 0,
+        Err(e) => return Err(e.into()),
     };
     if !status.success() {
         let stderr = stderr_text
@@ -335,13 +336,6 @@ fn import(
             "ctr images import exited with {status}: {}",
             stderr.trim()
         )));
-    }
-    if let Some(s) = script_status
-        && !s.success()
-    {
-        return Err(LoadError::Script {
-            status: s.to_string(),
-        });
     }
     let names = ctr.names_with_prefix(&format!("{base}@"))?;
     match names.as_slice() {
