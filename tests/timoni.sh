@@ -303,8 +303,8 @@ has "timoni status: the module version" "module ${repo}:0\.1\.0" "$work/status"
 has "timoni status: the digest pushed for 0.1.0" "digest $d1" "$work/status"
 has "timoni status: the Deployment is Current" "Deployment/$ns/enbi-operator Current" "$work/status"
 tm inspect resources "$instance" -n "$ns" > "$work/resources" 2>&1 || true
-has "the inventory has the test Job" "^job/enbi-test[[:space:]]+$ns[[:space:]]" "$work/resources"
-has "the inventory has the CRD" "^customresourcedefinition/$crd[[:space:]]" "$work/resources"
+has "the inventory has the test Job" "^job/enbi-test[[:space:]]+${ns}[[:space:]]" "$work/resources"
+has "the inventory has the CRD" "^customresourcedefinition/${crd}[[:space:]]" "$work/resources"
 
 echo "== RBAC of $sa"
 can() { "$kubectl" auth can-i --as="$sa" "$@" 2> /dev/null; }
