@@ -7,6 +7,8 @@ CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 K8S_VERSION="${ENBI_K8S_VERSION:-v1.35.4}"
 KWOK_VERSION="${ENBI_KWOK_VERSION:-v0.8.0}"
 ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.16}"
+# The CNCF registry (github.com/distribution/distribution/v3), see ./registry.
+REGISTRY_VERSION="${ENBI_REGISTRY_VERSION:-v3.1.1}"
 
 # Binary cache, outside the checkout, keyed by component and version.
 ENBI_CACHE="${ENBI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/enbi}"
@@ -14,6 +16,7 @@ BIN_CACHE="$ENBI_CACHE/bin"
 K8S_BIN="$BIN_CACHE/kubernetes-$K8S_VERSION"
 KWOK_BIN="$BIN_CACHE/kwok-$KWOK_VERSION"
 ETCD_BIN="$BIN_CACHE/etcd-$ETCD_VERSION"
+REGISTRY_BIN="$BIN_CACHE/registry-$REGISTRY_VERSION"
 # kwok-images is built from ./kwok-images; keyed by a hash of its sources.
 KWOK_IMAGES_HASH="$(cat "$CLUSTER_DIR"/kwok-images/{go.mod,go.sum,*.go} | sha256sum | cut -c1-12)"
 KWOK_IMAGES_BIN="$BIN_CACHE/kwok-images-$KWOK_IMAGES_HASH"
@@ -35,6 +38,9 @@ SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-20259}"
 KWOK_PORT="${ENBI_KWOK_PORT:-20247}"
 KUBELET_PORT="${ENBI_KUBELET_PORT:-20250}"
 KUBELET_HEALTHZ_PORT="${ENBI_KUBELET_HEALTHZ_PORT:-20248}"
+# The local OCI registry (plain HTTP), see ./registry.
+REGISTRY_PORT="${ENBI_REGISTRY_PORT:-25000}"
+REGISTRY_ADDR="127.0.0.1:$REGISTRY_PORT"
 
 SERVICE_CIDR="10.96.0.0/16"
 CLUSTER_CIDR="10.244.0.0/16"
