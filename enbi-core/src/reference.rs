@@ -10,6 +10,11 @@ const DEFAULT_DOMAIN: &str = "docker.io";
 /// The fully qualified form of an image reference: domain, `library/` for official images,
 /// `:latest` when neither tag nor digest is given. Anything unparsable is returned as is (it
 /// then matches nothing but itself).
+///
+/// The domain is the first component, as distribution/reference's `splitDockerDomain` decides:
+/// when a `/` follows it and it is `localhost` or has a `.`, a `:` or an uppercase letter (Docker
+/// Hub namespaces are lowercase); otherwise the image is on Docker Hub. Like
+/// `ParseNormalizedNamed`, a tag and a digest given together are both kept.
 pub fn normalise(reference: &str) -> String {
     let reference = reference.trim();
     let (name, digest) = match reference.split_once('@') {
@@ -23,9 +28,7 @@ pub fn normalise(reference: &str) -> String {
         None => (name, None),
     };
     let (domain, remainder) = match path.split_once('/') {
-        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
-            (first, rest.to_owned())
-        }
+        Some((first, rest)) if is_domain(first) => (first, rest.to_owned()),
         Some(_) => (DEFAULT_DOMAIN, path.to_owned()),
         None => (DEFAULT_DOMAIN, format!("library/{path}")),
     };
@@ -44,6 +47,11 @@ pub fn normalise(reference: &str) -> String {
         (None, Some(d)) => format!("{domain}/{remainder}@{d}"),
         (None, None) => format!("{domain}/{remainder}:latest"),
     }
+}
+
+/// Whether the first component of a reference with more than one names a registry.
+fn is_domain(first: &str) -> bool {
+    first == "localhost" || first.contains(['.', ':']) || first.to_lowercase() != first
 }
 
 /// Whether two references name the same image once normalised.
@@ -94,6 +102,19 @@ mod tests {
                 "registry.example:443/a/b/c:t",
                 "registry.example:443/a/b/c:t",
             ),
+            // An uppercase first component is a registry, not a Docker Hub namespace.
+            ("Foo/bar:1", "Foo/bar:1"),
+            ("Registry.Example/app:1", "Registry.Example/app:1"),
+            ("[::1]:5000/app:1", "[::1]:5000/app:1"),
+            ("[2001:db8::1]/team/app:1", "[2001:db8::1]/team/app:1"),
+            ("192.168.1.10:5000/app:v1", "192.168.1.10:5000/app:v1"),
+            ("docker.io/app:1", "docker.io/library/app:1"),
+            ("index.docker.io/app:1", "docker.io/library/app:1"),
+            ("team/app__x:1", "docker.io/team/app__x:1"),
+            // No `/`: a Docker Hub name with a tag, not a registry.
+            ("localhost:5000", "docker.io/library/localhost:5000"),
+            // Not a host (`_`): distribution keeps it as the path, with no domain; the text is the same.
+            ("my_registry.example/app:1", "my_registry.example/app:1"),
         ] {
             assert_eq!(normalise(given), want, "{given}");
         }
@@ -127,6 +148,20 @@ mod tests {
         assert_eq!(
             registry_and_repository(&format!("r.example/app@{D}")),
             ("r.example".into(), "app".into())
+        );
+        assert_eq!(
+            registry_and_repository("Foo/bar:1"),
+            ("Foo".into(), "bar".into())
+        );
+        assert_eq!(
+            registry_and_repository("[::1]:5000/a/b:t"),
+            ("[::1]:5000".into(), "a/b".into())
+        );
+        // distribution gives no domain here (the path is the whole name); the label keeps the
+        // registry as the text before the first `/`, as for every other name.
+        assert_eq!(
+            registry_and_repository("my_registry.example/app:1"),
+            ("my_registry.example".into(), "app".into())
         );
     }
 

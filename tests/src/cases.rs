@@ -11,18 +11,21 @@ pub struct FieldCase {
     repeat: Option<String>,
     #[serde(default)]
     times: usize,
+    #[serde(default)]
+    suffix: String,
     pub valid: bool,
 }
 
 impl FieldCase {
     pub fn value(&self) -> String {
         format!(
-            "{}{}",
+            "{}{}{}",
             self.value,
             self.repeat
                 .as_deref()
                 .unwrap_or_default()
-                .repeat(self.times)
+                .repeat(self.times),
+            self.suffix
         )
     }
 }
