@@ -194,8 +194,6 @@ fn import_and_tag(
         "enbi",
         &format!("imported {bytes_streamed} bytes as {digest}"),
     );
-    // Labels go on the temporary name first: tagging copies them.
-    ctr.label_image(&temporary, &image_labels(request))?;
     let size = label_content(ctr, request.tag, &digest)?;
 
     let mut imported = true;
@@ -210,10 +208,7 @@ fn import_and_tag(
                 }
             }
         }
-        Some(existing) if existing.digest == digest => {
-            ctr.label_image(request.tag, &image_labels(request))?;
-            imported = false;
-        }
+        Some(existing) if existing.digest == digest => imported = false,
         Some(existing) if request.allow_overwrite => {
             log.line(
                 "enbi",
@@ -230,6 +225,8 @@ fn import_and_tag(
         }
         Some(existing) => return Err(conflict(request, &existing.digest, &digest)),
     }
+    // Labelled once tagged: containerd 2.x's `ctr images tag` does not copy labels (1.6 did).
+    ctr.label_image(request.tag, &image_labels(request))?;
     ctr.tag(request.tag, &digest_reference(request.tag, &digest), true)?;
     Ok(Loaded {
         digest,
@@ -338,9 +335,34 @@ fn import(
         )));
     }
     let names = ctr.names_with_prefix(&format!("{base}@"))?;
-    match names.as_slice() {
-        [one] => Ok((bytes, one.clone())),
-        other => Err(LoadError::ImageCount(other.len())),
+    Ok((bytes, the_image(ctr, names)?))
+}
+
+/// The one image among the names an import created. containerd 1.6 names one image per
+/// archive; 2.x (the transfer service) also names the index it wraps a Docker archive in, and
+/// the manifests of an OCI index. The image is the only manifest (as 1.6 names it, so digests
+/// stay the same across containerd versions), else the only index.
+fn the_image(ctr: &Ctr, names: Vec<String>) -> Result<String, LoadError> {
+    if let [one] = names.as_slice() {
+        return Ok(one.clone());
+    }
+    let (mut manifests, mut indexes) = (vec![], vec![]);
+    for name in &names {
+        let digest = name.split_once('@').map(|(_, d)| d).unwrap_or_default();
+        let json: Value =
+            serde_json::from_slice(&ctr.content(digest)?).map_err(|e| LoadError::Manifest {
+                digest: digest.to_owned(),
+                error: e.to_string(),
+            })?;
+        if json.get("manifests").is_some() {
+            indexes.push(name.clone());
+        } else {
+            manifests.push(name.clone());
+        }
+    }
+    match (manifests.as_slice(), indexes.as_slice()) {
+        ([one], _) | (_, [one]) => Ok(one.clone()),
+        _ => Err(LoadError::ImageCount(names.len())),
     }
 }
 
