@@ -9,6 +9,8 @@ KWOK_VERSION="${ENBI_KWOK_VERSION:-v0.8.0}"
 ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.16}"
 # The CNCF registry (github.com/distribution/distribution/v3), see ./registry.
 REGISTRY_VERSION="${ENBI_REGISTRY_VERSION:-v3.1.1}"
+# The real nodes' containerd (github.com/containerd/containerd/v2, built into the cache).
+CONTAINERD_VERSION="${ENBI_CONTAINERD_VERSION:-v2.4.2}"
 
 # Binary cache, outside the checkout, keyed by component and version.
 ENBI_CACHE="${ENBI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/enbi}"
@@ -17,6 +19,7 @@ K8S_BIN="$BIN_CACHE/kubernetes-$K8S_VERSION"
 KWOK_BIN="$BIN_CACHE/kwok-$KWOK_VERSION"
 ETCD_BIN="$BIN_CACHE/etcd-$ETCD_VERSION"
 REGISTRY_BIN="$BIN_CACHE/registry-$REGISTRY_VERSION"
+CONTAINERD_BIN="$BIN_CACHE/containerd-$CONTAINERD_VERSION"
 # kwok-images is built from ./kwok-images; keyed by a hash of its sources.
 KWOK_IMAGES_HASH="$(cat "$CLUSTER_DIR"/kwok-images/{go.mod,go.sum,*.go} | sha256sum | cut -c1-12)"
 KWOK_IMAGES_BIN="$BIN_CACHE/kwok-images-$KWOK_IMAGES_HASH"
@@ -44,6 +47,39 @@ REGISTRY_ADDR="127.0.0.1:$REGISTRY_PORT"
 
 SERVICE_CIDR="10.96.0.0/16"
 CLUSTER_CIDR="10.244.0.0/16"
+# The `kubernetes` Service's ClusterIP (the first address of SERVICE_CIDR).
+APISERVER_SERVICE_IP="${SERVICE_CIDR%.0/*}.1"
+
+# --- real nodes (tests/cluster/real-node) ---------------------------------------------------
+# Every host-wide name a cluster's real nodes use (network namespaces, bridge, veths, addresses,
+# cgroups, /run dirs, iptables comments) derives from CLUSTER_ID, by default a hash of the
+# state directory, so that two clusters with different state dirs never clash on one machine.
+CLUSTER_ID="${ENBI_CLUSTER_ID:-$(printf '%s' "$STATE_DIR" | sha256sum | cut -c1-6)}"
+[[ "$CLUSTER_ID" =~ ^[a-z0-9]{1,6}$ ]] || { echo "ENBI_CLUSTER_ID must be 1-6 of [a-z0-9]" >&2; exit 1; }
+REAL_NODES="${ENBI_REAL_NODES:-2}"
+if ! [[ "$REAL_NODES" =~ ^[1-9][0-9]?$ ]] || ((REAL_NODES > 50)); then
+  echo "ENBI_REAL_NODES must be 1..50" >&2; exit 1
+fi
+# The nodes' private /16 (ENBI_NODE_NET, e.g. 10.150.0.0/16): the host bridge has .0.1, node i
+# .0.(10+i), node i's Pods .(i+1).0/24. By default 10.100-199 from a hash of CLUSTER_ID: clear of
+# the Service CIDR (10.96), kwok's Pod CIDR (10.244) and the old single real node (10.89,
+# 10.254); `real-node up` refuses a /16 that this machine already routes elsewhere.
+NODE_NET="${ENBI_NODE_NET:-10.$((100 + 0x$(printf '%s' "$CLUSTER_ID" | sha256sum | cut -c1-4) % 100)).0.0/16}"
+[[ "$NODE_NET" =~ ^(10\.[0-9]{1,3})\.0\.0/16$ ]] || { echo "ENBI_NODE_NET must be 10.X.0.0/16" >&2; exit 1; }
+NODE_NET_PREFIX="${BASH_REMATCH[1]}"
+NODE_BRIDGE="enb$CLUSTER_ID"                 # host bridge joining the nodes (<= 15 chars)
+NODE_BRIDGE_IP="$NODE_NET_PREFIX.0.1"        # the host on it: where kubelets reach the apiserver
+NODE_RUN_DIR="/run/enbi-$CLUSTER_ID"         # sockets and runtime state (short unix socket paths)
+NODE_CGROUP_ROOT="/enbi-$CLUSTER_ID"         # parent of every node's cgroupRoot
+NODE_NAT_COMMENT="enbi-$CLUSTER_ID-apiserver" # the host's iptables rule(s)
+# Per node I (0-based): name, netns, host-side veth, IP, Pod subnet, run dir, cgroupRoot.
+node_name() { echo "enbi-real-$1"; }
+node_netns() { echo "enbi-$CLUSTER_ID-$1"; }
+node_veth() { echo "enb$CLUSTER_ID-$1"; }
+node_ip() { echo "$NODE_NET_PREFIX.0.$((10 + $1))"; }
+node_pod_subnet() { echo "$NODE_NET_PREFIX.$(($1 + 1)).0/24"; }
+node_run_dir() { echo "$NODE_RUN_DIR/$1"; }
+node_cgroup_root() { echo "$NODE_CGROUP_ROOT/$(node_name "$1")"; }
 
 # etcd: "system" (Debian's etcd-server, /usr/bin/etcd) or "build" ($ETCD_VERSION
 # built from go.etcd.io/etcd/server/v3 into the cache).
@@ -56,6 +92,19 @@ etcd_binary() {
     system) command -v etcd || { [[ -x /usr/bin/etcd ]] && echo /usr/bin/etcd; } ;;
     build) [[ -x "$ETCD_BIN/etcd" ]] && echo "$ETCD_BIN/etcd" ;;
     *) echo "ENBI_ETCD must be system or build" >&2; return 1 ;;
+  esac
+}
+
+# The real nodes' containerd: "build" ($CONTAINERD_VERSION built into the cache: containerd,
+# ctr, containerd-shim-runc-v2) or "debian" (Debian's containerd package, 1.6 on bookworm; a
+# legacy check only: containerd 1.x is end of life and Kubernetes 1.36 drops it).
+CONTAINERD_SOURCE="${ENBI_CONTAINERD:-build}"
+# containerd_dir: the directory holding containerd, ctr and containerd-shim-runc-v2.
+containerd_dir() {
+  case "$CONTAINERD_SOURCE" in
+    build) echo "$CONTAINERD_BIN" ;;
+    debian) dirname "$(command -v containerd || echo /usr/bin/containerd)" ;;
+    *) echo "ENBI_CONTAINERD must be build or debian" >&2; return 1 ;;
   esac
 }
 
