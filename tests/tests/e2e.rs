@@ -144,14 +144,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     let tag = format!("enbi.test/e2e-stream:{nanos:x}");
 
     // Builds go to the real node: it is tolerated, and every fake node is repelled.
-    let kwok_nodes: Vec<String> = Api::<Node>::all(client.clone())
-        .list(&ListParams::default().labels("type=kwok"))
-        .await
-        .expect("nodes")
-        .items
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
+    let kwok_nodes = other_nodes(&client).await;
     let builds = build_namespace(&client, "e2e-b").await;
     let repel = kwok_nodes.join(",");
     let operator = Operator::start(
@@ -394,14 +387,7 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     );
     let flake_url = hostile_in_store(&targets);
 
-    let kwok_nodes: Vec<String> = Api::<Node>::all(client.clone())
-        .list(&ListParams::default().labels("type=kwok"))
-        .await
-        .expect("nodes")
-        .items
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
+    let kwok_nodes = other_nodes(&client).await;
     let builds = build_namespace(&client, "hostile-b").await;
     let repel = kwok_nodes.join(",");
     let operator = Operator::start(
@@ -515,6 +501,21 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     // Nothing was loaded.
     let images = node_images(&socket);
     assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+}
+
+/// Every node but the real node the tests use: builds are repelled from them. (The real nodes
+/// share this machine's file system, so each has its own containerd socket path; a builder
+/// elsewhere would mount the wrong one.)
+async fn other_nodes(client: &Client) -> Vec<String> {
+    Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .filter(|n| n != REAL_NODE)
+        .collect()
 }
 
 fn host_system() -> &'static str {
