@@ -462,14 +462,19 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
             .any(|s| attr(s, "enbi.next_phase").contains("Succeeded")
                 && attr(s, "enbi.reason").contains("ResultSuccess"))
     );
+    // The builder Pod's two containers: both children of the build's root span.
     let builder = one(&spans, &trace, "builder");
+    let loader = one(&spans, &trace, "loader");
     assert_eq!(builder.parent_span_id, root_id);
-    assert!(
-        spans
+    assert_eq!(loader.parent_span_id, root_id);
+    let parent_of = |name: &str| -> Vec<&str> {
+        named(&spans, &trace, name)
             .iter()
-            .filter(|s| s.name == "import" || s.name == "evaluate")
-            .all(|s| s.trace_id != trace || s.parent_span_id == builder.span_id)
-    );
+            .map(|s| s.parent_span_id.as_str())
+            .collect()
+    };
+    assert_eq!(parent_of("evaluate"), [builder.span_id.as_str()]);
+    assert_eq!(parent_of("import"), [loader.span_id.as_str()]);
     assert!(
         root.start_time_unix_nano <= reconciles[0].start_time_unix_nano
             && root.end_time_unix_nano >= builder.end_time_unix_nano,
@@ -680,13 +685,13 @@ async fn builder_spans_also_go_over_http_protobuf() {
     ));
     let mut names = vec![];
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !names.iter().any(|n| n == "builder") {
+    while !(names.iter().any(|n| n == "builder") && names.iter().any(|n| n == "loader")) {
         match tokio::time::timeout_at(deadline, received.recv()).await {
             Ok(Some(name)) => names.push(name),
-            _ => panic!("no builder span over HTTP; got {names:?}"),
+            _ => panic!("no builder and loader spans over HTTP; got {names:?}"),
         }
     }
-    for step in ["evaluate", "build", "import", "report"] {
+    for step in ["evaluate", "build", "stream", "import", "report"] {
         assert!(names.contains(&step.to_owned()), "{step} in {names:?}");
     }
 }
