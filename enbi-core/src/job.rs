@@ -333,6 +333,11 @@ pub fn render(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    // `kubectl logs job/<name>` shows the build's log (nix's output).
+                    annotations: Some(BTreeMap::from([(
+                        "kubectl.kubernetes.io/default-container".into(),
+                        BUILD_CONTAINER.into(),
+                    )])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
