@@ -147,25 +147,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     let kwok_nodes = other_nodes(&client).await;
     let builds = build_namespace(&client, "e2e-b").await;
     let repel = kwok_nodes.join(",");
-    let operator = Operator::start(
-        "e2e",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--builder-image",
-            BUILDER_IMAGE,
-            "--listen-address",
-            "127.0.0.1:18087",
-            "--store-mode",
-            "node-daemon",
-            "--containerd-socket",
-            &socket,
-            "--builder-tolerations",
-            REAL_NODE_TAINT,
-            "--node-repel",
-            &repel,
-        ],
-    );
+    let operator = start_operator("e2e", &builds.name, &socket, "127.0.0.1:18087", &repel);
 
     let app = TestNamespace::new(&client, "e2e-app").await;
     let pod: Pod = serde_json::from_value(json!({
@@ -391,25 +373,7 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     let kwok_nodes = other_nodes(&client).await;
     let builds = build_namespace(&client, "hostile-b").await;
     let repel = kwok_nodes.join(",");
-    let operator = Operator::start(
-        "hostile",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--builder-image",
-            BUILDER_IMAGE,
-            "--listen-address",
-            "127.0.0.1:18088",
-            "--store-mode",
-            "node-daemon",
-            "--containerd-socket",
-            &socket,
-            "--builder-tolerations",
-            REAL_NODE_TAINT,
-            "--node-repel",
-            &repel,
-        ],
-    );
+    let operator = start_operator("hostile", &builds.name, &socket, "127.0.0.1:18088", &repel);
     let app = TestNamespace::new(&client, "hostile").await;
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
@@ -510,6 +474,29 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     // Nothing was loaded.
     let images = node_images(&socket);
     assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+}
+
+/// An operator whose builders run on the real node through its Nix daemon, into `socket`.
+fn start_operator(name: &str, builds: &str, socket: &str, listen: &str, repel: &str) -> Operator {
+    Operator::start(
+        name,
+        &[
+            "--build-namespace",
+            builds,
+            "--builder-image",
+            BUILDER_IMAGE,
+            "--listen-address",
+            listen,
+            "--store-mode",
+            "node-daemon",
+            "--containerd-socket",
+            socket,
+            "--builder-tolerations",
+            REAL_NODE_TAINT,
+            "--node-repel",
+            repel,
+        ],
+    )
 }
 
 /// Every node but the real node the tests use: builds are repelled from them. (The real nodes

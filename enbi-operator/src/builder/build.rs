@@ -17,7 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::log::LogTail;
 use super::nix::{self, NixError, Store};
 use super::output::{self, OutputError};
-use super::pipe::{self, PipeError, Watch};
+use super::pipe::{self, Watch};
 use super::{join_trace, millis, step};
 
 /// Build a flake's image output and write it into the image pipe (a builder Pod's `build`
@@ -193,8 +193,6 @@ enum HandOverError {
     Pipe(std::io::Error),
     #[error(transparent)]
     Output(#[from] OutputError),
-    #[error(transparent)]
-    Open(#[from] PipeError),
 }
 
 /// Writes the handoff line and, after a build, the image. A loader that stops reading (it
