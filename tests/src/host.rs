@@ -223,12 +223,20 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// A fresh copy (a test-only helper: a failed copy panics, so no `Default`).
+    /// A fresh copy of `tests/fixtures/images` (a test-only helper: a failed copy panics, so
+    /// no `Default`).
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
+        Self::of("images", &["flake.nix", "parts.sh"])
+    }
+
+    /// A fresh copy of `files` of `tests/fixtures/<name>`, next to `bin/busybox`.
+    pub fn of(name: &str, files: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
-        for file in ["flake.nix", "parts.sh"] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name);
+        for file in files {
             std::fs::copy(src.join(file), dir.path().join(file)).expect("copy fixture");
         }
         std::fs::create_dir(dir.path().join("bin")).expect("bin");

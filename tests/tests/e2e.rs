@@ -130,12 +130,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         return;
     }
     let _serial = OPERATOR_LOCK.lock().await;
-    let socket = real_node(&["socket"]);
-    real_node(&[
-        "builder-image",
-        &Operator::binary().display().to_string(),
-        BUILDER_IMAGE,
-    ]);
+    let socket = builder_image_on_real_node();
     let flake_url = fixture_in_store();
     // A tag of this run only, so that the image is missing at first.
     let nanos = std::time::SystemTime::now()
@@ -326,15 +321,9 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
 /// The hostile fixtures (tests/fixtures/hostile), with `targets` listing what to try on this
 /// node, added to the host's store.
 fn hostile_in_store(targets: &str) -> String {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hostile");
-    for file in ["flake.nix", "probe.sh"] {
-        std::fs::copy(src.join(file), dir.path().join(file)).expect("copy fixture");
-    }
-    std::fs::write(dir.path().join("targets"), targets).expect("targets");
-    std::fs::create_dir(dir.path().join("bin")).expect("bin");
-    std::fs::copy(enbi_tests::host::BUSYBOX, dir.path().join("bin/busybox")).expect("busybox");
-    flake_in_store(&format!("path:{}", dir.path().display()))
+    let fixture = Fixture::of("hostile", &["flake.nix", "probe.sh"]);
+    std::fs::write(fixture.dir.path().join("targets"), targets).expect("targets");
+    flake_in_store(&fixture.url())
 }
 
 /// Flakes whose build step and image script try to reach the node's containerd socket, a
@@ -348,13 +337,8 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
         return;
     }
     let _serial = OPERATOR_LOCK.lock().await;
-    let socket = real_node(&["socket"]);
-    real_node(&[
-        "builder-image",
-        &Operator::binary().display().to_string(),
-        BUILDER_IMAGE,
-    ]);
-    // A file only the host has, and the apiserver and kubelet health ports on host loopback.
+    let socket = builder_image_on_real_node();
+    // A file only the host has, and the apiserver's port on host loopback.
     let marker = tempfile::NamedTempFile::new().expect("marker");
     let kubeconfig = std::fs::read_to_string(std::env::var("KUBECONFIG").expect("KUBECONFIG"))
         .expect("kubeconfig");
@@ -474,6 +458,17 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     // Nothing was loaded.
     let images = node_images(&socket);
     assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+}
+
+/// Imports the builder image made of this operator into the real nodes; returns the containerd
+/// socket of the one the tests use.
+fn builder_image_on_real_node() -> String {
+    real_node(&[
+        "builder-image",
+        &Operator::binary().display().to_string(),
+        BUILDER_IMAGE,
+    ]);
+    real_node(&["socket"])
 }
 
 /// An operator whose builders run on the real node through its Nix daemon, into `socket`.
