@@ -93,6 +93,10 @@ pub struct NixBuildStatus {
     /// Where the image came from: the locked flake, the derivation and its output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provenance: Option<crate::result::Provenance>,
+    /// The nodes enbi loaded the image on (the build node first) or is loading it on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub image_nodes: Vec<ImageNode>,
     /// `Ready` (kstatus), `Success` and `Complete` (as the first enbi reported them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -120,6 +124,38 @@ pub struct NixBuildStatus {
     pub start_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+}
+
+/// The image on one node.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageNode {
+    pub node: String,
+    pub state: ImageNodeState,
+    /// Load Jobs started for this node so far (0 on the build node, which the build loaded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub loads: u32,
+    /// When the image was loaded there (Loaded), the load began (Loading) or failed (Failed).
+    pub since: Time,
+    /// The image digest on that node, when it differs from the build's (a build that is not
+    /// reproducible made another image there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Why the last load failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Whether a node holds the image, as enbi last saw it.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageNodeState {
+    /// A load Job is putting the image on the node.
+    Loading,
+    /// enbi put the image on the node (it may have been removed since, e.g. unpinned and
+    /// collected; a Pod waiting there makes enbi load it again).
+    Loaded,
+    /// The last load failed; `message` says why.
+    Failed,
 }
 
 fn is_zero(n: &u32) -> bool {

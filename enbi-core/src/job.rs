@@ -39,6 +39,11 @@ pub const LABEL_BUILD_NAMESPACE: &str = "enbi.hrzn.ee/nixbuild-namespace";
 pub const LABEL_BUILD_NAME: &str = "enbi.hrzn.ee/nixbuild-name";
 pub const LABEL_BUILD_UID: &str = "enbi.hrzn.ee/nixbuild-uid";
 pub const LABEL_ATTEMPT: &str = "enbi.hrzn.ee/attempt";
+/// On load Jobs (instead of the attempt): the round of loads on their node.
+pub const LABEL_LOAD_ROUND: &str = "enbi.hrzn.ee/load-round";
+/// On load Jobs: the node they load the image on (annotation: node names may be too long for a
+/// label value).
+pub const ANNOTATION_LOAD_NODE: &str = "enbi.hrzn.ee/load-node";
 /// `app.kubernetes.io/name` of every builder Job and Pod.
 pub const BUILDER_NAME: &str = "enbi-builder";
 /// The container that evaluates and builds the flake and streams the image into the pipe.
@@ -119,8 +124,22 @@ impl Default for BuilderSettings {
     }
 }
 
-/// The labels that tie a Job (and its Pod) to one attempt of one NixBuild.
-pub fn labels(build: &NixBuild, attempt: u32) -> BTreeMap<String, String> {
+/// What a builder Job is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// Attempt `n` of the build.
+    Build(u32),
+    /// Load `round` on `node`: the locked flake built again there, so that Pods on that node
+    /// get the image (see `spread`).
+    Load { node: String, round: u32 },
+}
+
+/// The labels that tie a Job (and its Pod) to one attempt, or one load, of one NixBuild.
+pub fn labels(build: &NixBuild, purpose: &Purpose) -> BTreeMap<String, String> {
+    let (key, value) = match purpose {
+        Purpose::Build(attempt) => (LABEL_ATTEMPT, attempt.to_string()),
+        Purpose::Load { round, .. } => (LABEL_LOAD_ROUND, round.to_string()),
+    };
     BTreeMap::from([
         (LABEL_NAME.into(), BUILDER_NAME.into()),
         (LABEL_MANAGED_BY.into(), "enbi".into()),
@@ -130,7 +149,7 @@ pub fn labels(build: &NixBuild, attempt: u32) -> BTreeMap<String, String> {
         ),
         (LABEL_BUILD_NAME.into(), build.name_any()),
         (LABEL_BUILD_UID.into(), build.uid().unwrap_or_default()),
-        (LABEL_ATTEMPT.into(), attempt.to_string()),
+        (key.into(), value),
     ])
 }
 
@@ -142,6 +161,26 @@ pub fn name(build: &NixBuild, attempt: u32) -> String {
         &build.uid().unwrap_or_default(),
         attempt,
     )
+}
+
+/// The Job name for load `round` of `build` on `node`.
+pub fn load_name(build: &NixBuild, node: &str, round: u32) -> String {
+    naming::load_job_name(
+        &build.namespace().unwrap_or_default(),
+        &build.name_any(),
+        &build.uid().unwrap_or_default(),
+        node,
+        round,
+    )
+}
+
+impl Purpose {
+    pub fn job_name(&self, build: &NixBuild) -> String {
+        match self {
+            Purpose::Build(attempt) => name(build, *attempt),
+            Purpose::Load { node, round } => load_name(build, node, *round),
+        }
+    }
 }
 
 fn host_path(name: &str, path: &str, type_: &str) -> (Volume, VolumeMount) {
@@ -198,18 +237,27 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
-/// The Job for `attempt` of `build`, placed by `affinity`, its builder joining trace `trace`
+/// The Job for `purpose` of `build`, placed by `affinity`, its builder joining trace `trace`
 /// (`TRACEPARENT`): the context is the build's and never changes, so re-applying the same Job
-/// is a no-op.
+/// is a no-op. A load builds the flake as the build locked it (its provenance), so that every
+/// node gets the same image even if the flake's branch moved on.
 pub fn render(
     build: &NixBuild,
-    attempt: u32,
+    purpose: &Purpose,
     affinity: Affinity,
     trace: Option<&TraceContext>,
     settings: &BuilderSettings,
 ) -> Job {
     let spec = &build.spec;
-    let labels = labels(build, attempt);
+    let labels = labels(build, purpose);
+    let flake_url = match purpose {
+        Purpose::Build(_) => &spec.flake_url,
+        Purpose::Load { .. } => build
+            .status
+            .as_ref()
+            .and_then(|s| s.provenance.as_ref()?.locked_flake.as_ref())
+            .unwrap_or(&spec.flake_url),
+    };
     // The builder stops nix and the import itself, within the Job's deadline, so it can still
     // report DeadlineExceeded: 3/4 of the deadline for nix, 1/6 for the import, the rest for
     // scheduling and the report. At least 12 s, so that neither limit rounds down to zero.
@@ -222,7 +270,7 @@ pub fn render(
         "--image-pipe",
         IMAGE_PIPE,
         "--flake-url",
-        &spec.flake_url,
+        flake_url,
         "--package-name",
         &spec.package_name,
         "--system",
@@ -321,9 +369,16 @@ pub fn render(
 
     Job {
         metadata: ObjectMeta {
-            name: Some(name(build, attempt)),
+            name: Some(purpose.job_name(build)),
             namespace: Some(settings.namespace.clone()),
             labels: Some(labels.clone()),
+            annotations: match purpose {
+                Purpose::Build(_) => None,
+                Purpose::Load { node, .. } => Some(BTreeMap::from([(
+                    ANNOTATION_LOAD_NODE.into(),
+                    node.clone(),
+                )])),
+            },
             ..Default::default()
         },
         spec: Some(JobSpec {
@@ -480,7 +535,7 @@ mod tests {
         .expect("placed");
         let job = render(
             &build(),
-            1,
+            &Purpose::Build(1),
             placement.affinity,
             TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_ref(),
             &BuilderSettings::default(),
@@ -494,7 +549,13 @@ mod tests {
             store: StoreMode::NodeDaemon,
             ..Default::default()
         };
-        let job = render(&build(), 2, Affinity::default(), None, &settings);
+        let job = render(
+            &build(),
+            &Purpose::Build(2),
+            Affinity::default(),
+            None,
+            &settings,
+        );
         let pod = job.spec.expect("spec").template.spec.expect("pod spec");
         let mounts = pod.containers[0].volume_mounts.clone().expect("mounts");
         let store = mounts
@@ -532,7 +593,13 @@ mod tests {
                 store,
                 ..Default::default()
             };
-            let job = render(&build(), 1, Affinity::default(), None, &settings);
+            let job = render(
+                &build(),
+                &Purpose::Build(1),
+                Affinity::default(),
+                None,
+                &settings,
+            );
             let pod = job.spec.expect("spec").template.spec.expect("pod spec");
             let [build, load] = &pod.containers[..] else {
                 panic!("two containers: {:?}", pod.containers)
@@ -584,7 +651,7 @@ mod tests {
     fn tolerations_go_to_the_pod() {
         let job = render(
             &build(),
-            1,
+            &Purpose::Build(1),
             Affinity::default(),
             None,
             &BuilderSettings::default(),
@@ -601,9 +668,61 @@ mod tests {
             tolerations: vec![toleration.clone()],
             ..Default::default()
         };
-        let job = render(&build(), 1, Affinity::default(), None, &settings);
+        let job = render(
+            &build(),
+            &Purpose::Build(1),
+            Affinity::default(),
+            None,
+            &settings,
+        );
         let pod = job.spec.expect("spec").template.spec.expect("pod spec");
         assert_eq!(pod.tolerations, Some(vec![toleration]));
+    }
+
+    /// A load builds the flake as the build locked it, on its node, under its own name.
+    #[test]
+    fn a_load_job_builds_the_locked_flake() {
+        let mut b = build();
+        b.status = Some(crate::crd::NixBuildStatus {
+            provenance: Some(crate::result::Provenance {
+                locked_flake: Some(
+                    "git+https://nossa.ee/~talya/chog?narHash=sha256-x&rev=f5d5".into(),
+                ),
+                store_path: "/nix/store/x".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let purpose = Purpose::Load {
+            node: "cass".into(),
+            round: 2,
+        };
+        let job = render(
+            &b,
+            &purpose,
+            Affinity::default(),
+            None,
+            &BuilderSettings::default(),
+        );
+        assert_eq!(job.metadata.name, Some(load_name(&b, "cass", 2)));
+        assert_ne!(job.metadata.name, Some(name(&b, 2)));
+        let labels = job.metadata.labels.clone().expect("labels");
+        assert_eq!(labels.get(LABEL_LOAD_ROUND).map(String::as_str), Some("2"));
+        assert_eq!(labels.get(LABEL_ATTEMPT), None);
+        assert_eq!(
+            job.metadata
+                .annotations
+                .expect("annotations")
+                .get(ANNOTATION_LOAD_NODE),
+            Some(&"cass".to_owned())
+        );
+        let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+        let args = pod.containers[0].args.clone().expect("args");
+        let flake = args.iter().position(|a| a == "--flake-url").expect("flake") + 1;
+        assert_eq!(
+            args[flake],
+            "git+https://nossa.ee/~talya/chog?narHash=sha256-x&rev=f5d5"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod reason;
 pub mod reference;
 pub mod result;
+pub mod spread;
 pub mod system;
 pub mod trace;
 pub mod validation;

@@ -1,4 +1,5 @@
-//! The build state machine: `(NixBuild, Job of the current attempt, gates, now) -> Decision`.
+//! The build state machine: `(NixBuild, Job of the current attempt, gates, now) -> Decision`;
+//! once Succeeded, `spread` takes the image to the nodes where Pods wait for it.
 //!
 //! A [`Decision`] is data: the status to write, the Job to create (if any), the Events to emit
 //! and when to look again. The operator executes it and feeds back what it observes, so every
@@ -25,8 +26,9 @@ use crate::job::{self, JobState, JobView};
 use crate::placement::{NoEligibleNode, Placement};
 use crate::reason::{FailureReason, WaitReason};
 use crate::result::BuildReport;
+use crate::spread;
 
-/// Retry behaviour.
+/// Retry behaviour, and how images spread to other nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
     /// Attempts in all, the first included.
@@ -34,6 +36,7 @@ pub struct Settings {
     /// Wait before the second attempt; doubles for each further one.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    pub spread: spread::Settings,
 }
 
 impl Default for Settings {
@@ -42,6 +45,7 @@ impl Default for Settings {
             max_attempts: 3,
             backoff_base: Duration::from_secs(30),
             backoff_cap: Duration::from_secs(600),
+            spread: spread::Settings::default(),
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct Observation<'a> {
     pub placement: Result<Placement, NoEligibleNode>,
     /// `Err(why)` when a concurrency limit is reached.
     pub capacity: Result<(), String>,
+    /// Once Succeeded: the nodes where Pods wait for the image, and their load Jobs.
+    pub spread: spread::Observation<'a>,
     pub now: Timestamp,
 }
 
@@ -97,6 +103,8 @@ pub struct Event {
 pub struct Decision {
     pub status: NixBuildStatus,
     pub create_job: Option<JobPlan>,
+    /// Load Jobs to create (or re-apply): the image onto nodes where Pods wait for it.
+    pub loads: Vec<spread::LoadPlan>,
     pub events: Vec<Event>,
     /// Look again after this long even if nothing changes (a scheduled retry).
     pub requeue_after: Option<Duration>,
@@ -122,6 +130,7 @@ pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
         settings,
         status,
         create_job: None,
+        loads: vec![],
         events: vec![],
         requeue_after: None,
     };
@@ -131,7 +140,12 @@ pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
                 step.retry(requested);
             }
         }
-        Some(Phase::Succeeded) => {}
+        Some(Phase::Succeeded) => {
+            let out = spread::decide(&mut step.status, &obs.spread, &settings.spread, obs.now);
+            step.loads = out.loads;
+            step.events.extend(out.events);
+            step.requeue_after = out.requeue_after;
+        }
         Some(Phase::Building) => step.observe_job(),
         None | Some(Phase::Pending) => match step.status.next_attempt_time.as_ref().map(|t| t.0) {
             Some(at) if at > obs.now => step.requeue_after = Some(until(obs.now, at)),
@@ -142,6 +156,7 @@ pub fn decide(obs: Observation<'_>, settings: &Settings) -> Decision {
     Decision {
         status: step.status,
         create_job: step.create_job,
+        loads: step.loads,
         events: step.events,
         requeue_after: step.requeue_after,
     }
@@ -157,6 +172,7 @@ struct Step<'a> {
     settings: &'a Settings,
     status: NixBuildStatus,
     create_job: Option<JobPlan>,
+    loads: Vec<spread::LoadPlan>,
     events: Vec<Event>,
     requeue_after: Option<Duration>,
 }
@@ -263,6 +279,7 @@ impl Step<'_> {
         self.status.attempts = attempt;
         self.status.build_job_name = Some(job_name.clone());
         self.status.build_node = None;
+        self.status.image_nodes.clear();
         self.status.next_attempt_time = None;
         self.status.start_time.get_or_insert(Time(self.obs.now));
         let message = format!("Attempt {attempt}: builder Job {job_name} created");
@@ -373,6 +390,12 @@ impl Step<'_> {
                 self.status.failure_reason = None;
                 self.status.failure_message = None;
                 self.status.completion_time = Some(self.now());
+                self.status.image_nodes = self
+                    .status
+                    .build_node
+                    .iter()
+                    .map(|node| spread::loaded(node, 0, self.now()))
+                    .collect();
                 self.conditions(
                     Status::True,
                     Status::True,

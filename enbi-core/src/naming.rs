@@ -34,6 +34,13 @@ pub fn job_name(namespace: &str, name: &str, uid: &str, attempt: u32) -> String 
     join(name, &format!("{hash}-{attempt}"), 40)
 }
 
+/// The Job name for load `round` of `build` on `node` (see `spread`): the node is in the hash,
+/// `l` tells it from an attempt.
+pub fn load_job_name(namespace: &str, name: &str, uid: &str, node: &str, round: u32) -> String {
+    let hash = short_hash(&[namespace, name, uid, node]);
+    join(name, &format!("{hash}-l{round}"), 40)
+}
+
 /// `<sanitised stem, at most max_stem chars>-<suffix>`, a valid DNS-1123 label.
 fn join(stem: &str, suffix: &str, max_stem: usize) -> String {
     let stem = sanitise(stem, max_stem);
@@ -135,10 +142,31 @@ mod tests {
         assert_ne!(first, job_name("other", "chog-5d74cd57bb", "uid-1", 1));
     }
 
+    #[test]
+    fn load_job_names_differ_per_node_and_round_and_from_attempts() {
+        let a = load_job_name("ns", "chog-5d74cd57bb", "uid-1", "node-a", 1);
+        assert!(a.ends_with("-l1"), "{a}");
+        assert_ne!(
+            a,
+            load_job_name("ns", "chog-5d74cd57bb", "uid-1", "node-b", 1)
+        );
+        assert_ne!(
+            a,
+            load_job_name("ns", "chog-5d74cd57bb", "uid-1", "node-a", 2)
+        );
+        assert_ne!(a, job_name("ns", "chog-5d74cd57bb", "uid-1", 1));
+    }
+
     proptest! {
         #[test]
         fn job_names_are_dns_labels(ns in "[a-z0-9-]{1,63}", name in "\\PC{0,253}", uid in "\\PC{0,40}", attempt in 0u32..) {
             let job = job_name(&ns, &name, &uid, attempt);
+            prop_assert!(is_dns_label(&job), "{job}");
+        }
+
+        #[test]
+        fn load_job_names_are_dns_labels(name in "\\PC{0,253}", node in "\\PC{0,253}", round in 0u32..) {
+            let job = load_job_name("ns", &name, "uid", &node, round);
             prop_assert!(is_dns_label(&job), "{job}");
         }
 

@@ -136,6 +136,44 @@ pub fn place(
     })
 }
 
+/// Places a load of the build's image on `node` (see `spread`): a load builds there, so the node
+/// must be one `place` would build on.
+pub fn place_on(
+    nix_system: &str,
+    nodes: &[NodeView],
+    repelled: &[String],
+    node: &str,
+) -> Result<Placement, NoEligibleNode> {
+    let mut placement = place(nix_system, nodes, repelled, Some(node))?;
+    if !placement.eligible.iter().any(|n| n == node) {
+        return Err(NoEligibleNode(format!(
+            "node {node} cannot build {nix_system} (another architecture, repelled, not Ready, \
+             cordoned or tainted); eligible: {}",
+            placement.eligible.join(", ")
+        )));
+    }
+    let required = placement
+        .affinity
+        .node_affinity
+        .as_mut()
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_mut()
+        })
+        .and_then(|r| r.node_selector_terms.first_mut());
+    if let Some(term) = required {
+        term.match_fields
+            .get_or_insert_with(Vec::new)
+            .push(requirement(
+                "metadata.name",
+                "In",
+                Some(vec![node.to_owned()]),
+            ));
+    }
+    placement.eligible = vec![node.to_owned()];
+    Ok(placement)
+}
+
 fn requirement(key: &str, operator: &str, values: Option<Vec<String>>) -> NodeSelectorRequirement {
     NodeSelectorRequirement {
         key: key.to_owned(),
@@ -374,5 +412,27 @@ mod tests {
         )
         .expect("tolerated node placed");
         assert_eq!(p.eligible, ["n"]);
+    }
+
+    #[test]
+    fn a_load_is_placed_on_its_node_only_if_that_node_could_build() {
+        let p = place_on("aarch64-linux", &cluster(), &[], "arm-1").expect("placed");
+        assert_eq!(p.eligible, ["arm-1"]);
+        let yaml = serde_json::to_value(&p.affinity).expect("serialises");
+        let term = &yaml["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0];
+        assert_eq!(
+            term["matchFields"],
+            serde_json::json!([{"key": "metadata.name", "operator": "In", "values": ["arm-1"]}])
+        );
+        assert_eq!(
+            term["matchExpressions"][0]["values"],
+            serde_json::json!(["arm64"])
+        );
+        let err = place_on("aarch64-linux", &cluster(), &[], "amd-0").expect_err("other arch");
+        assert!(err.0.contains("node amd-0 cannot build"), "{err}");
+        let err = place_on("aarch64-linux", &cluster(), &["arm-1".into()], "arm-1")
+            .expect_err("repelled");
+        assert!(err.0.contains("eligible: arm-0"), "{err}");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use enbi_core::job::{BuilderSettings, StoreMode};
 use enbi_core::policy::{Policy, TagRule};
-use enbi_core::{gc, machine};
+use enbi_core::{gc, machine, spread};
 use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 
 /// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
@@ -134,6 +134,14 @@ pub struct RunArgs {
     /// Do not pin loaded images (the kubelet's image GC may then remove them).
     #[arg(long, env = "ENBI_NO_PIN")]
     pub no_pin: bool,
+    /// A mirror such as Spegel spreads images between nodes: enbi then loads an image only on
+    /// its build node, never on the other nodes where Pods wait for it.
+    #[arg(long, env = "ENBI_IMAGE_MIRROR")]
+    pub image_mirror: bool,
+    /// Seconds a Pod may still wait for an image on a node enbi loaded it on (the image was
+    /// removed there, e.g. collected) before enbi loads it there again.
+    #[arg(long, env = "ENBI_RELOAD_AFTER_SECONDS", default_value_t = 60)]
+    pub reload_after_seconds: u64,
     /// Elect a leader through a Lease so that only one replica writes.
     #[arg(long, env = "ENBI_LEADER_ELECTION")]
     pub leader_election: bool,
@@ -201,6 +209,10 @@ impl RunArgs {
     pub fn machine(&self) -> machine::Settings {
         machine::Settings {
             max_attempts: self.max_attempts.max(1),
+            spread: spread::Settings {
+                mirror: self.image_mirror,
+                reload_after: Duration::from_secs(self.reload_after_seconds),
+            },
             ..machine::Settings::default()
         }
     }

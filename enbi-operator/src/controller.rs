@@ -2,16 +2,16 @@
 //! apply the Job -> write status -> publish Events. All decisions are enbi-core's; this module
 //! only gathers what they need and carries them out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use enbi_core::crd::{NixBuild, NixBuildStatus, Phase};
-use enbi_core::job::{self, BuilderSettings, JobView};
+use enbi_core::crd::{ImageNodeState, NixBuild, NixBuildStatus, Phase};
+use enbi_core::job::{self, BuilderSettings, JobView, Purpose};
 use enbi_core::machine::{self, Decision, EventType, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
-use enbi_core::{capacity, conditions, policy};
+use enbi_core::{capacity, conditions, policy, spread};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::Error;
 use crate::metrics::{Finished, Metrics, Outcome};
-use crate::telemetry;
+use crate::{pods, telemetry};
 
 /// Field manager of every server-side apply enbi makes.
 pub const MANAGER: &str = "enbi-operator";
@@ -47,6 +47,8 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub builder_pods: Store<Pod>,
     pub nodes: Store<Node>,
+    /// The Pod watcher's caches: where Pods wait for a Succeeded build's image.
+    pub pods: Vec<Store<Pod>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Whether spans are exported: builds then get a trace context.
@@ -76,11 +78,51 @@ impl Context {
         if attempts == 0 {
             return None;
         }
-        let name = job::name(build, attempts);
+        self.observe_job(&job::name(build, attempts))
+    }
+
+    fn observe_job(&self, name: &str) -> Option<JobView> {
         let job = self
             .jobs
-            .get(&ObjectRef::new(&name).within(&self.builder.namespace))?;
-        Some(job::observe(&job, self.builder_pod(&name).as_deref()))
+            .get(&ObjectRef::new(name).within(&self.builder.namespace))?;
+        Some(job::observe(&job, self.builder_pod(name).as_deref()))
+    }
+
+    /// The current load Job of every node the build's image is being loaded on.
+    fn load_views(&self, build: &NixBuild) -> BTreeMap<String, JobView> {
+        let entries = build.status.iter().flat_map(|s| &s.image_nodes);
+        entries
+            .filter(|e| e.state == ImageNodeState::Loading)
+            .filter_map(|e| {
+                let name = job::load_name(build, &e.node, e.loads);
+                Some((e.node.clone(), self.observe_job(&name)?))
+            })
+            .collect()
+    }
+
+    /// Whether a load may start on each node where Pods wait for the build's image.
+    fn load_gates(&self, build: &NixBuild, nodes: &[NodeView]) -> BTreeMap<String, spread::Gate> {
+        let waiting = pods::waiting_nodes(
+            &self.pods,
+            &self.nodes,
+            &build.namespace().unwrap_or_default(),
+            &build.name_any(),
+        );
+        let running = self.running_builds();
+        waiting
+            .into_iter()
+            .map(|node| {
+                let gate =
+                    match placement::place_on(&build.spec.system, nodes, &self.node_repel, &node) {
+                        Err(e) => spread::Gate::Closed(e.to_string()),
+                        Ok(p) => match capacity::check(&running, &p.eligible, self.capacity) {
+                            Err(why) => spread::Gate::Queued(why),
+                            Ok(()) => spread::Gate::Open(p.affinity),
+                        },
+                    };
+                (node, gate)
+            })
+            .collect()
     }
 
     /// Nodes of the builds running now (`None`: not scheduled yet).
@@ -190,6 +232,23 @@ async fn apply(
         .map(|p| p.eligible.clone())
         .unwrap_or_default();
     let job = ctx.job_view(build);
+    let succeeded = build.phase() == Phase::Succeeded;
+    let loads = if succeeded {
+        ctx.load_views(build)
+    } else {
+        BTreeMap::new()
+    };
+    let spread = spread::Observation {
+        waiting: if succeeded {
+            ctx.load_gates(build, &nodes)
+        } else {
+            BTreeMap::new()
+        },
+        jobs: loads
+            .iter()
+            .map(|(node, view)| (node.clone(), view))
+            .collect(),
+    };
     let decision = machine::decide(
         Observation {
             build,
@@ -197,6 +256,7 @@ async fn apply(
             policy: policy::check(&ctx.policy, namespace, &build.spec),
             placement,
             capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
+            spread,
             now: k8s_openapi::jiff::Timestamp::now(),
         },
         &ctx.machine,
@@ -226,26 +286,34 @@ async fn execute(
     trace: Option<&TraceContext>,
     ctx: &Context,
 ) -> Result<(), Error> {
-    if let Some(plan) = &decision.create_job {
-        let manifest = job::render(
-            build,
-            plan.attempt,
-            plan.affinity.clone(),
-            trace,
-            &ctx.builder,
-        );
-        let name = manifest.name_any();
-        Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace)
-            .patch(
-                &name,
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
+    let apply_job = |purpose: Purpose, affinity| {
+        let manifest = job::render(build, &purpose, affinity, trace, &ctx.builder);
+        let jobs = jobs.clone();
+        async move {
+            jobs.patch(
+                &manifest.name_any(),
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&manifest),
             )
-            .await?;
+            .await
+            .map(|job| job.name_any())
+        }
+    };
+    if let Some(plan) = &decision.create_job {
+        let name = apply_job(Purpose::Build(plan.attempt), plan.affinity.clone()).await?;
         if build.status.as_ref().map_or(0, |s| s.attempts) < plan.attempt {
             ctx.metrics.builds_started.inc();
             info!(build = %build.name_any(), %namespace, job = %name, attempt = plan.attempt, "builder Job created");
         }
+    }
+    for load in &decision.loads {
+        let purpose = Purpose::Load {
+            node: load.node.clone(),
+            round: load.round,
+        };
+        let name = apply_job(purpose, load.affinity.clone()).await?;
+        info!(build = %build.name_any(), %namespace, job = %name, node = %load.node, round = load.round, "load Job applied");
     }
     if build.status.as_ref() != Some(&decision.status) {
         let patch = json!({"apiVersion": "enbi.hrzn.ee/v1alpha1", "kind": "NixBuild", "status": decision.status});

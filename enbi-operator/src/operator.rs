@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::pods::PodWatcher;
 use crate::{gc, http};
 
-type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
+pub type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
 
 /// Runs the operator until a signal stops it; `tracing`: spans are exported, so builds get a
 /// trace context.
@@ -101,6 +101,13 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
 
     let reporter = Context::reporter(std::env::var("POD_NAME").ok());
     let recorder = Recorder::new(client.clone(), reporter.clone());
+    let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    let (pod_stores, pod_writers): (Vec<_>, Vec<_>) =
+        namespaces.iter().map(|_| reflector::store()).unzip();
     let ctx = Arc::new(Context {
         client: client.clone(),
         builder: args.builder(),
@@ -114,6 +121,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         jobs,
         builder_pods,
         nodes: nodes.clone(),
+        pods: pod_stores.clone(),
         recorder,
         metrics: metrics.clone(),
         tracing,
@@ -124,19 +132,12 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         client.clone(),
         nodes.clone(),
         builds.clone(),
+        trigger,
         reporter,
         metrics,
         tracing,
     ));
-    let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
-        vec![None]
-    } else {
-        args.watch_namespaces.iter().cloned().map(Some).collect()
-    };
-    let mut pod_stores = vec![];
-    for namespace in namespaces {
-        let (store, writer) = reflector::store();
-        pod_stores.push(store);
+    for (namespace, writer) in namespaces.into_iter().zip(pod_writers) {
         tokio::spawn(watcher.clone().run(namespace, writer));
     }
     let gc_period = std::time::Duration::from_secs(args.gc_interval_seconds.max(1));

@@ -4,10 +4,10 @@
 //! It sees every Pod, so each is stripped before it is cached: only the enbi annotations, node,
 //! container names, images, pull policies and waiting reasons are kept.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
-use enbi_core::crd::NixBuild;
+use enbi_core::crd::{NixBuild, Phase};
 use enbi_core::podwatch::{self, BuildRequest, Finding};
 use enbi_core::trace::ANNOTATION_TRACEPARENT;
 use futures::StreamExt;
@@ -29,6 +29,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::controller::{ANNOTATION_WANTED_ON, FINALIZER};
 use crate::metrics::Metrics;
+use crate::operator::Trigger;
 use crate::telemetry;
 
 /// Label on NixBuilds the Pod watcher made.
@@ -40,6 +41,8 @@ pub struct PodWatcher {
     pub client: Client,
     pub nodes: Store<Node>,
     pub builds: Store<NixBuild>,
+    /// Reconciles a Succeeded NixBuild whose image a Pod waits for (to load it on its node).
+    trigger: Trigger,
     /// Who publishes the Pods' Events.
     pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
@@ -119,12 +122,14 @@ impl PodWatcher {
         client: Client,
         nodes: Store<Node>,
         builds: Store<NixBuild>,
+        trigger: Trigger,
         reporter: Reporter,
         metrics: Arc<Metrics>,
         tracing: bool,
     ) -> Self {
         Self {
             tracing,
+            trigger,
             client,
             nodes,
             builds,
@@ -172,6 +177,9 @@ impl PodWatcher {
             match finding {
                 Finding::Build(request) => {
                     let build = self.ensure_build(pod, &request).await;
+                    if let Some(b) = build.as_deref().filter(|b| b.phase() == Phase::Succeeded) {
+                        let _ = self.trigger.unbounded_send(ObjectRef::from(b));
+                    }
                     let related = build_reference(pod, &request.name);
                     for notice in podwatch::waiting_notices(&request, build.as_deref()) {
                         let type_ = if notice.warning {
@@ -371,17 +379,40 @@ impl PodWatcher {
     }
 }
 
+/// The builds Pods in `stores` wait for, with the Pod's namespace.
+fn requests<'a>(
+    stores: &'a [Store<Pod>],
+    nodes: &'a Store<Node>,
+) -> impl Iterator<Item = (String, BuildRequest)> + 'a {
+    stores.iter().flat_map(|s| s.state()).flat_map(move |pod| {
+        let namespace = pod.namespace().unwrap_or_default();
+        podwatch::inspect(&pod, node_arch(&pod, nodes).as_deref())
+            .into_iter()
+            .filter_map(move |finding| match finding {
+                Finding::Build(r) => Some((namespace.clone(), r)),
+                _ => None,
+            })
+    })
+}
+
 /// The NixBuilds Pods in `stores` are waiting on, as `(namespace, name)`.
 pub fn waited_on(stores: &[Store<Pod>], nodes: &Store<Node>) -> HashSet<(String, String)> {
-    let mut out = HashSet::new();
-    for pod in stores.iter().flat_map(|s| s.state()) {
-        for finding in podwatch::inspect(&pod, node_arch(&pod, nodes).as_deref()) {
-            if let Finding::Build(r) = finding {
-                out.insert((pod.namespace().unwrap_or_default(), r.name));
-            }
-        }
-    }
-    out
+    requests(stores, nodes)
+        .map(|(namespace, r)| (namespace, r.name))
+        .collect()
+}
+
+/// The nodes where Pods wait for the image of NixBuild `name` in `namespace`.
+pub fn waiting_nodes(
+    stores: &[Store<Pod>],
+    nodes: &Store<Node>,
+    namespace: &str,
+    name: &str,
+) -> BTreeSet<String> {
+    requests(stores, nodes)
+        .filter(|(ns, r)| ns == namespace && r.name == name)
+        .filter_map(|(_, r)| r.node)
+        .collect()
 }
 
 /// A reference to the NixBuild `name` in the Pod's namespace, for an Event's `related`.

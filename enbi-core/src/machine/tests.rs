@@ -2,7 +2,7 @@ use k8s_openapi::jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
-use crate::crd::NixBuildSpec;
+use crate::crd::{ImageNodeState, NixBuildSpec};
 use crate::placement::{NodeView, place};
 use crate::result::{FailureReport, ImageReport, Timings};
 
@@ -46,6 +46,7 @@ fn observe<'a>(b: &'a NixBuild, job: Option<&'a JobView>, now: i64) -> Observati
         policy: Ok(()),
         placement: place(&b.spec.system, &nodes(), &[], None),
         capacity: Ok(()),
+        spread: Default::default(),
         now: at(now),
     }
 }
@@ -162,10 +163,40 @@ fn success_path_records_digest_size_and_node() {
         d.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
         ["Succeeded"]
     );
+    let holders: Vec<(&str, ImageNodeState)> = d
+        .status
+        .image_nodes
+        .iter()
+        .map(|n| (n.node.as_str(), n.state))
+        .collect();
+    assert_eq!(holders, [("arm-0", ImageNodeState::Loaded)]);
     apply(&mut b, &d);
-    // A finished build is left alone.
+    // A finished build is left alone while no Pod waits elsewhere...
     let after = decide(observe(&b, Some(&done), 61), &settings());
     assert!(after.events.is_empty() && after.create_job.is_none() && after.requeue_after.is_none());
+    assert!(after.loads.is_empty());
+    // ...and loaded where one does, without another attempt.
+    let mut obs = observe(&b, Some(&done), 62);
+    obs.spread.waiting.insert(
+        "arm-1".into(),
+        crate::spread::Gate::Open(Default::default()),
+    );
+    let d = decide(obs, &settings());
+    assert!(d.create_job.is_none());
+    assert_eq!(d.status.attempts, 1);
+    assert_eq!(
+        d.loads.iter().map(|l| l.node.as_str()).collect::<Vec<_>>(),
+        ["arm-1"]
+    );
+    assert_eq!(d.status.image_nodes[1].state, ImageNodeState::Loading);
+    // A retry starts over: no node holds the new attempt's image yet.
+    apply(&mut b, &d);
+    b.status.as_mut().expect("status").phase = Some(Phase::Failed);
+    b.metadata.annotations =
+        Some([(crate::crd::ANNOTATION_RETRY.to_owned(), "1".to_owned())].into());
+    let d = decide(observe(&b, None, 70), &settings());
+    assert!(d.create_job.is_some());
+    assert!(d.status.image_nodes.is_empty());
 }
 
 /// Status writes of one successful build: the operator writes whenever the decided status
@@ -264,6 +295,7 @@ fn lost_builders_are_retried_with_backoff_then_fail() {
         max_attempts: 3,
         backoff_base: Duration::from_secs(30),
         backoff_cap: Duration::from_secs(45),
+        ..Settings::default()
     };
     let mut now = 0;
     let mut waits = vec![];

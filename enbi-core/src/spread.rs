@@ -1,0 +1,523 @@
+//! Getting a Succeeded build's image onto every node where Pods wait for it.
+//!
+//! A build loads its image into one node's containerd. A Pod on another node (or on the build
+//! node after the image was removed there) then waits: the kubelet cannot pull an image that no
+//! registry has. A mirror such as Spegel serves it from the build node; where none runs, enbi
+//! loads it there itself with a **load Job**: the same two-container builder Pod as a build,
+//! pinned to that node, building the flake *as the build locked it* (`status.provenance`) and
+//! streaming the image into that node's containerd.
+//!
+//! Why a rebuild and not a copy from the build node: Nix builds are reproducible and content
+//! addressed, so the node's store (or a binary cache) usually has the output and the "build" is
+//! an evaluation and a store lookup; a rebuild needs nothing from the build node, which may be
+//! gone (replaced, drained, its image collected); and it keeps every guarantee of a build: the
+//! flake's code runs without the containerd socket, the loader checks the stream, the same caps
+//! on concurrent builds apply, and the builder's spans join the build's trace. The cost is a
+//! full build where neither the node nor a cache has the output; the loader says so when the
+//! digest differs from the build's (a build that is not reproducible), in status and an Event.
+//!
+//! One load at a time per node, however many Pods wait there: a node's entry in
+//! `status.imageNodes` is `Loading` while its Job runs. A node that holds the image (`Loaded`)
+//! while a Pod still waits there is loaded again after `reload_after` (the image was removed,
+//! e.g. unpinned and collected by the kubelet); the wait lets a Pod in image-pull back-off start
+//! on its own first. A failed load is tried again the same way. With a mirror (`mirror`), enbi
+//! loads only on the build node, where the mirror gets the image from.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Affinity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{ImageNode, ImageNodeState, NixBuildStatus};
+use crate::job::{JobState, JobView};
+use crate::machine::{Event, EventType};
+use crate::result::BuildReport;
+
+/// How enbi spreads images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// A mirror (e.g. Spegel) spreads images between nodes: load only on the build node.
+    pub mirror: bool,
+    /// How long a Pod may still wait on a node enbi loaded (or failed to load) before it loads
+    /// there again.
+    pub reload_after: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            mirror: false,
+            reload_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Whether a load may start on a node now, as the operator's placement and capacity say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate {
+    /// It may, with this affinity (the node itself).
+    Open(Affinity),
+    /// Not now: a cap on concurrent builds is reached.
+    Queued(String),
+    /// Never: the node cannot build this system (architecture, repelled, ...).
+    Closed(String),
+}
+
+/// What the operator observed for spreading a Succeeded build.
+#[derive(Debug, Default)]
+pub struct Observation<'a> {
+    /// Nodes where Pods wait for the image, each with whether a load may start there.
+    pub waiting: BTreeMap<String, Gate>,
+    /// The current load Job of each node being loaded, if it exists.
+    pub jobs: BTreeMap<String, &'a JobView>,
+}
+
+/// A load Job to create (or re-apply).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadPlan {
+    pub node: String,
+    pub round: u32,
+    pub affinity: Affinity,
+}
+
+/// What to change.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    pub loads: Vec<LoadPlan>,
+    pub events: Vec<Event>,
+    pub requeue_after: Option<Duration>,
+}
+
+/// Updates `status.imageNodes` of a Succeeded build and says which loads to start.
+pub fn decide(
+    status: &mut NixBuildStatus,
+    obs: &Observation<'_>,
+    settings: &Settings,
+    now: Timestamp,
+) -> Outcome {
+    let mut out = Outcome::default();
+    // Builds that succeeded before enbi tracked nodes hold the image on their build node.
+    if status.image_nodes.is_empty()
+        && let Some(node) = &status.build_node
+    {
+        status.image_nodes.push(loaded(
+            node,
+            0,
+            status.completion_time.clone().unwrap_or(Time(now)),
+        ));
+    }
+    let build_digest = status.image_digest.clone();
+    for entry in &mut status.image_nodes {
+        if entry.state == ImageNodeState::Loading {
+            finish_load(entry, obs, build_digest.as_deref(), now, &mut out);
+        }
+    }
+    for (node, gate) in &obs.waiting {
+        if settings.mirror && status.build_node.as_ref() != Some(node) {
+            continue;
+        }
+        let index = status.image_nodes.iter().position(|e| &e.node == node);
+        let round = match index.map(|i| &status.image_nodes[i]) {
+            None => 1,
+            Some(e) if e.state == ImageNodeState::Loading => continue,
+            Some(e) => {
+                let due = e.since.0 + settings.reload_after;
+                if due > now {
+                    let wait = Duration::try_from(due.duration_since(now)).unwrap_or_default();
+                    out.requeue_after = Some(out.requeue_after.map_or(wait, |w| w.min(wait)));
+                    continue;
+                }
+                e.loads + 1
+            }
+        };
+        let affinity = match gate {
+            Gate::Open(affinity) => affinity.clone(),
+            Gate::Queued(_) => {
+                // Nothing wakes a Succeeded build when a slot frees up: look again.
+                let wait = Duration::from_secs(10);
+                out.requeue_after = Some(out.requeue_after.map_or(wait, |w| w.min(wait)));
+                continue;
+            }
+            Gate::Closed(why) => {
+                let message = format!(
+                    "Pods wait for the image on node {node}, but enbi cannot load it there: {why}"
+                );
+                let entry = ImageNode {
+                    node: node.clone(),
+                    state: ImageNodeState::Failed,
+                    loads: index.map_or(0, |i| status.image_nodes[i].loads),
+                    since: Time(now),
+                    digest: None,
+                    message: Some(message.clone()),
+                };
+                let changed = index.map(|i| &status.image_nodes[i].message) != Some(&entry.message);
+                upsert(&mut status.image_nodes, index, entry);
+                if changed {
+                    out.events.push(warning("LoadImpossible", message));
+                }
+                continue;
+            }
+        };
+        let reason = if index.is_some() {
+            "Reloading"
+        } else {
+            "Loading"
+        };
+        let why = if index.is_some() {
+            format!("Pods on node {node} still wait for the image")
+        } else {
+            format!("Pods on node {node} wait for the image")
+        };
+        upsert(
+            &mut status.image_nodes,
+            index,
+            ImageNode {
+                node: node.clone(),
+                state: ImageNodeState::Loading,
+                loads: round,
+                since: Time(now),
+                digest: None,
+                message: None,
+            },
+        );
+        out.events.push(Event {
+            type_: EventType::Normal,
+            reason,
+            note: format!("{why}: load {round} builds the locked flake there"),
+        });
+        out.loads.push(LoadPlan {
+            node: node.clone(),
+            round,
+            affinity,
+        });
+    }
+    // Loads under way whose Job is not there (not yet seen, or deleted): apply it again.
+    for entry in &status.image_nodes {
+        let planned = out.loads.iter().any(|l| l.node == entry.node);
+        if entry.state == ImageNodeState::Loading
+            && !planned
+            && !obs.jobs.contains_key(&entry.node)
+            && let Some(Gate::Open(affinity)) = obs.waiting.get(&entry.node)
+        {
+            out.loads.push(LoadPlan {
+                node: entry.node.clone(),
+                round: entry.loads,
+                affinity: affinity.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The node holds the image since `since`.
+pub(crate) fn loaded(node: &str, loads: u32, since: Time) -> ImageNode {
+    ImageNode {
+        node: node.to_owned(),
+        state: ImageNodeState::Loaded,
+        loads,
+        since,
+        digest: None,
+        message: None,
+    }
+}
+
+fn upsert(entries: &mut Vec<ImageNode>, index: Option<usize>, entry: ImageNode) {
+    match index {
+        Some(i) => entries[i] = entry,
+        None => entries.push(entry),
+    }
+}
+
+fn warning(reason: &'static str, note: String) -> Event {
+    Event {
+        type_: EventType::Warning,
+        reason,
+        note,
+    }
+}
+
+/// Reads the result of a node's load Job, once it has one.
+fn finish_load(
+    entry: &mut ImageNode,
+    obs: &Observation<'_>,
+    build_digest: Option<&str>,
+    now: Timestamp,
+    out: &mut Outcome,
+) {
+    let Some(view) = obs.jobs.get(&entry.node) else {
+        return;
+    };
+    let node = entry.node.clone();
+    let failed = |entry: &mut ImageNode, out: &mut Outcome, message: String| {
+        *entry = ImageNode {
+            state: ImageNodeState::Failed,
+            since: Time(now),
+            message: Some(message.clone()),
+            ..entry.clone()
+        };
+        out.events.push(warning(
+            "LoadFailed",
+            format!("Loading the image on node {node} failed: {message}"),
+        ));
+    };
+    let report = view.termination_message.as_deref().map(BuildReport::parse);
+    match (&view.state, report) {
+        (JobState::Pending | JobState::Running, _) => {}
+        (JobState::Succeeded, Some(Ok(BuildReport::Succeeded(image)))) => {
+            let same = build_digest == Some(image.digest.as_str());
+            *entry = loaded(&node, entry.loads, Time(now));
+            if same {
+                out.events.push(Event {
+                    type_: EventType::Normal,
+                    reason: "Loaded",
+                    note: format!("Image {} loaded on node {node}", image.digest),
+                });
+            } else {
+                entry.digest = Some(image.digest.clone());
+                out.events.push(warning(
+                    "NotReproducible",
+                    format!(
+                        "The image loaded on node {node} is {}, not the build's {}: the flake does not build reproducibly, so Pods there run another image",
+                        image.digest,
+                        build_digest.unwrap_or("(unknown)")
+                    ),
+                ));
+            }
+        }
+        (_, Some(Ok(BuildReport::Failed(f)))) => {
+            failed(entry, out, format!("{}: {}", f.reason.as_str(), f.message))
+        }
+        (_, Some(Err(e))) => failed(entry, out, format!("InvalidReport: {e}")),
+        (JobState::Failed { reason }, None | Some(Ok(BuildReport::Succeeded(_)))) => failed(
+            entry,
+            out,
+            format!(
+                "load Job {} failed ({}) without a report",
+                view.name,
+                reason.as_deref().unwrap_or("no reason")
+            ),
+        ),
+        (JobState::Succeeded, None) => failed(
+            entry,
+            out,
+            format!("load Job {} exited 0 without a report", view.name),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Phase;
+
+    const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).expect("time")
+    }
+
+    fn succeeded() -> NixBuildStatus {
+        NixBuildStatus {
+            phase: Some(Phase::Succeeded),
+            build_node: Some("a".into()),
+            image_digest: Some(DIGEST.into()),
+            completion_time: Some(Time(at(0))),
+            ..Default::default()
+        }
+    }
+
+    fn open() -> Gate {
+        Gate::Open(Affinity::default())
+    }
+
+    fn waiting(nodes: &[(&str, Gate)]) -> Observation<'static> {
+        Observation {
+            waiting: nodes
+                .iter()
+                .map(|(n, g)| ((*n).to_owned(), g.clone()))
+                .collect(),
+            jobs: BTreeMap::new(),
+        }
+    }
+
+    fn report(digest: &str) -> String {
+        serde_json::json!({"result": "Succeeded", "imageTag": "docker.io/library/app:1", "digest": digest,
+            "size": 10, "storePath": "/nix/store/00000000000000000000000000000000-app", "bytesStreamed": 10,
+            "imported": true, "timings": {"buildMs": 1, "importMs": 1, "totalMs": 2}})
+        .to_string()
+    }
+
+    fn job(state: JobState, message: Option<String>) -> JobView {
+        JobView {
+            name: "app-l1".into(),
+            state,
+            node: Some("b".into()),
+            termination_message: message,
+            terminated: true,
+        }
+    }
+
+    #[test]
+    fn the_build_node_holds_the_image_and_nothing_is_loaded_without_waiting_pods() {
+        let mut status = succeeded();
+        let out = decide(&mut status, &waiting(&[]), &Settings::default(), at(5));
+        assert_eq!(out, Outcome::default());
+        assert_eq!(status.image_nodes, vec![loaded("a", 0, Time(at(0)))]);
+    }
+
+    #[test]
+    fn one_load_per_node_however_often_asked() {
+        let mut status = succeeded();
+        let obs = waiting(&[("b", open()), ("c", open())]);
+        let out = decide(&mut status, &obs, &Settings::default(), at(5));
+        let nodes: Vec<(&str, u32)> = out
+            .loads
+            .iter()
+            .map(|l| (l.node.as_str(), l.round))
+            .collect();
+        assert_eq!(nodes, [("b", 1), ("c", 1)]);
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(status.image_nodes[1].state, ImageNodeState::Loading);
+        // Asked again while loading (Job visible): nothing new.
+        let running = job(JobState::Running, None);
+        let mut obs = waiting(&[("b", open()), ("c", open())]);
+        obs.jobs.insert("b".into(), &running);
+        obs.jobs.insert("c".into(), &running);
+        let out = decide(&mut status, &obs, &Settings::default(), at(6));
+        assert_eq!(out, Outcome::default());
+    }
+
+    #[test]
+    fn a_load_whose_job_is_not_seen_yet_is_applied_again_with_the_same_round() {
+        let mut status = succeeded();
+        let obs = waiting(&[("b", open())]);
+        decide(&mut status, &obs, &Settings::default(), at(5));
+        let out = decide(&mut status, &obs, &Settings::default(), at(6));
+        assert_eq!(out.loads.len(), 1);
+        assert_eq!(out.loads[0].round, 1);
+        assert!(out.events.is_empty(), "{:?}", out.events);
+    }
+
+    #[test]
+    fn a_finished_load_marks_the_node_and_a_different_digest_is_a_warning() {
+        let mut status = succeeded();
+        decide(
+            &mut status,
+            &waiting(&[("b", open())]),
+            &Settings::default(),
+            at(5),
+        );
+        let done = job(JobState::Succeeded, Some(report(DIGEST)));
+        let mut obs = waiting(&[("b", open())]);
+        obs.jobs.insert("b".into(), &done);
+        let out = decide(&mut status, &obs, &Settings::default(), at(9));
+        assert_eq!(out.events[0].reason, "Loaded");
+        assert!(out.loads.is_empty());
+        assert_eq!(status.image_nodes[1], loaded("b", 1, Time(at(9))));
+
+        let mut status = succeeded();
+        decide(
+            &mut status,
+            &waiting(&[("b", open())]),
+            &Settings::default(),
+            at(5),
+        );
+        let other = format!("sha256:{}", "2".repeat(64));
+        let done = job(JobState::Succeeded, Some(report(&other)));
+        let mut obs = waiting(&[]);
+        obs.jobs.insert("b".into(), &done);
+        let out = decide(&mut status, &obs, &Settings::default(), at(9));
+        assert_eq!(out.events[0].reason, "NotReproducible");
+        assert_eq!(out.events[0].type_, EventType::Warning);
+        assert_eq!(status.image_nodes[1].digest, Some(other));
+    }
+
+    #[test]
+    fn failed_loads_say_why_and_are_tried_again_later() {
+        let mut status = succeeded();
+        decide(
+            &mut status,
+            &waiting(&[("b", open())]),
+            &Settings::default(),
+            at(5),
+        );
+        let failed = job(
+            JobState::Failed {
+                reason: Some("DeadlineExceeded".into()),
+            },
+            None,
+        );
+        let mut obs = waiting(&[("b", open())]);
+        obs.jobs.insert("b".into(), &failed);
+        let out = decide(&mut status, &obs, &Settings::default(), at(9));
+        assert_eq!(out.events[0].reason, "LoadFailed");
+        assert!(
+            out.events[0].note.contains("DeadlineExceeded"),
+            "{:?}",
+            out.events
+        );
+        assert_eq!(status.image_nodes[1].state, ImageNodeState::Failed);
+        assert_eq!(out.requeue_after, Some(Duration::from_secs(60)));
+        let out = decide(
+            &mut status,
+            &waiting(&[("b", open())]),
+            &Settings::default(),
+            at(70),
+        );
+        assert_eq!(out.loads[0].round, 2);
+        assert_eq!(out.events[0].reason, "Reloading");
+    }
+
+    /// The image was removed from a node enbi loaded (or the build node): a Pod waiting there
+    /// past `reload_after` gets it loaded again; earlier, it is left to its pull back-off.
+    #[test]
+    fn a_pod_still_waiting_on_a_loaded_node_reloads_it_after_a_while() {
+        let settings = Settings {
+            reload_after: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let mut status = succeeded();
+        let out = decide(&mut status, &waiting(&[("a", open())]), &settings, at(10));
+        assert!(out.loads.is_empty());
+        assert_eq!(out.requeue_after, Some(Duration::from_secs(20)));
+        let out = decide(&mut status, &waiting(&[("a", open())]), &settings, at(30));
+        assert_eq!(out.loads[0].node, "a");
+        assert_eq!(out.loads[0].round, 1);
+    }
+
+    #[test]
+    fn with_a_mirror_only_the_build_node_is_loaded() {
+        let settings = Settings {
+            mirror: true,
+            reload_after: Duration::ZERO,
+        };
+        let mut status = succeeded();
+        let out = decide(
+            &mut status,
+            &waiting(&[("a", open()), ("b", open())]),
+            &settings,
+            at(5),
+        );
+        let nodes: Vec<&str> = out.loads.iter().map(|l| l.node.as_str()).collect();
+        assert_eq!(nodes, ["a"]);
+    }
+
+    #[test]
+    fn queued_loads_wait_and_impossible_ones_say_why_once() {
+        let mut status = succeeded();
+        let obs = waiting(&[
+            ("b", Gate::Queued("cap".into())),
+            ("c", Gate::Closed("arm64".into())),
+        ]);
+        let out = decide(&mut status, &obs, &Settings::default(), at(5));
+        assert!(out.loads.is_empty());
+        assert_eq!(out.requeue_after, Some(Duration::from_secs(10)));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.events[0].reason, "LoadImpossible");
+        assert!(out.events[0].note.contains("node c"), "{:?}", out.events);
+        let out = decide(&mut status, &obs, &Settings::default(), at(100));
+        assert!(out.events.is_empty(), "said once: {:?}", out.events);
+    }
+}
