@@ -339,9 +339,11 @@ pub async fn finish_builder(
                 .list(&ListParams::default().labels(&selector))
                 .await
                 .ok()?;
-            list.items
-                .into_iter()
-                .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            // Not one already told to exit (it runs on for a moment).
+            list.items.into_iter().find(|p| {
+                p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && !p.annotations().contains_key("kwok.enbi.test/exit-code")
+            })
         },
     )
     .await;

@@ -95,7 +95,13 @@ async fn run_attempt(
     let _ = Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &sa)
         .await;
-    let manifest = job::render(build, 1, placement.affinity, None, &settings);
+    let manifest = job::render(
+        build,
+        &job::Purpose::Build(1),
+        placement.affinity,
+        None,
+        &settings,
+    );
     let jobs = Api::<Job>::namespaced(client.clone(), ns);
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     jobs.create(&PostParams::default(), &manifest)
@@ -168,6 +174,7 @@ async fn run_attempt(
         policy: Ok(()),
         placement: Err(placement::NoEligibleNode("unused once building".into())),
         capacity: Ok(()),
+        spread: Default::default(),
         now: k8s_openapi::jiff::Timestamp::now(),
     };
     machine::decide(obs, &machine::Settings::default())

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
+use enbi_core::crd::{ImageNodeState, NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
 use enbi_core::result::{BuildReport, FailureReport};
 use enbi_tests::{
@@ -83,7 +83,8 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<Event> {
 async fn annotated_deployment_gets_one_build_and_then_runs() {
     let client = require_cluster!();
     let _serial = OPERATOR_LOCK.lock().await;
-    let (builds, operator) = setup(&client, "pods", &[]).await;
+    // The image is then marked present on every node at once, as a mirror would spread it.
+    let (builds, operator) = setup(&client, "pods", &["--image-mirror"]).await;
     let app = TestNamespace::new(&client, "pods-app").await;
     let tag = "example.test/app:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
@@ -192,6 +193,183 @@ async fn annotated_deployment_gets_one_build_and_then_runs() {
             .iter()
             .any(|e| e.reason.as_deref() == Some("WaitingForBuild")),
         "Pods are told which NixBuild they wait for; operator log:\n{}",
+        operator.logs()
+    );
+}
+
+/// Sets the fake kubelet's image list of one node (`None`: every image present).
+async fn set_images_of(client: &Client, node: &str, images: Option<&str>) {
+    let patch = json!({"metadata": {"annotations": {"kwok.enbi.test/images": images}}});
+    Api::<Node>::all(client.clone())
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate node");
+}
+
+/// Without a mirror, a Pod on another node than the build's gets the image loaded there by a
+/// load Job (one per node, whatever the number of Pods); a node whose image went away gets it
+/// loaded again once a Pod waits there. The fake kubelet stands for containerd: the load
+/// builders end through its exit protocol and "image present" is its node annotation.
+#[tokio::test]
+async fn pods_on_other_nodes_get_the_image_loaded_there() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, operator) = setup(&client, "spread", &["--reload-after-seconds", "5"]).await;
+    let app = TestNamespace::new(&client, "spread-app").await;
+    let tag = "example.test/spread:v1";
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+
+    // Two Pods on each arm64 node.
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "app"},
+        "spec": {
+            "replicas": 4,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}, "annotations": {
+                    "enbi.hrzn.ee/nixbuild-flakeUrl": "github:example/app",
+                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
+                    "enbi.hrzn.ee/nixbuild-packageName": "app.stream",
+                }},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/arch": "arm64", "type": "kwok"},
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+                    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "app"}}}],
+                    "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
+                },
+            },
+        },
+    }))
+    .expect("deployment");
+    Api::<Deployment>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create");
+    let build = eventually("the Pod watcher's NixBuild", WAIT, || async {
+        builds_in(&client, &app.name).await.into_iter().next()
+    })
+    .await;
+    let name = build.name_any();
+    let built_on = finish_builder(&client, &builds.name, &name, 0, &success_report(tag)).await;
+    wait_phase(&client, &app.name, &name, Phase::Succeeded).await;
+    // The fake kubelet's image list stands for the node's containerd, which the builder loaded.
+    let present = format!("{BUILDER_IMAGE},{tag}");
+    set_images_of(&client, &built_on, Some(&present)).await;
+
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let holders = |b: &NixBuild| -> Vec<(String, ImageNodeState)> {
+        let nodes = b.status.iter().flat_map(|s| &s.image_nodes);
+        nodes.map(|n| (n.node.clone(), n.state)).collect()
+    };
+    // The other arm64 node gets one load Job for its two Pods.
+    let loading = eventually("a load on the other node", WAIT, || async {
+        let b = api.get(&name).await.ok()?;
+        let h = holders(&b);
+        (h.len() == 2 && h[1].1 == ImageNodeState::Loading).then_some(h)
+    })
+    .await;
+    let other = loading[1].0.clone();
+    assert_eq!(loading[0], (built_on.clone(), ImageNodeState::Loaded));
+    assert_ne!(other, built_on);
+    let loaded_on = finish_builder(&client, &builds.name, &name, 0, &success_report(tag)).await;
+    assert_eq!(loaded_on, other, "the load ran on the node whose Pods wait");
+    set_images_of(&client, &other, Some(&present)).await;
+    eventually("the other node Loaded", WAIT, || async {
+        let b = api.get(&name).await.ok()?;
+        (holders(&b)[1] == (other.clone(), ImageNodeState::Loaded)).then_some(())
+    })
+    .await;
+    let jobs = jobs_for(&client, &builds.name, &name).await;
+    assert_eq!(jobs.len(), 2, "the build's Job and one load Job");
+    let load = jobs
+        .iter()
+        .find(|j| j.labels().contains_key("enbi.hrzn.ee/load-round"))
+        .expect("a load Job");
+    let args = load
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod")
+        .containers[1]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(args.contains(&tag.to_owned()), "{args:?}");
+    let events = events_for(&client, &app.name, &name).await;
+    let reasons: BTreeSet<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
+    assert!(
+        reasons.contains("Loading") && reasons.contains("Loaded"),
+        "{reasons:?}"
+    );
+
+    // The image is on both nodes now: all four Pods run.
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let running = |node: String| {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let on = |p: &&Pod| p.spec.as_ref().and_then(|s| s.node_name.as_ref()) == Some(&node);
+            let phases: Vec<Option<String>> = list
+                .items
+                .iter()
+                .filter(on)
+                .map(|p| p.status.as_ref().and_then(|s| s.phase.clone()))
+                .collect();
+            (!phases.is_empty() && phases.iter().all(|p| p.as_deref() == Some("Running")))
+                .then_some(())
+        }
+    };
+    eventually("the Pods on both nodes Running", WAIT, || async {
+        running(built_on.clone()).await?;
+        running(other.clone()).await
+    })
+    .await;
+
+    // The image goes away on the build node, and a new Pod there waits for it: loaded again.
+    set_images_of(&client, &built_on, Some(BUILDER_IMAGE)).await;
+    let victim = pods
+        .list(&ListParams::default())
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()) == Some(&built_on))
+        .expect("a Pod on the build node");
+    pods.delete(&victim.name_any(), &Default::default())
+        .await
+        .expect("delete");
+    eventually("a reload on the build node", WAIT, || async {
+        let b = api.get(&name).await.ok()?;
+        let entry = b
+            .status?
+            .image_nodes
+            .into_iter()
+            .find(|n| n.node == built_on)?;
+        (entry.state == ImageNodeState::Loading && entry.loads == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        finish_builder(&client, &builds.name, &name, 0, &success_report(tag)).await,
+        built_on
+    );
+    set_images_of(&client, &built_on, Some(&present)).await;
+    eventually("every Pod Running again", WAIT, || async {
+        running(built_on.clone()).await?;
+        running(other.clone()).await
+    })
+    .await;
+    assert_eq!(
+        jobs_for(&client, &builds.name, &name).await.len(),
+        3,
+        "build, load, reload"
+    );
+    set_node_images(&client, None).await;
+    let build = api.get(&name).await.expect("build");
+    assert_eq!(
+        build.status.map(|s| s.attempts),
+        Some(1),
+        "loads are not attempts; log:\n{}",
         operator.logs()
     );
 }
