@@ -11,6 +11,8 @@ ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.16}"
 REGISTRY_VERSION="${ENBI_REGISTRY_VERSION:-v3.1.1}"
 # The real nodes' containerd (github.com/containerd/containerd/v2, built into the cache).
 CONTAINERD_VERSION="${ENBI_CONTAINERD_VERSION:-v2.4.2}"
+# Spegel, the P2P image mirror the real nodes run (./spegel).
+SPEGEL_VERSION="${ENBI_SPEGEL_VERSION:-v0.7.4}"
 
 # Binary cache, outside the checkout, keyed by component and version.
 ENBI_CACHE="${ENBI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/enbi}"
@@ -20,6 +22,7 @@ KWOK_BIN="$BIN_CACHE/kwok-$KWOK_VERSION"
 ETCD_BIN="$BIN_CACHE/etcd-$ETCD_VERSION"
 REGISTRY_BIN="$BIN_CACHE/registry-$REGISTRY_VERSION"
 CONTAINERD_BIN="$BIN_CACHE/containerd-$CONTAINERD_VERSION"
+SPEGEL_BIN="$BIN_CACHE/spegel-$SPEGEL_VERSION"
 # kwok-images is built from ./kwok-images; keyed by a hash of its sources.
 KWOK_IMAGES_HASH="$(cat "$CLUSTER_DIR"/kwok-images/{go.mod,go.sum,*.go} | sha256sum | cut -c1-12)"
 KWOK_IMAGES_BIN="$BIN_CACHE/kwok-images-$KWOK_IMAGES_HASH"
