@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use enbi_core::crd::{NixBuild, NixBuildStatus, Phase};
+use enbi_core::fault::{self, Fault};
 use enbi_core::job::{self, BuilderSettings, JobView};
 use enbi_core::machine::{self, Decision, EventType, Observation};
 use enbi_core::placement::{self, NodeView};
@@ -19,13 +20,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, CustomResourceExt, Resource, ResourceExt};
 use opentelemetry::KeyValue;
 use serde_json::json;
 use tracing::field::Empty;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::Error;
+use crate::http::Health;
 use crate::metrics::{Finished, Metrics, Outcome};
 use crate::telemetry;
 
@@ -35,6 +37,8 @@ pub const MANAGER: &str = "enbi-operator";
 pub const FINALIZER: &str = "enbi.hrzn.ee/cleanup";
 /// Set by the Pod watcher: the node whose Pod needs the image (placement prefers it).
 pub const ANNOTATION_WANTED_ON: &str = "enbi.hrzn.ee/wanted-on-node";
+/// The resource of the Events enbi publishes, as API errors name it.
+const EVENTS: &str = "events.events.k8s.io";
 
 /// What the reconciler needs: the client, settings and the caches the operator keeps.
 pub struct Context {
@@ -49,6 +53,10 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// `/readyz`, which lists the faults that hold builds up.
+    pub health: Arc<Health>,
+    /// A fault of the settings (e.g. no builder image), which holds every build up.
+    pub settings_fault: Option<Fault>,
     /// Whether spans are exported: builds then get a trace context.
     pub tracing: bool,
     /// Consecutive failures per NixBuild, for error_policy's backoff.
@@ -174,6 +182,37 @@ async fn apply(
     trace: Option<&TraceContext>,
     ctx: &Context,
 ) -> Result<Action, Error> {
+    let decision = decide(build, namespace, ctx, ctx.settings_fault.as_ref());
+    // What this reconcile decided, on its span: a trace reads as the build's history.
+    let span = tracing::Span::current();
+    span.record(
+        "enbi.next_phase",
+        tracing::field::debug(decision.status.phase.unwrap_or_default()),
+    );
+    if let Some(c) = conditions::get(&decision.status.conditions, conditions::READY) {
+        span.record("enbi.reason", c.reason.as_str());
+    }
+    span.record("enbi.job_applied", decision.create_job.is_some());
+    if let Err(e) = execute(build, namespace, &decision, trace, ctx).await {
+        // A fault of the installation kept the Job from being made: the build says why it
+        // waits, and the error still backs the reconcile off until the fault is fixed.
+        if let Error::Job(_) = e
+            && let Some(fault) = e
+                .api_status()
+                .and_then(|s| fault::of_api_error(s, &ctx.builder.namespace))
+        {
+            let held = decide(build, namespace, ctx, Some(&fault));
+            execute(build, namespace, &held, trace, ctx).await?;
+        }
+        return Err(e);
+    }
+    Ok(decision
+        .requeue_after
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Gathers what `machine::decide` needs from the caches and settings, and decides.
+fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault>) -> Decision {
     let nodes: Vec<NodeView> = ctx
         .nodes
         .state()
@@ -190,31 +229,18 @@ async fn apply(
         .map(|p| p.eligible.clone())
         .unwrap_or_default();
     let job = ctx.job_view(build);
-    let decision = machine::decide(
+    machine::decide(
         Observation {
             build,
             job: job.as_ref(),
             policy: policy::check(&ctx.policy, namespace, &build.spec),
             placement,
             capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
+            fault,
             now: k8s_openapi::jiff::Timestamp::now(),
         },
         &ctx.machine,
-    );
-    // What this reconcile decided, on its span: a trace reads as the build's history.
-    let span = tracing::Span::current();
-    span.record(
-        "enbi.next_phase",
-        tracing::field::debug(decision.status.phase.unwrap_or_default()),
-    );
-    if let Some(c) = conditions::get(&decision.status.conditions, conditions::READY) {
-        span.record("enbi.reason", c.reason.as_str());
-    }
-    span.record("enbi.job_applied", decision.create_job.is_some());
-    execute(build, namespace, &decision, trace, ctx).await?;
-    Ok(decision
-        .requeue_after
-        .map_or_else(Action::await_change, Action::requeue))
+    )
 }
 
 /// Carries out a decision: Job first, then status (so a lost status write only repeats an
@@ -241,7 +267,9 @@ async fn execute(
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&manifest),
             )
-            .await?;
+            .await
+            .map_err(Error::Job)?;
+        ctx.health.succeeded(fault::JOBS);
         if build.status.as_ref().map_or(0, |s| s.attempts) < plan.attempt {
             ctx.metrics.builds_started.inc();
             info!(build = %build.name_any(), %namespace, job = %name, attempt = plan.attempt, "builder Job created");
@@ -256,6 +284,7 @@ async fn execute(
                 &Patch::Apply(&patch),
             )
             .await?;
+        ctx.health.succeeded(NixBuild::crd_name());
         debug!(
             build = %build.name_any(),
             phase = ?decision.status.phase,
@@ -285,8 +314,16 @@ async fn execute(
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "publishing an Event");
+        match ctx.recorder.publish(&event, &reference).await {
+            Ok(()) => ctx.health.succeeded(EVENTS),
+            Err(e) => {
+                warn!(error = %e, "publishing an Event");
+                if let kube::Error::Api(s) = &e
+                    && let Some(fault) = fault::of_api_error(s, &ctx.builder.namespace)
+                {
+                    ctx.health.raise(fault);
+                }
+            }
         }
     }
     Ok(())
@@ -387,6 +424,12 @@ async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
 
 /// Retries a failed reconcile with per-object exponential backoff: 1 s, 2 s, 4 s, … 5 min.
 pub fn error_policy(build: Arc<NixBuild>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Some(fault) = error
+        .api_status()
+        .and_then(|s| fault::of_api_error(s, &ctx.builder.namespace))
+    {
+        ctx.health.raise(fault);
+    }
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::Category {

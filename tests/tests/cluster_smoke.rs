@@ -168,6 +168,7 @@ async fn run_attempt(
         policy: Ok(()),
         placement: Err(placement::NoEligibleNode("unused once building".into())),
         capacity: Ok(()),
+        fault: None,
         now: k8s_openapi::jiff::Timestamp::now(),
     };
     machine::decide(obs, &machine::Settings::default())
