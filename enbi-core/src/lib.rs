@@ -4,6 +4,7 @@
 pub mod capacity;
 pub mod conditions;
 pub mod crd;
+pub mod fault;
 pub mod gc;
 pub mod job;
 pub mod machine;

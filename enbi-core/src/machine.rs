@@ -22,6 +22,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::conditions::{self, COMPLETE, READY, SUCCESS, Status, Update};
 use crate::crd::{ANNOTATION_RETRY, NixBuild, NixBuildStatus, Phase};
+use crate::fault::Fault;
 use crate::job::{self, JobState, JobView};
 use crate::placement::{NoEligibleNode, Placement};
 use crate::reason::{FailureReason, WaitReason};
@@ -74,6 +75,8 @@ pub struct Observation<'a> {
     pub capacity: Result<(), String>,
     /// Once Succeeded: the nodes where Pods wait for the image, and their load Jobs.
     pub spread: spread::Observation<'a>,
+    /// A fault of the operator's installation that keeps any builder Job from being created.
+    pub fault: Option<&'a Fault>,
     pub now: Timestamp,
 }
 
@@ -266,6 +269,10 @@ impl Step<'_> {
         if let Err(rule) = self.obs.policy.clone() {
             return self.finish_failed(FailureReason::PolicyDenied, rule);
         }
+        if let Some(fault) = self.obs.fault {
+            self.status.phase = Some(Phase::Pending);
+            return self.held(fault);
+        }
         let placement = match &self.obs.placement {
             Ok(p) => p.clone(),
             Err(e) => return self.wait(WaitReason::NoEligibleNode, e.to_string()),
@@ -324,11 +331,32 @@ impl Step<'_> {
         }
     }
 
+    /// The build waits for an administrator: no Job, the fault as Ready reason, an Event when
+    /// it is new. The phase and attempt stay, so the same attempt goes on once the fault is
+    /// fixed (the operator retries).
+    fn held(&mut self, fault: &Fault) {
+        let changed = self.ready_reason() != Some(fault.reason());
+        let message = fault.message();
+        self.conditions(
+            Status::False,
+            Status::Unknown,
+            Status::False,
+            fault.reason(),
+            &message,
+        );
+        if changed {
+            self.event(EventType::Warning, fault.reason(), message);
+        }
+    }
+
     fn observe_job(&mut self) {
         let Some(view) = self.obs.job else {
             // The Job of this attempt is not there: not yet visible, or deleted before its
             // result was read. Applying the same Job again is safe either way.
             let attempt = self.status.attempts;
+            if let Some(fault) = self.obs.fault {
+                return self.held(fault);
+            }
             match &self.obs.placement {
                 Ok(p) => {
                     self.create_job = Some(JobPlan {

@@ -49,6 +49,15 @@ pub enum Finding {
     CrashLoop { container: String },
 }
 
+/// Whether the Pod can ask for anything: [`inspect`] finds nothing in a Pod without the image
+/// tag annotation, so the operator need not keep it.
+pub fn annotated(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(ANNOTATION_IMAGE_TAG))
+}
+
 /// The Pod's findings; empty when the Pod has not opted in or needs nothing.
 /// `node_arch` is the `kubernetes.io/arch` of the Pod's node, if known.
 pub fn inspect(pod: &Pod, node_arch: Option<&str>) -> Vec<Finding> {
@@ -258,6 +267,33 @@ mod tests {
         match findings {
             [Finding::Build(r)] => r,
             other => panic!("expected one build, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pods_not_annotated_with_a_tag_find_nothing_so_need_not_be_kept() {
+        let flake = "github:o/r";
+        for (annotations, kept) in [
+            (annotations(), true),
+            (json!({ANNOTATION_IMAGE_TAG: TAG}), true),
+            (
+                json!({ANNOTATION_FLAKE_URL: flake, ANNOTATION_PACKAGE_NAME: "app"}),
+                false,
+            ),
+            (json!({"example.com/owner": "team"}), false),
+            (json!(null), false),
+        ] {
+            for waiting in ["ErrImagePull", "ImagePullBackOff", "CrashLoopBackOff"] {
+                let p = pod(annotations.clone(), TAG, "IfNotPresent", waiting, false);
+                assert_eq!(annotated(&p), kept, "{annotations}");
+                if !kept {
+                    assert_eq!(
+                        inspect(&p, Some("arm64")),
+                        vec![],
+                        "{annotations} {waiting}"
+                    );
+                }
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use enbi_core::crd::{ImageNodeState, NixBuild, NixBuildStatus, Phase};
+use enbi_core::fault::{self, Fault};
 use enbi_core::job::{self, BuilderSettings, JobView, Purpose};
 use enbi_core::machine::{self, Decision, EventType, Observation};
 use enbi_core::placement::{self, NodeView};
@@ -19,13 +20,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, CustomResourceExt, Resource, ResourceExt};
 use opentelemetry::KeyValue;
 use serde_json::json;
 use tracing::field::Empty;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::Error;
+use crate::http::Health;
 use crate::metrics::{Finished, Metrics, Outcome};
 use crate::{pods, telemetry};
 
@@ -35,6 +37,8 @@ pub const MANAGER: &str = "enbi-operator";
 pub const FINALIZER: &str = "enbi.hrzn.ee/cleanup";
 /// Set by the Pod watcher: the node whose Pod needs the image (placement prefers it).
 pub const ANNOTATION_WANTED_ON: &str = "enbi.hrzn.ee/wanted-on-node";
+/// The resource of the Events enbi publishes, as API errors name it.
+const EVENTS: &str = "events.events.k8s.io";
 
 /// What the reconciler needs: the client, settings and the caches the operator keeps.
 pub struct Context {
@@ -51,6 +55,10 @@ pub struct Context {
     pub pods: Vec<Store<Pod>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// `/readyz`, which lists the faults that hold builds up.
+    pub health: Arc<Health>,
+    /// A fault of the settings (e.g. no builder image), which holds every build up.
+    pub settings_fault: Option<Fault>,
     /// Whether spans are exported: builds then get a trace context.
     pub tracing: bool,
     /// Consecutive failures per NixBuild, for error_policy's backoff.
@@ -216,6 +224,37 @@ async fn apply(
     trace: Option<&TraceContext>,
     ctx: &Context,
 ) -> Result<Action, Error> {
+    let decision = decide(build, namespace, ctx, ctx.settings_fault.as_ref());
+    // What this reconcile decided, on its span: a trace reads as the build's history.
+    let span = tracing::Span::current();
+    span.record(
+        "enbi.next_phase",
+        tracing::field::debug(decision.status.phase.unwrap_or_default()),
+    );
+    if let Some(c) = conditions::get(&decision.status.conditions, conditions::READY) {
+        span.record("enbi.reason", c.reason.as_str());
+    }
+    span.record("enbi.job_applied", decision.create_job.is_some());
+    if let Err(e) = execute(build, namespace, &decision, trace, ctx).await {
+        // A fault of the installation kept the Job from being made: the build says why it
+        // waits, and the error still backs the reconcile off until the fault is fixed.
+        if let Error::Job(_) = e
+            && let Some(fault) = e
+                .api_status()
+                .and_then(|s| fault::of_api_error(s, &ctx.builder.namespace))
+        {
+            let held = decide(build, namespace, ctx, Some(&fault));
+            execute(build, namespace, &held, trace, ctx).await?;
+        }
+        return Err(e);
+    }
+    Ok(decision
+        .requeue_after
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Gathers what `machine::decide` needs from the caches and settings, and decides.
+fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault>) -> Decision {
     let nodes: Vec<NodeView> = ctx
         .nodes
         .state()
@@ -249,7 +288,7 @@ async fn apply(
             .map(|(node, view)| (node.clone(), view))
             .collect(),
     };
-    let decision = machine::decide(
+    machine::decide(
         Observation {
             build,
             job: job.as_ref(),
@@ -257,24 +296,11 @@ async fn apply(
             placement,
             capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
             spread,
+            fault,
             now: k8s_openapi::jiff::Timestamp::now(),
         },
         &ctx.machine,
-    );
-    // What this reconcile decided, on its span: a trace reads as the build's history.
-    let span = tracing::Span::current();
-    span.record(
-        "enbi.next_phase",
-        tracing::field::debug(decision.status.phase.unwrap_or_default()),
-    );
-    if let Some(c) = conditions::get(&decision.status.conditions, conditions::READY) {
-        span.record("enbi.reason", c.reason.as_str());
-    }
-    span.record("enbi.job_applied", decision.create_job.is_some());
-    execute(build, namespace, &decision, trace, ctx).await?;
-    Ok(decision
-        .requeue_after
-        .map_or_else(Action::await_change, Action::requeue))
+    )
 }
 
 /// Carries out a decision: Job first, then status (so a lost status write only repeats an
@@ -298,10 +324,12 @@ async fn execute(
             )
             .await
             .map(|job| job.name_any())
+            .map_err(Error::Job)
         }
     };
     if let Some(plan) = &decision.create_job {
         let name = apply_job(Purpose::Build(plan.attempt), plan.affinity.clone()).await?;
+        ctx.health.succeeded(fault::JOBS);
         if build.status.as_ref().map_or(0, |s| s.attempts) < plan.attempt {
             ctx.metrics.builds_started.inc();
             info!(build = %build.name_any(), %namespace, job = %name, attempt = plan.attempt, "builder Job created");
@@ -324,6 +352,7 @@ async fn execute(
                 &Patch::Apply(&patch),
             )
             .await?;
+        ctx.health.succeeded(NixBuild::crd_name());
         debug!(
             build = %build.name_any(),
             phase = ?decision.status.phase,
@@ -353,8 +382,16 @@ async fn execute(
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "publishing an Event");
+        match ctx.recorder.publish(&event, &reference).await {
+            Ok(()) => ctx.health.succeeded(EVENTS),
+            Err(e) => {
+                warn!(error = %e, "publishing an Event");
+                if let kube::Error::Api(s) = &e
+                    && let Some(fault) = fault::of_api_error(s, &ctx.builder.namespace)
+                {
+                    ctx.health.raise(fault);
+                }
+            }
         }
     }
     Ok(())
@@ -455,6 +492,12 @@ async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
 
 /// Retries a failed reconcile with per-object exponential backoff: 1 s, 2 s, 4 s, … 5 min.
 pub fn error_policy(build: Arc<NixBuild>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Some(fault) = error
+        .api_status()
+        .and_then(|s| fault::of_api_error(s, &ctx.builder.namespace))
+    {
+        ctx.health.raise(fault);
+    }
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::Category {

@@ -36,12 +36,18 @@ pub struct Write {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Request {
+    pub verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub result: &'static str,
 }
 
 #[derive(Debug)]
 pub struct Metrics {
+    pub api_requests: Family<Request, Counter>,
     pub api_writes: Family<Write, Counter>,
     pub reconciliations: Counter,
     pub reconcile_errors: Family<Category, Counter>,
@@ -58,6 +64,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
+            api_requests: Family::default(),
             api_writes: Family::default(),
             reconciliations: Counter::default(),
             reconcile_errors: Family::default(),
@@ -76,6 +83,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut m = Metrics::default();
         let mut registry = Registry::with_prefix("enbi");
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API, by verb (list: also a watch that starts with every object)",
+            m.api_requests.clone(),
+        );
         registry.register(
             "api_writes",
             "Write requests to the Kubernetes API, by resource",
@@ -147,21 +159,48 @@ impl Metrics {
 /// is `jobs`, `/apis/g/v/namespaces/ns/nixbuilds/x/status` is `nixbuilds/status`. Bounded: the
 /// operator only calls a handful of resources.
 pub fn resource_of(path: &str) -> String {
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let start = match segments.iter().position(|s| *s == "namespaces") {
-        Some(i) if segments.len() > i + 2 => i + 2,
-        _ => usize::from(segments.first() == Some(&"apis")) + 2,
-    };
-    match segments.get(start..) {
+    match resource_segments(path).as_deref() {
         Some([resource, _, sub, ..]) => format!("{resource}/{sub}"),
         Some([resource, ..]) => (*resource).to_owned(),
         _ => "other".to_owned(),
     }
 }
 
+/// The path's segments from the resource on: `[resource, name?, subresource?]`.
+fn resource_segments(path: &str) -> Option<Vec<&str>> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let start = match segments.iter().position(|s| *s == "namespaces") {
+        Some(i) if segments.len() > i + 2 => i + 2,
+        _ => usize::from(segments.first() == Some(&"apis")) + 2,
+    };
+    segments.get(start..).map(<[&str]>::to_vec)
+}
+
+/// The verb of a request, as RBAC names it; `list` also for a watch that starts by sending
+/// every object (a streaming list), so that relists show.
+pub fn verb_of(method: &::http::Method, path: &str, query: Option<&str>) -> &'static str {
+    let has = |param: &str| query.is_some_and(|q| q.split('&').any(|p| p == param));
+    match method.as_str() {
+        "GET" if has("watch=true") || has("watch=1") => {
+            if has("sendInitialEvents=true") {
+                "list"
+            } else {
+                "watch"
+            }
+        }
+        "GET" if resource_segments(path).is_some_and(|s| s.len() > 1) => "get",
+        "GET" => "list",
+        "POST" => "create",
+        "PATCH" => "patch",
+        "PUT" => "update",
+        "DELETE" => "delete",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::resource_of;
+    use super::{resource_of, verb_of};
 
     #[test]
     fn resources_from_paths() {
@@ -184,5 +223,33 @@ mod tests {
             "leases"
         );
         assert_eq!(resource_of("/api/v1/nodes"), "nodes");
+    }
+
+    #[test]
+    fn verbs_from_requests() {
+        use ::http::Method;
+        let pods = "/api/v1/namespaces/a/pods";
+        assert_eq!(verb_of(&Method::GET, pods, Some("limit=500")), "list");
+        assert_eq!(
+            verb_of(
+                &Method::GET,
+                "/api/v1/pods",
+                Some("watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan")
+            ),
+            "list",
+            "a streaming list"
+        );
+        assert_eq!(
+            verb_of(&Method::GET, pods, Some("watch=true&resourceVersion=7")),
+            "watch"
+        );
+        assert_eq!(
+            verb_of(&Method::GET, "/api/v1/namespaces/a/pods/p", None),
+            "get"
+        );
+        assert_eq!(verb_of(&Method::GET, "/api/v1/nodes/n", None), "get");
+        assert_eq!(verb_of(&Method::GET, "/api/v1/nodes", None), "list");
+        assert_eq!(verb_of(&Method::PATCH, pods, None), "patch");
+        assert_eq!(verb_of(&Method::POST, pods, None), "create");
     }
 }

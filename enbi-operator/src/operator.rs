@@ -2,15 +2,13 @@
 //! then runs the NixBuild controller, the Pod watcher and garbage collection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use enbi_core::capacity;
 use enbi_core::crd::{NixBuild, Phase};
-use enbi_core::job;
+use enbi_core::{capacity, fault, job};
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -21,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::RunArgs;
 use crate::controller::{self, Context};
+use crate::http::Health;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::pods::PodWatcher;
@@ -33,9 +32,14 @@ pub type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
 pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = Arc::new(Metrics::new());
     let client = counting_client(metrics.clone()).await?;
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
+    let builder = args.builder();
+    let settings_fault = fault::of_settings(&builder);
+    if let Some(f) = &settings_fault {
+        health.raise(f.clone());
+    }
     let server =
-        tokio::spawn(http::bind(args.listen_address, ready.clone(), metrics.clone()).await?);
+        tokio::spawn(http::bind(args.listen_address, health.clone(), metrics.clone()).await?);
 
     let crd_name = NixBuild::crd_name();
     info!(crd = crd_name, "waiting for the CRD to be Established");
@@ -49,16 +53,14 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     let builder_selector = format!("{}={}", job::LABEL_NAME, job::BUILDER_NAME);
     let build_ns = args.build_namespace.clone();
     let (trigger, triggers) = mpsc::unbounded();
-    let controller = Controller::new(
-        Api::<NixBuild>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let controller = Controller::new(Api::<NixBuild>::all(client.clone()), list_config());
     let builds = controller.store();
 
-    let builder_config = watcher::Config::default().labels(&builder_selector);
+    let builder_config = list_config().labels(&builder_selector);
     let jobs = spawn_cache(
         Api::<Job>::namespaced(client.clone(), &build_ns),
         builder_config.clone(),
+        strip_managed_fields,
         {
             let (trigger, builds) = (trigger.clone(), builds.clone());
             move |j: &Job| notify(&trigger, &builds, owner_of(j))
@@ -67,6 +69,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     let builder_pods = spawn_cache(
         Api::<Pod>::namespaced(client.clone(), &build_ns),
         builder_config,
+        strip_managed_fields,
         {
             let (trigger, builds) = (trigger.clone(), builds.clone());
             move |p: &Pod| notify(&trigger, &builds, owner_of(p))
@@ -74,7 +77,8 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     );
     let nodes = spawn_cache(
         Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
+        list_config(),
+        strip_node,
         {
             let (trigger, builds) = (trigger.clone(), builds.clone());
             move |_: &Node| notify(&trigger, &builds, None)
@@ -83,7 +87,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     jobs.wait_until_ready().await?;
     builder_pods.wait_until_ready().await?;
     nodes.wait_until_ready().await?;
-    ready.store(true, Ordering::Relaxed);
+    health.started();
 
     if args.leader_election {
         let namespace = args
@@ -110,7 +114,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         namespaces.iter().map(|_| reflector::store()).unzip();
     let ctx = Arc::new(Context {
         client: client.clone(),
-        builder: args.builder(),
+        builder,
         machine: args.machine(),
         policy: args.policy(),
         capacity: capacity::Limits {
@@ -124,6 +128,8 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         pods: pod_stores.clone(),
         recorder,
         metrics: metrics.clone(),
+        health,
+        settings_fault,
         tracing,
         failures: Default::default(),
     });
@@ -192,9 +198,20 @@ fn notify(trigger: &Trigger, builds: &Store<NixBuild>, owner: Option<ObjectRef<N
     }
 }
 
-/// A cache of `api` (filtered by `config`) kept by a background watch; `on_change` runs for
-/// every object that changes.
-fn spawn_cache<K, F>(api: Api<K>, config: watcher::Config, on_change: F) -> Store<K>
+/// How every watch lists: as a stream of single objects (a watch with `sendInitialEvents`,
+/// Kubernetes' WatchList), so that neither a start nor a relist holds a page of full objects.
+pub fn list_config() -> watcher::Config {
+    watcher::Config::default().streaming_lists()
+}
+
+/// A cache of `api` (filtered by `config`) kept by a background watch, each object passed
+/// through `strip` before it is stored; `on_change` runs for every object that changes.
+fn spawn_cache<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    strip: fn(&mut K),
+    on_change: F,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -208,6 +225,7 @@ where
     let (store, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
+        .modify(strip)
         .reflect(writer)
         .touched_objects();
     tokio::spawn(async move {
@@ -222,13 +240,52 @@ where
     store
 }
 
-/// A client that counts every write request in `enbi_api_writes_total`.
+fn strip_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// Keeps what placement reads of a Node (`placement::NodeView`): labels, taints, cordon and
+/// the Ready condition. A node's status lists every image on it, often the largest part.
+fn strip_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.spec = node.spec.take().map(|s| NodeSpec {
+        taints: s.taints,
+        unschedulable: s.unschedulable,
+        ..NodeSpec::default()
+    });
+    node.status = node.status.take().map(|s| NodeStatus {
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| NodeCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..NodeCondition::default()
+                })
+                .collect()
+        }),
+        ..NodeStatus::default()
+    });
+}
+
+/// A client that counts every request in `enbi_api_requests_total` and every write in
+/// `enbi_api_writes_total`.
 async fn counting_client(metrics: Arc<Metrics>) -> Result<Client, kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
     let count =
         tower::util::MapRequestLayer::new(move |request: ::http::Request<kube::client::Body>| {
+            let verb = crate::metrics::verb_of(
+                request.method(),
+                request.uri().path(),
+                request.uri().query(),
+            );
+            metrics
+                .api_requests
+                .get_or_create(&crate::metrics::Request { verb })
+                .inc();
             if request.method() != ::http::Method::GET {
                 let resource = crate::metrics::resource_of(request.uri().path());
                 debug!(method = %request.method(), path = request.uri().path(), "API write");

@@ -1,8 +1,10 @@
 //! The Pod watcher: Pods that cannot start because their annotated image is missing get a
 //! NixBuild (one per build, however many Pods ask), and Events saying what happens.
 //!
-//! It sees every Pod, so each is stripped before it is cached: only the enbi annotations, node,
-//! container names, images, pull policies and waiting reasons are kept.
+//! It sees every Pod, but keeps only those with enbi annotations (`podwatch::annotated`): any
+//! other is dropped before it reaches the cache or the handler, so memory follows the Pods that
+//! ask for builds, not the cluster's size. Those kept are stripped to the enbi annotations, node,
+//! container names, images, pull policies and waiting reasons.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -150,8 +152,12 @@ impl PodWatcher {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
         };
-        let stream = watcher(api, watcher::Config::default())
+        let cached = writer.as_reader();
+        let stream = watcher(api, crate::operator::list_config())
             .default_backoff()
+            .filter_map(move |event| {
+                std::future::ready(event.map(|e| annotated_only(e, &cached)).transpose())
+            })
             .modify(strip)
             .reflect(writer);
         futures::pin_mut!(stream);
@@ -376,6 +382,23 @@ impl PodWatcher {
         if let Err(e) = events.create(&PostParams::default(), &event).await {
             warn!(error = %e, "publishing a Pod Event");
         }
+    }
+}
+
+/// The event as the Pod cache and the handler see it: a Pod without enbi annotations is left
+/// out, or, if `cached` holds it (its annotations were removed), becomes a removal.
+fn annotated_only(event: watcher::Event<Pod>, cached: &Store<Pod>) -> Option<watcher::Event<Pod>> {
+    use watcher::Event;
+    let is_cached = |pod: &Pod| cached.get(&ObjectRef::from(pod)).is_some();
+    match event {
+        Event::InitApply(pod) if !podwatch::annotated(&pod) => None,
+        Event::Apply(pod) | Event::Delete(pod)
+            if !podwatch::annotated(&pod) && !is_cached(&pod) =>
+        {
+            None
+        }
+        Event::Apply(pod) if !podwatch::annotated(&pod) => Some(Event::Delete(pod)),
+        event => Some(event),
     }
 }
 

@@ -175,6 +175,7 @@ async fn run_attempt(
         placement: Err(placement::NoEligibleNode("unused once building".into())),
         capacity: Ok(()),
         spread: Default::default(),
+        fault: None,
         now: k8s_openapi::jiff::Timestamp::now(),
     };
     machine::decide(obs, &machine::Settings::default())

@@ -47,6 +47,7 @@ fn observe<'a>(b: &'a NixBuild, job: Option<&'a JobView>, now: i64) -> Observati
         placement: place(&b.spec.system, &nodes(), &[], None),
         capacity: Ok(()),
         spread: Default::default(),
+        fault: None,
         now: at(now),
     }
 }
@@ -434,6 +435,52 @@ fn no_node_and_queue_wait_and_say_so_once() {
     // A node appears and a slot frees: the build starts.
     assert_eq!(
         decide(observe(&b, None, 7), &settings())
+            .create_job
+            .map(|p| p.attempt),
+        Some(1)
+    );
+}
+
+#[test]
+fn an_operator_fault_holds_the_build_says_so_once_and_lets_go() {
+    let fault = crate::fault::Fault::BuildNamespaceMissing {
+        namespace: "enbi-builds".into(),
+    };
+    let mut b = build();
+    let mut obs = observe(&b, None, 0);
+    obs.fault = Some(&fault);
+    let d = decide(obs, &settings());
+    assert!(d.create_job.is_none());
+    assert_eq!(d.status.phase, Some(Phase::Pending));
+    assert_eq!(d.status.attempts, 0);
+    let ready = condition(&d, READY);
+    assert_eq!(ready.reason, "BuildNamespaceMissing");
+    assert_eq!(ready.message, fault.message());
+    assert_eq!(d.events.len(), 1);
+    assert_eq!(d.events[0].type_, EventType::Warning);
+    apply(&mut b, &d);
+    let mut obs = observe(&b, None, 5);
+    obs.fault = Some(&fault);
+    let again = decide(obs, &settings());
+    assert!(again.events.is_empty(), "one Event per fault");
+    assert_eq!(again.status, b.status.clone().expect("status"));
+
+    let started = decide(observe(&b, None, 6), &settings());
+    assert_eq!(started.create_job.as_ref().map(|p| p.attempt), Some(1));
+    assert_eq!(condition(&started, READY).reason, "Scheduled");
+    apply(&mut b, &started);
+    // The Job of attempt 1 could not be created: the same attempt waits, then goes on.
+    let mut obs = observe(&b, None, 7);
+    obs.fault = Some(&fault);
+    let held = decide(obs, &settings());
+    assert!(held.create_job.is_none());
+    assert_eq!(
+        (held.status.phase, held.status.attempts),
+        (Some(Phase::Building), 1)
+    );
+    apply(&mut b, &held);
+    assert_eq!(
+        decide(observe(&b, None, 8), &settings())
             .create_job
             .map(|p| p.attempt),
         Some(1)
