@@ -8,6 +8,7 @@ pub mod gc;
 pub mod job;
 pub mod machine;
 pub mod naming;
+pub mod optin;
 pub mod placement;
 pub mod podwatch;
 pub mod policy;

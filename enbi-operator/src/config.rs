@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use enbi_core::job::{BuilderSettings, StoreMode};
 use enbi_core::policy::{Policy, TagRule};
-use enbi_core::{gc, machine};
+use enbi_core::{gc, machine, optin};
 use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 
 /// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
@@ -57,6 +57,15 @@ pub enum Store {
     Pod,
     /// The node's Nix daemon, through its socket.
     NodeDaemon,
+}
+
+/// Which namespaces the Pod-annotation path (Pod watcher and webhook) serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodBuildNamespaces {
+    /// Only namespaces labelled enbi.hrzn.ee/pod-builds=enabled.
+    Labelled,
+    /// Every namespace.
+    All,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -118,6 +127,10 @@ pub struct RunArgs {
     /// Namespaces whose Pods are watched (comma-separated; empty: all).
     #[arg(long, env = "ENBI_WATCH_NAMESPACES", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
+    /// Namespaces whose annotated Pods may ask for builds: those labelled
+    /// enbi.hrzn.ee/pod-builds=enabled, or all.
+    #[arg(long, env = "ENBI_POD_BUILDS_NAMESPACES", value_enum, default_value_t = PodBuildNamespaces::Labelled)]
+    pub pod_builds_namespaces: PodBuildNamespaces,
     /// Namespaces allowed to build (comma-separated; empty: all).
     #[arg(long, env = "ENBI_ALLOWED_NAMESPACES", value_delimiter = ',')]
     pub allowed_namespaces: Vec<String>,
@@ -202,6 +215,13 @@ impl RunArgs {
         machine::Settings {
             max_attempts: self.max_attempts.max(1),
             ..machine::Settings::default()
+        }
+    }
+
+    pub fn pod_builds(&self) -> optin::PodBuildNamespaces {
+        match self.pod_builds_namespaces {
+            PodBuildNamespaces::Labelled => optin::PodBuildNamespaces::Labelled,
+            PodBuildNamespaces::All => optin::PodBuildNamespaces::All,
         }
     }
 

@@ -16,6 +16,7 @@ mod gc;
 mod http;
 mod leader;
 mod metrics;
+mod namespaces;
 mod operator;
 mod pods;
 mod telemetry;

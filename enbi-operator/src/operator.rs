@@ -23,6 +23,7 @@ use crate::config::RunArgs;
 use crate::controller::{self, Context};
 use crate::leader::Elector;
 use crate::metrics::Metrics;
+use crate::namespaces::OptIn;
 use crate::pods::PodWatcher;
 use crate::{gc, http};
 
@@ -126,6 +127,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         builds.clone(),
         reporter,
         metrics,
+        OptIn::new(client.clone(), args.pod_builds()),
         tracing,
     ));
     let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {

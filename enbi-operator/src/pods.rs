@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use enbi_core::crd::NixBuild;
+use enbi_core::optin;
 use enbi_core::podwatch::{self, BuildRequest, Finding};
 use enbi_core::trace::ANNOTATION_TRACEPARENT;
 use futures::StreamExt;
@@ -29,6 +30,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::controller::{ANNOTATION_WANTED_ON, FINALIZER};
 use crate::metrics::Metrics;
+use crate::namespaces::OptIn;
 use crate::telemetry;
 
 /// Label on NixBuilds the Pod watcher made.
@@ -43,6 +45,8 @@ pub struct PodWatcher {
     /// Who publishes the Pods' Events.
     pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
+    /// Which namespaces may ask for builds.
+    opt_in: OptIn,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
@@ -121,10 +125,12 @@ impl PodWatcher {
         builds: Store<NixBuild>,
         reporter: Reporter,
         metrics: Arc<Metrics>,
+        opt_in: OptIn,
         tracing: bool,
     ) -> Self {
         Self {
             tracing,
+            opt_in,
             client,
             nodes,
             builds,
@@ -168,7 +174,25 @@ impl PodWatcher {
     }
 
     async fn handle(&self, pod: &Pod) {
-        for finding in podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref()) {
+        let findings = podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref());
+        if findings.is_empty() {
+            return;
+        }
+        let namespace = pod.namespace().unwrap_or_default();
+        if !self.opt_in.allows(&namespace).await {
+            let note = optin::not_enabled_note(&namespace);
+            self.announce(
+                pod,
+                EventType::Warning,
+                "PodBuildsNotEnabled",
+                &namespace,
+                note,
+                None,
+            )
+            .await;
+            return;
+        }
+        for finding in findings {
             match finding {
                 Finding::Build(request) => {
                     let build = self.ensure_build(pod, &request).await;

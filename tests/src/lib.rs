@@ -90,12 +90,25 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// Creates `enbi-test-<prefix>-<random>`.
     pub async fn new(client: &Client, prefix: &str) -> Self {
+        Self::with_labels(client, prefix, serde_json::json!({})).await
+    }
+
+    /// [`TestNamespace::new`], opted in to builds from Pod annotations
+    /// (`enbi.hrzn.ee/pod-builds=enabled`).
+    pub async fn opted_in(client: &Client, prefix: &str) -> Self {
+        let labels =
+            serde_json::json!({enbi_core::optin::LABEL_POD_BUILDS: enbi_core::optin::ENABLED});
+        Self::with_labels(client, prefix, labels).await
+    }
+
+    async fn with_labels(client: &Client, prefix: &str, mut labels: serde_json::Value) -> Self {
+        labels["enbi.test/namespace"] = "true".into();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let name = format!("enbi-test-{prefix}-{:x}", nanos ^ std::process::id());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"enbi.test/namespace": "true"}}
+            "metadata": {"name": name, "labels": labels}
         }))
         .expect("valid namespace");
         Api::<Namespace>::all(client.clone())

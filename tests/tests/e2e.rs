@@ -144,7 +144,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     let repel = kwok_nodes.join(",");
     let operator = start_operator("e2e", &builds.name, &socket, "127.0.0.1:18087", &repel);
 
-    let app = TestNamespace::new(&client, "e2e-app").await;
+    let app = TestNamespace::opted_in(&client, "e2e-app").await;
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "app", "annotations": {
             "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
