@@ -4,6 +4,7 @@
 pub mod capacity;
 pub mod conditions;
 pub mod crd;
+pub mod gate;
 pub mod gc;
 pub mod job;
 pub mod machine;
@@ -15,6 +16,7 @@ pub mod policy;
 pub mod reason;
 pub mod reference;
 pub mod result;
+pub mod servingcert;
 pub mod system;
 pub mod trace;
 pub mod validation;

@@ -47,6 +47,10 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub builder_pods: Store<Pod>,
     pub nodes: Store<Node>,
+    /// The Pod watcher and its caches: Pods waiting for a build are looked at again when it
+    /// finishes or goes.
+    pub pods: Arc<crate::pods::PodWatcher>,
+    pub pod_stores: Vec<Store<Pod>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Whether spans are exported: builds then get a trace context.
@@ -174,6 +178,9 @@ async fn apply(
     trace: Option<&TraceContext>,
     ctx: &Context,
 ) -> Result<Action, Error> {
+    if matches!(build.phase(), Phase::Succeeded | Phase::Failed) {
+        ctx.pods.build_changed(build, &ctx.pod_stores).await;
+    }
     let nodes: Vec<NodeView> = ctx
         .nodes
         .state()
@@ -365,6 +372,8 @@ fn finish(
 /// Deletes every builder Job of the NixBuild (all attempts), found by its UID label.
 async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_queued(ObjectRef::from(build), false);
+    // Gated Pods go back to the kubelet's path rather than wait for a build that is gone.
+    ctx.pods.build_changed(build, &ctx.pod_stores).await;
     let uid = build.uid().unwrap_or_default();
     let api = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     for job in ctx

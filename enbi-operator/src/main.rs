@@ -20,6 +20,7 @@ mod namespaces;
 mod operator;
 mod pods;
 mod telemetry;
+mod webhook;
 
 #[derive(Debug, Parser)]
 #[command(
