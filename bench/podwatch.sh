@@ -24,6 +24,7 @@ for nb in $("$KUBECTL" -n "$NS" get nixbuilds -o name 2>/dev/null); do
 done
 "$KUBECTL" delete ns "$NS" "$BNS" --ignore-not-found --wait >/dev/null
 "$KUBECTL" create ns "$NS" >/dev/null
+"$KUBECTL" label ns "$NS" enbi.hrzn.ee/pod-builds=enabled >/dev/null
 "$KUBECTL" create ns "$BNS" >/dev/null
 "$KUBECTL" -n "$BNS" create serviceaccount enbi-builder >/dev/null
 nodes=$("$KUBECTL" get nodes -l type=kwok -o name)

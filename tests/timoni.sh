@@ -93,7 +93,7 @@ cleanup() {
     "$kubectl" patch -n "$app_ns" "$nb" --type=merge -p '{"metadata":{"finalizers":null}}' > /dev/null 2>&1
   done
   "$kubectl" delete namespace "$app_ns" "$ns" "$build_ns" --ignore-not-found --wait=false > /dev/null 2>&1
-  "$kubectl" delete clusterrole,clusterrolebinding -l app.kubernetes.io/instance="$instance",app.kubernetes.io/name=enbi \
+  "$kubectl" delete clusterrole,clusterrolebinding,mutatingwebhookconfiguration -l app.kubernetes.io/instance="$instance",app.kubernetes.io/name=enbi \
     --ignore-not-found > /dev/null 2>&1
   if $crd_existed; then
     # Someone else's CRD: take back the labels that the install added.
@@ -130,7 +130,7 @@ echo "== vet and build (./timoni)"
 check "timoni mod vet" tm mod vet "$module" --name "$instance" -n "$ns"
 check "timoni build" sh -c "timoni build '$instance' '$module' -n '$ns' > '$work/build.yaml'"
 equals "the build has the expected objects" \
-  "ClusterRole ClusterRoleBinding CustomResourceDefinition Deployment Namespace Namespace Role Role RoleBinding RoleBinding Service ServiceAccount ServiceAccount" \
+  "ClusterRole ClusterRoleBinding CustomResourceDefinition Deployment MutatingWebhookConfiguration Namespace Namespace Role Role Role RoleBinding RoleBinding RoleBinding Service Service ServiceAccount ServiceAccount" \
   sh -c "grep '^kind:' '$work/build.yaml' | awk '{print \$2}' | sort | xargs"
 equals "Pod Security privileged on the build namespace only" "$build_ns" \
   sh -c "timoni build '$instance' '$module' -n '$ns' -o json | python3 -c '
@@ -321,14 +321,18 @@ for args in \
   "watch customresourcedefinitions.apiextensions.k8s.io/$crd" \
   "create jobs.batch -n $build_ns" "delete jobs.batch -n $build_ns" "watch jobs.batch -n $build_ns" \
   "get pods -n $build_ns" \
-  "create leases.coordination.k8s.io -n $ns" "update leases.coordination.k8s.io -n $ns"; do
+  "create leases.coordination.k8s.io -n $ns" "update leases.coordination.k8s.io -n $ns" \
+  "patch pods -A" "delete pods -A" "watch namespaces" \
+  "patch mutatingwebhookconfigurations.admissionregistration.k8s.io/$instance-webhook" \
+  "get secrets/$instance-webhook-tls -n $ns" "update secrets/$instance-webhook-tls -n $ns" "create secrets -n $ns"; do
   # shellcheck disable=SC2086
   equals "can $args" yes can $args
 done
 for args in \
   "get secrets -n $ns" "list secrets -A" "get configmaps -n $ns" "update nixbuilds.enbi.hrzn.ee -n default" \
   "update nixbuilds.enbi.hrzn.ee --subresource=status -n default" \
-  "create pods -n $build_ns" "delete pods -A" "patch nodes" \
+  "create pods -n $build_ns" "patch nodes" "update secrets/other -n $ns" "create secrets -n default" \
+  "patch mutatingwebhookconfigurations.admissionregistration.k8s.io/other" \
   "list customresourcedefinitions.apiextensions.k8s.io" \
   "get customresourcedefinitions.apiextensions.k8s.io/other.example.com" \
   "create jobs.batch -n default" "create leases.coordination.k8s.io -n default" \

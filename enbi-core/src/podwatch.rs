@@ -3,13 +3,14 @@
 //! A Pod opts in with the annotations `enbi.hrzn.ee/nixbuild-flakeUrl`, `-imageTag` and
 //! `-packageName` (and optionally `-system`). Only a container or init container waiting because
 //! its image is missing (`ErrImagePull`, `ImagePullBackOff`, `ErrImageNeverPull`), whose image is
-//! the annotated tag, asks for a build. Every Pod of a Deployment maps to the same NixBuild name,
+//! the annotated tag, asks for a build; so does a Pod that enbi's admission webhook gated (see
+//! `gate`) before it was scheduled. Every Pod of a Deployment maps to the same NixBuild name,
 //! so however many fail, one build is made.
 
 use std::collections::BTreeMap;
 
 use garde::Validate;
-use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod, PodSpec, PodStatus};
 
 use crate::crd::{NixBuild, NixBuildSpec, Phase};
 use crate::{naming, reference, system};
@@ -66,9 +67,52 @@ pub fn inspect(pod: &Pod, node_arch: Option<&str>) -> Vec<Finding> {
     let Some(tag) = annotations.get(ANNOTATION_IMAGE_TAG) else {
         return vec![];
     };
-    let (Some(spec), Some(status)) = (pod.spec.as_ref(), pod.status.as_ref()) else {
+    let Some(spec) = pod.spec.as_ref() else {
         return vec![];
     };
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    let mut findings = vec![];
+    let mut missing = vec![];
+    if crate::gate::is_gated(spec) {
+        // Gated by enbi: not scheduled, so no status yet; every container of the tag waits.
+        missing = containers
+            .filter(|c| {
+                c.image
+                    .as_deref()
+                    .is_some_and(|image| reference::same_image(image, tag))
+            })
+            .map(|c| c.name.clone())
+            .collect();
+    } else if let Some(status) = pod.status.as_ref() {
+        inspect_statuses(spec, status, tag, &mut findings, &mut missing);
+    }
+    if !missing.is_empty() {
+        findings.push(match request(annotations, node_arch) {
+            Ok(spec) => Finding::Build(BuildRequest {
+                name: naming::nixbuild_name(&spec),
+                spec,
+                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                containers: missing,
+            }),
+            Err(message) => Finding::InvalidAnnotations(message),
+        });
+    }
+    findings
+}
+
+/// Containers of `tag` that wait because the image is missing (into `missing`), or that show
+/// why a build would not help (into `findings`).
+fn inspect_statuses(
+    spec: &PodSpec,
+    status: &PodStatus,
+    tag: &str,
+    findings: &mut Vec<Finding>,
+    missing: &mut Vec<String>,
+) {
     let containers = spec
         .init_containers
         .iter()
@@ -100,8 +144,6 @@ pub fn inspect(pod: &Pod, node_arch: Option<&str>) -> Vec<Finding> {
             .unwrap_or_default()
     };
 
-    let mut findings = vec![];
-    let mut missing = vec![];
     for (container, status) in &ours {
         let reason = waiting(status);
         if MISSING_IMAGE.contains(&reason.as_str()) {
@@ -118,18 +160,6 @@ pub fn inspect(pod: &Pod, node_arch: Option<&str>) -> Vec<Finding> {
             });
         }
     }
-    if !missing.is_empty() {
-        findings.push(match request(annotations, node_arch) {
-            Ok(spec) => Finding::Build(BuildRequest {
-                name: naming::nixbuild_name(&spec),
-                spec,
-                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-                containers: missing,
-            }),
-            Err(message) => Finding::InvalidAnnotations(message),
-        });
-    }
-    findings
 }
 
 /// An Event to publish on a Pod. `key` names what it is about (the NixBuild): the Pod watcher
@@ -149,8 +179,13 @@ pub struct PodNotice {
 ///   is the NixBuild's own (status, Events), and the Pod starts by itself once the image is on
 ///   its node.
 /// - `BuildFailed` (Warning), once per Pod and NixBuild, when the build has Failed while the
-///   Pod still waits: the Pod will not start until the build is fixed or retried.
-pub fn waiting_notices(request: &BuildRequest, build: Option<&NixBuild>) -> Vec<PodNotice> {
+///   Pod still waits: the Pod will not start until the build is fixed or retried. A `gated`
+///   Pod is told how to let it go without the build.
+pub fn waiting_notices(
+    request: &BuildRequest,
+    build: Option<&NixBuild>,
+    gated: bool,
+) -> Vec<PodNotice> {
     let name = &request.name;
     let mut notices = vec![PodNotice {
         warning: false,
@@ -170,10 +205,19 @@ pub fn waiting_notices(request: &BuildRequest, build: Option<&NixBuild>) -> Vec<
             reason: "BuildFailed",
             key: name.clone(),
             note: format!(
-                "NixBuild {name} failed ({}): {}; fix it or set {} on it to build again",
+                "NixBuild {name} failed ({}): {}; fix it or set {} on it to build again{}",
                 reason.unwrap_or("unknown reason"),
                 message.unwrap_or("see its status"),
                 crate::crd::ANNOTATION_RETRY,
+                if gated {
+                    format!(
+                        ". The Pod stays gated ({}) until the build succeeds; deleting the NixBuild \
+                         lets it be scheduled without the image",
+                        crate::gate::GATE
+                    )
+                } else {
+                    String::new()
+                },
             ),
         });
     }
@@ -181,7 +225,7 @@ pub fn waiting_notices(request: &BuildRequest, build: Option<&NixBuild>) -> Vec<
 }
 
 /// The NixBuild spec the annotations describe, checked with the CRD's own rules.
-fn request(
+pub(crate) fn request(
     annotations: &BTreeMap<String, String>,
     node_arch: Option<&str>,
 ) -> Result<NixBuildSpec, String> {
@@ -333,6 +377,25 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn a_gated_pod_asks_for_its_build_before_any_pull() {
+        let mut a = annotations();
+        a[ANNOTATION_SYSTEM] = json!("x86_64-linux");
+        let gated: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "apps", "annotations": a},
+            "spec": {
+                "schedulingGates": [{"name": crate::gate::GATE}],
+                "containers": [{"name": "app", "image": TAG}, {"name": "side", "image": "busybox"}],
+            },
+        }))
+        .expect("pod");
+        let f = inspect(&gated, None);
+        let r = build_of(&f);
+        assert_eq!(r.spec.system, "x86_64-linux");
+        assert_eq!(r.node, None);
+        assert_eq!(r.containers, ["app"]);
     }
 
     #[test]
@@ -506,7 +569,7 @@ mod tests {
                 });
                 &build
             });
-            let notices = waiting_notices(&request, cached);
+            let notices = waiting_notices(&request, cached, false);
             assert_eq!(notices.len(), 1, "{phase:?}");
             assert_eq!(notices[0].reason, "WaitingForBuild");
             assert!(notices[0].note.contains(&request.name));
@@ -520,7 +583,9 @@ mod tests {
             failure_message: Some("nix build exited 1".into()),
             ..Default::default()
         });
-        let notices = waiting_notices(&request, Some(&build));
+        let gated = waiting_notices(&request, Some(&build), true);
+        assert!(gated[1].note.contains("stays gated"), "{}", gated[1].note);
+        let notices = waiting_notices(&request, Some(&build), false);
         assert_eq!(notices.len(), 2);
         assert!(
             keys.contains(&(notices[0].reason, notices[0].key.clone())),

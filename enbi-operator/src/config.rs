@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use enbi_core::job::{BuilderSettings, StoreMode};
 use enbi_core::policy::{Policy, TagRule};
-use enbi_core::{gc, machine, spread};
+use enbi_core::{gc, machine, optin, spread};
 use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 
 /// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
@@ -57,6 +57,15 @@ pub enum Store {
     Pod,
     /// The node's Nix daemon, through its socket.
     NodeDaemon,
+}
+
+/// Which namespaces the Pod-annotation path (Pod watcher and webhook) serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodBuildNamespaces {
+    /// Only namespaces labelled enbi.hrzn.ee/pod-builds=enabled.
+    Labelled,
+    /// Every namespace.
+    All,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -118,6 +127,15 @@ pub struct RunArgs {
     /// Namespaces whose Pods are watched (comma-separated; empty: all).
     #[arg(long, env = "ENBI_WATCH_NAMESPACES", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
+    /// Namespaces whose annotated Pods may ask for builds: those labelled
+    /// enbi.hrzn.ee/pod-builds=enabled, or all.
+    #[arg(long, env = "ENBI_POD_BUILDS_NAMESPACES", value_enum, default_value_t = PodBuildNamespaces::Labelled)]
+    pub pod_builds_namespaces: PodBuildNamespaces,
+    /// Delete a Pod that waits in the kubelet's image pull back-off, on the node where its image
+    /// was just loaded, when a ReplicaSet, StatefulSet or DaemonSet owns it: the new Pod starts
+    /// at once instead of at the kubelet's next retry (up to 5 minutes later).
+    #[arg(long, env = "ENBI_RECREATE_WAITING_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub recreate_waiting_pods: bool,
     /// Namespaces allowed to build (comma-separated; empty: all).
     #[arg(long, env = "ENBI_ALLOWED_NAMESPACES", value_delimiter = ',')]
     pub allowed_namespaces: Vec<String>,
@@ -151,6 +169,23 @@ pub struct RunArgs {
     /// Seconds between garbage collection passes.
     #[arg(long, env = "ENBI_GC_INTERVAL_SECONDS", default_value_t = 30)]
     pub gc_interval_seconds: u64,
+    /// The MutatingWebhookConfiguration whose CA bundle enbi keeps; when set, `run` serves the
+    /// admission webhook that gates annotated Pods until their image is built (empty: none).
+    #[arg(long, env = "ENBI_WEBHOOK_CONFIGURATION", default_value = "")]
+    pub webhook_configuration: String,
+    /// Address serving the admission webhook (HTTPS).
+    #[arg(long, env = "ENBI_WEBHOOK_ADDRESS", default_value = "0.0.0.0:8443")]
+    pub webhook_address: SocketAddr,
+    /// Service in front of the webhook, in the operator's namespace ($POD_NAMESPACE): its names
+    /// go into the serving certificate.
+    #[arg(long, env = "ENBI_WEBHOOK_SERVICE", default_value = "enbi-webhook")]
+    pub webhook_service: String,
+    /// Other host names or IP addresses for the serving certificate (comma-separated).
+    #[arg(long, env = "ENBI_WEBHOOK_HOSTS", value_delimiter = ',')]
+    pub webhook_hosts: Vec<String>,
+    /// Secret in the operator's namespace that holds the webhook's CA and certificate.
+    #[arg(long, env = "ENBI_WEBHOOK_SECRET", default_value = "enbi-webhook-tls")]
+    pub webhook_secret: String,
     /// Address serving /livez, /readyz and /metrics.
     #[arg(long, env = "ENBI_LISTEN_ADDRESS", default_value = "0.0.0.0:8080")]
     pub listen_address: SocketAddr,
@@ -168,6 +203,7 @@ impl RunArgs {
             &mut self.allowed_namespaces,
             &mut self.allowed_flake_prefixes,
             &mut self.allowed_image_tags,
+            &mut self.webhook_hosts,
         ] {
             list.retain(|entry| !entry.trim().is_empty());
         }
@@ -215,6 +251,36 @@ impl RunArgs {
             },
             ..machine::Settings::default()
         }
+    }
+
+    pub fn pod_builds(&self) -> optin::PodBuildNamespaces {
+        match self.pod_builds_namespaces {
+            PodBuildNamespaces::Labelled => optin::PodBuildNamespaces::Labelled,
+            PodBuildNamespaces::All => optin::PodBuildNamespaces::All,
+        }
+    }
+
+    /// The admission webhook's settings, if it is served.
+    pub fn webhook(&self) -> Option<crate::webhook::Settings> {
+        if self.webhook_configuration.is_empty() {
+            return None;
+        }
+        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+        let service = &self.webhook_service;
+        let mut hosts = vec![
+            service.clone(),
+            format!("{service}.{namespace}"),
+            format!("{service}.{namespace}.svc"),
+            format!("{service}.{namespace}.svc.cluster.local"),
+        ];
+        hosts.extend(self.webhook_hosts.iter().cloned());
+        Some(crate::webhook::Settings {
+            address: self.webhook_address,
+            configuration: self.webhook_configuration.clone(),
+            secret: self.webhook_secret.clone(),
+            namespace,
+            hosts,
+        })
     }
 
     pub fn gc(&self) -> gc::Limits {

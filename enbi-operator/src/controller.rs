@@ -51,8 +51,10 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub builder_pods: Store<Pod>,
     pub nodes: Store<Node>,
-    /// The Pod watcher's caches: where Pods wait for a Succeeded build's image.
-    pub pods: Vec<Store<Pod>>,
+    /// The Pod watcher and its caches: Pods waiting for a build are looked at again when it
+    /// finishes or goes, and tell where its image is needed.
+    pub pods: Arc<crate::pods::PodWatcher>,
+    pub pod_stores: Vec<Store<Pod>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// `/readyz`, which lists the faults that hold builds up.
@@ -111,7 +113,7 @@ impl Context {
     /// Whether a load may start on each node where Pods wait for the build's image.
     fn load_gates(&self, build: &NixBuild, nodes: &[NodeView]) -> BTreeMap<String, spread::Gate> {
         let waiting = pods::waiting_nodes(
-            &self.pods,
+            &self.pod_stores,
             &self.nodes,
             &build.namespace().unwrap_or_default(),
             &build.name_any(),
@@ -224,6 +226,9 @@ async fn apply(
     trace: Option<&TraceContext>,
     ctx: &Context,
 ) -> Result<Action, Error> {
+    if matches!(build.phase(), Phase::Succeeded | Phase::Failed) {
+        ctx.pods.build_changed(build, &ctx.pod_stores).await;
+    }
     let decision = decide(build, namespace, ctx, ctx.settings_fault.as_ref());
     // What this reconcile decided, on its span: a trace reads as the build's history.
     let span = tracing::Span::current();
@@ -470,6 +475,8 @@ fn finish(
 /// Deletes every builder Job of the NixBuild (all attempts), found by its UID label.
 async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_queued(ObjectRef::from(build), false);
+    // Gated Pods go back to the kubelet's path rather than wait for a build that is gone.
+    ctx.pods.build_changed(build, &ctx.pod_stores).await;
     let uid = build.uid().unwrap_or_default();
     let api = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     for job in ctx

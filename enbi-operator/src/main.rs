@@ -16,9 +16,11 @@ mod gc;
 mod http;
 mod leader;
 mod metrics;
+mod namespaces;
 mod operator;
 mod pods;
 mod telemetry;
+mod webhook;
 
 #[derive(Debug, Parser)]
 #[command(

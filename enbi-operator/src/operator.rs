@@ -22,8 +22,9 @@ use crate::controller::{self, Context};
 use crate::http::Health;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
+use crate::namespaces::OptIn;
 use crate::pods::PodWatcher;
-use crate::{gc, http};
+use crate::{gc, http, webhook};
 
 pub type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
 
@@ -87,6 +88,23 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     jobs.wait_until_ready().await?;
     builder_pods.wait_until_ready().await?;
     nodes.wait_until_ready().await?;
+    let opt_in = OptIn::new(client.clone(), args.pod_builds());
+    if let Some(settings) = args.webhook() {
+        // Every replica answers admission requests, so each keeps its own NixBuild cache.
+        let builds = spawn_cache(
+            Api::<NixBuild>::all(client.clone()),
+            list_config(),
+            strip_managed_fields,
+            |_: &NixBuild| {},
+        );
+        let admitter = Arc::new(webhook::Admitter {
+            opt_in: opt_in.clone(),
+            nodes: nodes.clone(),
+            builds,
+        });
+        info!(address = %settings.address, configuration = %settings.configuration, "serving the admission webhook");
+        tokio::spawn(webhook::bind(client.clone(), settings, admitter).await?);
+    }
     health.started();
 
     if args.leader_election {
@@ -104,14 +122,31 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     }
 
     let reporter = Context::reporter(std::env::var("POD_NAME").ok());
-    let recorder = Recorder::new(client.clone(), reporter.clone());
+    let watcher = Arc::new(PodWatcher::new(
+        client.clone(),
+        nodes.clone(),
+        builds.clone(),
+        trigger,
+        reporter.clone(),
+        metrics.clone(),
+        crate::pods::Settings {
+            opt_in,
+            recreate: args.recreate_waiting_pods,
+            tracing,
+        },
+    ));
     let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
         vec![None]
     } else {
         args.watch_namespaces.iter().cloned().map(Some).collect()
     };
-    let (pod_stores, pod_writers): (Vec<_>, Vec<_>) =
-        namespaces.iter().map(|_| reflector::store()).unzip();
+    let mut pod_stores = vec![];
+    for namespace in namespaces {
+        let (store, writer) = reflector::store();
+        pod_stores.push(store);
+        tokio::spawn(watcher.clone().run(namespace, writer));
+    }
+    let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context {
         client: client.clone(),
         builder,
@@ -125,7 +160,8 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         jobs,
         builder_pods,
         nodes: nodes.clone(),
-        pods: pod_stores.clone(),
+        pods: watcher,
+        pod_stores: pod_stores.clone(),
         recorder,
         metrics: metrics.clone(),
         health,
@@ -134,18 +170,6 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         failures: Default::default(),
     });
 
-    let watcher = Arc::new(PodWatcher::new(
-        client.clone(),
-        nodes.clone(),
-        builds.clone(),
-        trigger,
-        reporter,
-        metrics,
-        tracing,
-    ));
-    for (namespace, writer) in namespaces.into_iter().zip(pod_writers) {
-        tokio::spawn(watcher.clone().run(namespace, writer));
-    }
     let gc_period = std::time::Duration::from_secs(args.gc_interval_seconds.max(1));
     tokio::spawn(gc::run(
         client.clone(),

@@ -1,5 +1,8 @@
-//! The Pod watcher: Pods that cannot start because their annotated image is missing get a
-//! NixBuild (one per build, however many Pods ask), and Events saying what happens.
+//! The Pod watcher: Pods that cannot start because their annotated image is missing, or that
+//! the admission webhook gated, get a NixBuild (one per build, however many Pods ask), and
+//! Events saying what happens. When the build succeeds, gated Pods lose their gate and Pods in
+//! the kubelet's back-off that a controller owns are deleted, so that new ones start at once
+//! (`enbi_core::gate` decides both).
 //!
 //! It sees every Pod, but keeps only those with enbi annotations (`podwatch::annotated`): any
 //! other is dropped before it reaches the cache or the handler, so memory follows the Pods that
@@ -12,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use enbi_core::crd::{NixBuild, Phase};
 use enbi_core::podwatch::{self, BuildRequest, Finding};
 use enbi_core::trace::ANNOTATION_TRACEPARENT;
+use enbi_core::{gate, optin};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, ObjectReference, Pod,
@@ -20,7 +24,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -31,6 +35,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::controller::{ANNOTATION_WANTED_ON, FINALIZER};
 use crate::metrics::Metrics;
+use crate::namespaces::OptIn;
 use crate::operator::Trigger;
 use crate::telemetry;
 
@@ -38,6 +43,17 @@ use crate::telemetry;
 pub const LABEL_CREATED_BY: &str = "app.kubernetes.io/created-by";
 /// Annotation naming the first Pod that asked for the build.
 pub const ANNOTATION_REQUESTED_BY: &str = "enbi.hrzn.ee/requested-by-pod";
+
+/// How the Pod watcher acts.
+#[derive(Debug)]
+pub struct Settings {
+    /// Which namespaces may ask for builds.
+    pub opt_in: OptIn,
+    /// Delete controller-owned Pods in back-off once their image is loaded.
+    pub recreate: bool,
+    /// Whether spans are exported: new NixBuilds then get a trace context.
+    pub tracing: bool,
+}
 
 pub struct PodWatcher {
     pub client: Client,
@@ -48,6 +64,10 @@ pub struct PodWatcher {
     /// Who publishes the Pods' Events.
     pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
+    /// Which namespaces may ask for builds.
+    opt_in: OptIn,
+    /// Delete controller-owned Pods in back-off once their image is loaded.
+    recreate: bool,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
@@ -68,7 +88,15 @@ pub fn strip(pod: &mut Pod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     meta.labels = None;
-    meta.owner_references = None;
+    meta.owner_references = meta
+        .owner_references
+        .take()
+        .map(|o| {
+            o.into_iter()
+                .filter(|r| r.controller == Some(true))
+                .collect::<Vec<_>>()
+        })
+        .filter(|o| !o.is_empty());
     meta.annotations = meta
         .annotations
         .take()
@@ -101,6 +129,7 @@ pub fn strip(pod: &mut Pod) {
     };
     pod.spec = pod.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
+        scheduling_gates: s.scheduling_gates,
         containers: s.containers.iter().map(container).collect(),
         init_containers: s
             .init_containers
@@ -127,10 +156,12 @@ impl PodWatcher {
         trigger: Trigger,
         reporter: Reporter,
         metrics: Arc<Metrics>,
-        tracing: bool,
+        settings: Settings,
     ) -> Self {
         Self {
-            tracing,
+            tracing: settings.tracing,
+            opt_in: settings.opt_in,
+            recreate: settings.recreate,
             trigger,
             client,
             nodes,
@@ -179,15 +210,50 @@ impl PodWatcher {
     }
 
     async fn handle(&self, pod: &Pod) {
-        for finding in podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref()) {
+        let findings = podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref());
+        let gated = pod.spec.as_ref().is_some_and(gate::is_gated);
+        if findings.is_empty() && !gated {
+            return;
+        }
+        let namespace = pod.namespace().unwrap_or_default();
+        if !self.opt_in.allows(&namespace).await {
+            let note = optin::not_enabled_note(&namespace);
+            self.announce(
+                pod,
+                EventType::Warning,
+                "PodBuildsNotEnabled",
+                &namespace,
+                note,
+                None,
+            )
+            .await;
+            if gated {
+                self.ungate(pod, "its namespace no longer opts in").await;
+            }
+            return;
+        }
+        if gated
+            && !findings.iter().any(|f| matches!(f, Finding::Build(_)))
+            && let Some(why) = gate::release(None, None)
+        {
+            self.ungate(pod, &why).await;
+        }
+        for finding in findings {
             match finding {
                 Finding::Build(request) => {
                     let build = self.ensure_build(pod, &request).await;
                     if let Some(b) = build.as_deref().filter(|b| b.phase() == Phase::Succeeded) {
                         let _ = self.trigger.unbounded_send(ObjectRef::from(b));
                     }
+                    if gated {
+                        if let Some(why) = gate::release(Some(&request), build.as_deref()) {
+                            self.ungate(pod, &why).await;
+                        }
+                    } else if self.recreate && gate::recreate(pod, build.as_deref()) {
+                        self.recreate(pod, &request.name).await;
+                    }
                     let related = build_reference(pod, &request.name);
-                    for notice in podwatch::waiting_notices(&request, build.as_deref()) {
+                    for notice in podwatch::waiting_notices(&request, build.as_deref(), gated) {
                         let type_ = if notice.warning {
                             EventType::Warning
                         } else {
@@ -246,6 +312,72 @@ impl PodWatcher {
                     .await;
                 }
             }
+        }
+    }
+
+    /// Looks again at the Pods in `stores` that wait for `build`, whose phase changed or which is
+    /// being deleted: their gates go, back-off Pods are recreated, failures are told.
+    pub async fn build_changed(&self, build: &NixBuild, stores: &[Store<Pod>]) {
+        let (namespace, name) = (build.namespace(), build.name_any());
+        for pod in stores.iter().flat_map(|s| s.state()) {
+            if pod.namespace() != namespace {
+                continue;
+            }
+            let waits = podwatch::inspect(&pod, node_arch(&pod, &self.nodes).as_deref())
+                .iter()
+                .any(|f| matches!(f, Finding::Build(r) if r.name == name));
+            if waits {
+                self.handle(&pod).await;
+            }
+        }
+    }
+
+    /// Removes enbi's scheduling gate from the Pod, so that it is scheduled now.
+    async fn ungate(&self, pod: &Pod, why: &str) {
+        let Some(ops) = pod.spec.as_ref().and_then(gate::ungate_patch) else {
+            return;
+        };
+        let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
+            Ok(p) => p,
+            Err(e) => return warn!(error = %e, "the ungate patch"),
+        };
+        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        match api
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                info!(pod = %pod.name_any(), namespace = ?pod.namespace(), %why, "Pod ungated")
+            }
+            // Gone, or its gates changed meanwhile (the test op failed): the next event decides.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 => {
+                debug!(pod = %pod.name_any(), code = s.code, "Pod not ungated")
+            }
+            Err(e) => warn!(error = %e, pod = %pod.name_any(), "ungating a Pod"),
+        }
+    }
+
+    /// Deletes a controller-owned Pod that waits in the kubelet's back-off for an image that is
+    /// now loaded: its controller makes a new Pod, which starts at once.
+    async fn recreate(&self, pod: &Pod, build: &str) {
+        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&pod.name_any(), &params).await {
+            Ok(_) => {
+                info!(pod = %pod.name_any(), namespace = ?pod.namespace(), %build, "deleted a Pod in image pull back-off for its controller to recreate")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => warn!(error = %e, pod = %pod.name_any(), "recreating a Pod in back-off"),
         }
     }
 

@@ -90,12 +90,25 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// Creates `enbi-test-<prefix>-<random>`.
     pub async fn new(client: &Client, prefix: &str) -> Self {
+        Self::with_labels(client, prefix, serde_json::json!({})).await
+    }
+
+    /// [`TestNamespace::new`], opted in to builds from Pod annotations
+    /// (`enbi.hrzn.ee/pod-builds=enabled`).
+    pub async fn opted_in(client: &Client, prefix: &str) -> Self {
+        let labels =
+            serde_json::json!({enbi_core::optin::LABEL_POD_BUILDS: enbi_core::optin::ENABLED});
+        Self::with_labels(client, prefix, labels).await
+    }
+
+    async fn with_labels(client: &Client, prefix: &str, mut labels: serde_json::Value) -> Self {
+        labels["enbi.test/namespace"] = "true".into();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let name = format!("enbi-test-{prefix}-{:x}", nanos ^ std::process::id());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"enbi.test/namespace": "true"}}
+            "metadata": {"name": name, "labels": labels}
         }))
         .expect("valid namespace");
         Api::<Namespace>::all(client.clone())
@@ -390,4 +403,109 @@ pub async fn jobs_for(
         .await
         .expect("list Jobs")
         .items
+}
+
+/// A MutatingWebhookConfiguration (as the Timoni module's) that sends the Pods of one namespace
+/// to an operator on this host at `https://127.0.0.1:<port>`; deleted when dropped. The operator
+/// patches in its CA bundle ([`Webhook::operator_args`]).
+#[derive(Debug)]
+pub struct Webhook {
+    pub name: String,
+    pub port: u16,
+}
+
+impl Webhook {
+    /// Installs the configuration for Pods created in `namespace`.
+    pub async fn install(client: &Client, namespace: &str, port: u16) -> Self {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let name = format!("enbi-test-{namespace}");
+        let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "pods.enbi.hrzn.ee",
+                "admissionReviewVersions": ["v1"],
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                           "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "matchConditions": [{"name": "asks-for-a-build", "expression":
+                    "has(object.metadata.annotations) && 'enbi.hrzn.ee/nixbuild-imageTag' in object.metadata.annotations"}],
+                "failurePolicy": "Ignore",
+                "sideEffects": "None",
+                "timeoutSeconds": 5,
+            }],
+        }))
+        .expect("webhook configuration");
+        let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+        api.create(&PostParams::default(), &config)
+            .await
+            .expect("create the MutatingWebhookConfiguration");
+        Self { name, port }
+    }
+
+    /// The operator flags that serve this webhook on 127.0.0.1.
+    pub fn operator_args(&self) -> Vec<String> {
+        [
+            "--webhook-configuration",
+            &self.name,
+            "--webhook-address",
+            &format!("127.0.0.1:{}", self.port),
+            "--webhook-hosts",
+            "127.0.0.1",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Waits until the operator has patched its CA bundle in (then the apiserver trusts it).
+    pub async fn wait_ready(&self, client: &Client) {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        eventually(
+            "the webhook's CA bundle",
+            Duration::from_secs(60),
+            || async {
+                let config = api.get(&self.name).await.ok()?;
+                config
+                    .webhooks?
+                    .first()?
+                    .client_config
+                    .ca_bundle
+                    .as_ref()
+                    .filter(|b| !b.0.is_empty())
+                    .map(|_| ())
+            },
+        )
+        .await;
+        // The operator loads the certificate right after patching the bundle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = runtime {
+                rt.block_on(async {
+                    if let Ok(client) = connect().await {
+                        let _ = Api::<MutatingWebhookConfiguration>::all(client)
+                            .delete(&name, &DeleteParams::default())
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Whether the Pod carries enbi's scheduling gate.
+pub fn is_gated(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.spec.as_ref().is_some_and(enbi_core::gate::is_gated)
 }

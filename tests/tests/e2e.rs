@@ -8,6 +8,9 @@
 //! into the node's containerd -> the kubelet's next pull attempt finds it, and the Pod's real
 //! container prints the fixture's message.
 //!
+//! With the admission webhook, the same Pod is gated at creation and runs without a failed
+//! pull; without it, a Deployment's Pod in pull back-off is replaced once its image is loaded.
+//!
 //! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
 //! prints a loud `SKIPPED` line and returns.
 
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, Phase};
 use enbi_tests::host::{Fixture, NIX_CONFIG};
-use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually};
+use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, Webhook, build_namespace, eventually};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
@@ -144,7 +147,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     let repel = kwok_nodes.join(",");
     let operator = start_operator("e2e", &builds.name, &socket, "127.0.0.1:18087", &repel);
 
-    let app = TestNamespace::new(&client, "e2e-app").await;
+    let app = TestNamespace::opted_in(&client, "e2e-app").await;
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "app", "annotations": {
             "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
@@ -473,25 +476,286 @@ fn builder_image_on_real_node() -> String {
 
 /// An operator whose builders run on the real node through its Nix daemon, into `socket`.
 fn start_operator(name: &str, builds: &str, socket: &str, listen: &str, repel: &str) -> Operator {
-    Operator::start(
-        name,
-        &[
-            "--build-namespace",
-            builds,
-            "--builder-image",
-            BUILDER_IMAGE,
-            "--listen-address",
-            listen,
-            "--store-mode",
-            "node-daemon",
-            "--containerd-socket",
-            socket,
-            "--builder-tolerations",
-            REAL_NODE_TAINT,
-            "--node-repel",
-            repel,
-        ],
+    start_operator_with(name, builds, socket, listen, repel, None)
+}
+
+/// [`start_operator`], serving `webhook` too (its Secret in the build namespace).
+fn start_operator_with(
+    name: &str,
+    builds: &str,
+    socket: &str,
+    listen: &str,
+    repel: &str,
+    webhook: Option<&Webhook>,
+) -> Operator {
+    let mut args: Vec<String> = [
+        "--build-namespace",
+        builds,
+        "--builder-image",
+        BUILDER_IMAGE,
+        "--listen-address",
+        listen,
+        "--store-mode",
+        "node-daemon",
+        "--containerd-socket",
+        socket,
+        "--builder-tolerations",
+        REAL_NODE_TAINT,
+        "--node-repel",
+        repel,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(webhook.map(Webhook::operator_args).unwrap_or_default());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Operator::start_with_env(name, &args, &[("POD_NAMESPACE", builds)])
+}
+
+/// A tag of this run only, so that the image is missing at first.
+fn fresh_tag(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("enbi.test/{name}:{nanos:x}")
+}
+
+/// An annotated Pod (template) of `tag` from the fixture flake, on the real node.
+fn app_pod(flake_url: &str, tag: &str, restart: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"labels": {"app": "app"}, "annotations": {
+            "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
+            "enbi.hrzn.ee/nixbuild-imageTag": tag,
+            "enbi.hrzn.ee/nixbuild-packageName": "stream",
+        }},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": REAL_NODE},
+            "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent",
+                            "command": ["/bin/sh", "-c", "/bin/echo hello from the stream; exec /bin/busybox sleep 600"]}],
+        },
+    })
+}
+
+/// The kubelet's pull failures (`Failed`, `BackOff` with the image in the note) on Pods in `ns`.
+async fn pull_failures(client: &Client, ns: &str) -> Vec<String> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| matches!(e.reason.as_deref(), Some("Failed" | "BackOff")))
+        .filter_map(|e| e.note)
+        .filter(|n| n.contains("ErrImagePull") || n.contains("pull"))
+        .collect()
+}
+
+/// Removes this run's image names from the node's containerd.
+fn remove_images(socket: &str, prefix: &str) {
+    let ours: Vec<String> = node_images(socket)
+        .into_iter()
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    if !ours.is_empty() {
+        let _ = Command::new("ctr")
+            .args(["--address", socket, "-n", "k8s.io", "images", "rm"])
+            .args(&ours)
+            .output();
+    }
+}
+
+/// When the Pod's Ready condition last became True.
+fn ready_since(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    let c = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    Some(c.last_transition_time.as_ref()?.0)
+}
+
+#[tokio::test]
+async fn a_gated_pod_runs_on_the_real_node_once_built_without_a_failed_pull() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let socket = builder_image_on_real_node();
+    let flake_url = fixture_in_store();
+    let tag = fresh_tag("e2e-gated");
+    let repel = other_nodes(&client).await.join(",");
+    let builds = build_namespace(&client, "e2e-gate-b").await;
+    let app = TestNamespace::opted_in(&client, "e2e-gate-app").await;
+    let webhook = Webhook::install(&client, &app.name, 19466).await;
+    let operator = start_operator_with(
+        "e2e-gate",
+        &builds.name,
+        &socket,
+        "127.0.0.1:18089",
+        &repel,
+        Some(&webhook),
+    );
+    webhook.wait_ready(&client).await;
+    let mut pod = app_pod(&flake_url, &tag, "Always");
+    pod["metadata"]["name"] = json!("app");
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod).expect("pod"),
+        )
+        .await
+        .expect("create the Pod");
+    assert!(enbi_tests::is_gated(&created), "gated at creation");
+
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = eventually(
+        "the NixBuild to succeed",
+        Duration::from_secs(180),
+        || async {
+            let build = nixbuilds
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            assert_ne!(
+                build.phase(),
+                Phase::Failed,
+                "{:?}\n{}",
+                build.status,
+                operator.logs()
+            );
+            (build.phase() == Phase::Succeeded).then_some(build)
+        },
     )
+    .await;
+    let loaded = build
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.clone())
+        .expect("completion time")
+        .0;
+    let running = eventually("the Pod Ready", Duration::from_secs(60), || async {
+        let pod = pods.get("app").await.ok()?;
+        ready_since(&pod).map(|_| pod)
+    })
+    .await;
+    assert!(!enbi_tests::is_gated(&running));
+    let ready = ready_since(&running).expect("ready");
+    eprintln!(
+        "e2e gated: Ready {:?} after the build's completion",
+        ready.duration_since(loaded)
+    );
+    assert!(
+        ready.duration_since(loaded) <= k8s_openapi::jiff::SignedDuration::from_secs(5),
+        "Ready at {ready}, image loaded at {loaded}"
+    );
+    let failures = pull_failures(&client, &app.name).await;
+    assert!(failures.is_empty(), "pull failures: {failures:?}");
+    let log = pods.logs("app", &LogParams::default()).await.expect("log");
+    assert!(log.contains(MESSAGE), "log: {log:?}");
+    remove_images(&socket, "enbi.test/e2e-gated");
+}
+
+#[tokio::test]
+async fn a_pod_in_pull_back_off_is_recreated_once_its_image_is_loaded() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let socket = builder_image_on_real_node();
+    let flake_url = fixture_in_store();
+    let tag = fresh_tag("e2e-backoff");
+    let repel = other_nodes(&client).await.join(",");
+    let builds = build_namespace(&client, "e2e-backoff-b").await;
+    let app = TestNamespace::opted_in(&client, "e2e-backoff-app").await;
+    // No webhook: the Pod fails its pulls first, as when enbi was down at its creation.
+    let operator = start_operator(
+        "e2e-backoff",
+        &builds.name,
+        &socket,
+        "127.0.0.1:18089",
+        &repel,
+    );
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "app"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": app_pod(&flake_url, &tag, "Always"),
+        },
+    }))
+    .expect("deployment");
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create the Deployment");
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let first = eventually(
+        "the Pod's pull to fail",
+        Duration::from_secs(60),
+        || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|p| {
+                waiting_reason(p).is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+            })
+        },
+    )
+    .await;
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = eventually(
+        "the NixBuild to succeed",
+        Duration::from_secs(180),
+        || async {
+            let build = nixbuilds
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            assert_ne!(
+                build.phase(),
+                Phase::Failed,
+                "{:?}\n{}",
+                build.status,
+                operator.logs()
+            );
+            (build.phase() == Phase::Succeeded).then_some(build)
+        },
+    )
+    .await;
+    let loaded = build
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.clone())
+        .expect("completion time")
+        .0;
+    let running = eventually("a Pod Ready", Duration::from_secs(60), || async {
+        let list = pods.list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|p| ready_since(p).is_some())
+    })
+    .await;
+    assert_ne!(running.uid(), first.uid(), "the waiting Pod was replaced");
+    let ready = ready_since(&running).expect("ready");
+    eprintln!(
+        "e2e back-off: Ready {:?} after the build's completion",
+        ready.duration_since(loaded)
+    );
+    assert!(
+        ready.duration_since(loaded) <= k8s_openapi::jiff::SignedDuration::from_secs(5),
+        "Ready at {ready}, image loaded at {loaded}\n{}",
+        operator.logs()
+    );
+    remove_images(&socket, "enbi.test/e2e-backoff");
 }
 
 /// Every node but the real node the tests use: builds are repelled from them. (The real nodes

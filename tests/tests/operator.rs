@@ -85,7 +85,7 @@ async fn annotated_deployment_gets_one_build_and_then_runs() {
     let _serial = OPERATOR_LOCK.lock().await;
     // The image is then marked present on every node at once, as a mirror would spread it.
     let (builds, operator) = setup(&client, "pods", &["--image-mirror"]).await;
-    let app = TestNamespace::new(&client, "pods-app").await;
+    let app = TestNamespace::opted_in(&client, "pods-app").await;
     let tag = "example.test/app:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
 
@@ -650,7 +650,7 @@ async fn malformed_pod_annotations_warn_and_build_nothing() {
     let client = require_cluster!();
     let _serial = OPERATOR_LOCK.lock().await;
     let (_builds, _operator) = setup(&client, "annot", &[]).await;
-    let app = TestNamespace::new(&client, "annot-app").await;
+    let app = TestNamespace::opted_in(&client, "annot-app").await;
     let tag = "example.test/annot:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
     let pod: Pod = serde_json::from_value(json!({
@@ -688,5 +688,69 @@ async fn malformed_pod_annotations_warn_and_build_nothing() {
     assert!(
         builds_in(&client, &app.name).await.is_empty(),
         "no NixBuild for bad annotations"
+    );
+}
+
+#[tokio::test]
+async fn pods_in_a_namespace_not_opted_in_get_one_warning_and_no_build() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (_builds, _operator) = setup(&client, "optin", &[]).await;
+    let app = TestNamespace::new(&client, "optin-app").await;
+    let tag = "example.test/optin:v1";
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p", "annotations": {
+            "enbi.hrzn.ee/nixbuild-flakeUrl": "github:example/app",
+            "enbi.hrzn.ee/nixbuild-imageTag": tag,
+            "enbi.hrzn.ee/nixbuild-packageName": "app",
+        }},
+        "spec": {
+            "nodeSelector": {"type": "kwok"},
+            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
+        },
+    }))
+    .expect("pod");
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create");
+    let warning = eventually("a PodBuildsNotEnabled Warning", WAIT, || async {
+        events_for(&client, &app.name, "p")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("PodBuildsNotEnabled"))
+    })
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    let note = warning.note.unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "kubectl label namespace {} enbi.hrzn.ee/pod-builds=enabled",
+            app.name
+        )),
+        "{note}"
+    );
+    // The kubelet keeps retrying the pull (the Pod changes), and still: one Warning, no build.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    set_node_images(&client, None).await;
+    let warnings = events_for(&client, &app.name, "p")
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("PodBuildsNotEnabled"))
+        .count();
+    assert_eq!(warnings, 1, "one Warning per Pod");
+    assert!(
+        builds_in(&client, &app.name).await.is_empty(),
+        "no NixBuild outside opted-in namespaces"
+    );
+    let pod = pods.get("p").await.expect("pod");
+    assert!(
+        pod.spec
+            .and_then(|s| s.scheduling_gates)
+            .unwrap_or_default()
+            .is_empty(),
+        "not gated"
     );
 }

@@ -364,7 +364,7 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     let mut collector = Collector::start().await;
     let builds = build_namespace(&client, "otel-b").await;
     let operator = start_operator("otel", &builds, &collector, "text");
-    let app = TestNamespace::new(&client, "otel-app").await;
+    let app = TestNamespace::opted_in(&client, "otel-app").await;
     let containerd = Containerd::start();
     let fixture = Fixture::new();
     let tag = "fixture/stream:built";
