@@ -123,6 +123,7 @@ trial() { # KIND(pod|deployment) N: prints "<ready after loaded> <nixbuild after
   nb_at=$(first_at "$dir/nb" ".")
   loaded=$(first_at "$dir/nb" "Succeeded")
   ready=$(first_at "$dir/pod" " True")
+  pkill -P "$w1" 2>/dev/null || true; pkill -P "$w2" 2>/dev/null || true # their kubectl and reader
   kill "$w1" "$w2" 2>/dev/null || true
   "$KUBECTL" -n "$NS" delete "$kind" "t$n$kind" --wait=false >/dev/null
   "$KUBECTL" -n "$NS" delete nixbuilds --all --wait=false >/dev/null
