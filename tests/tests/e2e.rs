@@ -14,6 +14,7 @@
 //! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
 //! prints a loud `SKIPPED` line and returns.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -21,8 +22,9 @@ use std::time::Duration;
 use enbi_core::crd::{NixBuild, Phase};
 use enbi_tests::host::{Fixture, NIX_CONFIG};
 use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, Webhook, build_namespace, eventually};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -133,7 +135,8 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         return;
     }
     let _serial = OPERATOR_LOCK.lock().await;
-    let socket = builder_image_on_real_node();
+    builder_image_on_real_nodes();
+    let socket = socket(REAL_NODE);
     let flake_url = fixture_in_store();
     // A tag of this run only, so that the image is missing at first.
     let nanos = std::time::SystemTime::now()
@@ -141,11 +144,10 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         .map_or(0, |d| d.subsec_nanos());
     let tag = format!("enbi.test/e2e-stream:{nanos:x}");
 
-    // Builds go to the real node: it is tolerated, and every fake node is repelled.
-    let kwok_nodes = other_nodes(&client).await;
+    // Builds go to a real node (tolerated; the fake ones are repelled), the one the Pod is on.
     let builds = build_namespace(&client, "e2e-b").await;
-    let repel = kwok_nodes.join(",");
-    let operator = start_operator("e2e", &builds.name, &socket, "127.0.0.1:18087", &repel);
+    let repel = kwok_nodes(&client).await.join(",");
+    let operator = start_operator("e2e", &builds.name, &repel);
 
     let app = TestNamespace::opted_in(&client, "e2e-app").await;
     let pod: Pod = serde_json::from_value(json!({
@@ -321,6 +323,277 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
         .output();
 }
 
+/// A Deployment of two replicas on two real nodes whose image is missing: enbi builds it once,
+/// on one node (A), and the Pod on the other node (B) gets it from A through Spegel (the
+/// DaemonSet `tests/cluster/up --real-node` runs; every node's containerd mirrors all registries
+/// to its Spegel), with no registry anywhere.
+#[tokio::test]
+async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await || !spegel_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    builder_image_on_real_nodes();
+    let flake_url = fixture_in_store();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tag = format!("enbi.test/e2e-spegel:{nanos:x}");
+    let ips = real_node_ips(&client).await;
+    let hits_before: BTreeMap<&String, u64> =
+        ips.iter().map(|(n, ip)| (n, spegel_hits(ip))).collect();
+
+    let builds = build_namespace(&client, "spegel-b").await;
+    let repel = kwok_nodes(&client).await.join(",");
+    // Spegel spreads the image: enbi loads it only on its build node.
+    let operator = start_operator_with("spegel", &builds.name, &repel, &["--image-mirror"], None);
+
+    let app = TestNamespace::opted_in(&client, "spegel-app").await;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "spread"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "spread"}},
+            "template": {
+                "metadata": {"labels": {"app": "spread"}, "annotations": {
+                    "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
+                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
+                    "enbi.hrzn.ee/nixbuild-packageName": "stream",
+                }},
+                "spec": {
+                    "nodeSelector": {"type": "real"},
+                    "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
+                    // One replica per node.
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": {"matchLabels": {"app": "spread"}},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }]}},
+                    "terminationGracePeriodSeconds": 1,
+                    // The image's own message, then stay up (a Deployment restarts what exits).
+                    "containers": [{"name": "app", "image": tag, "command":
+                        ["/bin/sh", "-c", format!("echo {MESSAGE}; exec /bin/busybox sleep 3600")]}],
+                },
+            },
+        },
+    }))
+    .expect("deployment");
+    Api::<Deployment>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create the Deployment");
+
+    // One NixBuild for both Pods; it succeeds on one of the real nodes: A.
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = eventually(
+        "the NixBuild to succeed",
+        Duration::from_secs(180),
+        || async {
+            let build = nixbuilds.list(&ListParams::default()).await.ok()?.items;
+            let build = build.into_iter().next()?;
+            assert_ne!(
+                build.phase(),
+                Phase::Failed,
+                "the build failed: {:?}\noperator log:\n{}",
+                build.status,
+                operator.logs()
+            );
+            (build.phase() == Phase::Succeeded).then_some(build)
+        },
+    )
+    .await;
+    let status = build.status.clone().expect("status");
+    let node_a = status.build_node.clone().expect("a build node");
+    let digest = status.image_digest.clone().expect("a digest");
+    let nodes = real_nodes();
+    assert!(
+        nodes.contains(&node_a),
+        "built on {node_a}, not a real node"
+    );
+
+    // Both Pods run: A's with the image enbi loaded, B's with the image pulled through Spegel.
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let running = eventually("both Pods running", Duration::from_secs(240), || async {
+        let list = pods.list(&ListParams::default()).await.ok()?.items;
+        let running: Vec<Pod> = list
+            .into_iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                    })
+            })
+            .collect();
+        (running.len() == 2).then_some(running)
+    })
+    .await;
+    let node_of = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default()
+    };
+    let pod_b = running
+        .iter()
+        .find(|p| node_of(p) != node_a)
+        .expect("a Pod on another node");
+    let node_b = node_of(pod_b);
+    assert!(nodes.contains(&node_b), "{node_b}");
+    let log = pods
+        .logs(&pod_b.name_any(), &LogParams::default())
+        .await
+        .expect("B's log");
+    assert!(log.contains(MESSAGE), "B's log: {log:?}");
+
+    // Exactly one NixBuild, whose one builder ran on A.
+    let all = nixbuilds.list(&ListParams::default()).await.expect("list");
+    assert_eq!(all.items.len(), 1, "exactly one NixBuild for both Pods");
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={}", build.name_any());
+    let builder_nodes: Vec<String> = Api::<Pod>::namespaced(client.clone(), &builds.name)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("builder pods")
+        .items
+        .iter()
+        .map(node_of)
+        .collect();
+    assert_eq!(builder_nodes, std::slice::from_ref(&node_a), "one builder, on A");
+
+    // B's containerd holds the same image, and the kubelet pulled it (through B's mirror, the
+    // only place a pull can go here: every registry's server is a closed port).
+    let images_b = node_image_digests(&socket(&node_b));
+    assert_eq!(
+        images_b.get(&tag),
+        Some(&digest),
+        "{tag} on {node_b}: {images_b:?}"
+    );
+    let pulled = pod_events(&client, &app.name, &pod_b.name_any())
+        .await
+        .into_iter()
+        .find(|m| m.starts_with(&format!("Successfully pulled image \"{tag}\"")))
+        .expect("the kubelet's Pulled event on B");
+    eprintln!("spegel: on {node_b}: {pulled}");
+    // Spegel on B served the pull (its mirror hits went up), from A.
+    let hits_b = spegel_hits(&ips[&node_b]) - hits_before[&node_b];
+    assert!(
+        hits_b >= 3,
+        "{node_b}'s Spegel served {hits_b} mirror requests (manifest, config, layer)"
+    );
+    eprintln!(
+        "spegel: {node_b}'s Spegel served {hits_b} mirror requests for {tag} ({digest}), built on {node_a}"
+    );
+
+    // Leave the nodes' containerd as they were.
+    drop(operator);
+    for node in &nodes {
+        let socket = socket(node);
+        let ours: Vec<String> = node_images(&socket)
+            .into_iter()
+            .filter(|name| name.starts_with("enbi.test/e2e-spegel"))
+            .collect();
+        let _ = Command::new("ctr")
+            .args(["--address", &socket, "-n", "k8s.io", "images", "rm"])
+            .args(&ours)
+            .output();
+    }
+}
+
+/// Whether Spegel runs and is ready on every real node; fails in CI and says SKIPPED elsewhere
+/// when it does not.
+async fn spegel_ready(client: &Client) -> bool {
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), "spegel")
+        .get_opt("spegel")
+        .await;
+    let ready = ds
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .and_then(|d| d.status.as_ref());
+    if ready.is_some_and(|s| {
+        s.desired_number_scheduled >= 2 && s.number_ready == s.desired_number_scheduled
+    }) {
+        return true;
+    }
+    enbi_tests::unavailable(
+        "Spegel on the real nodes",
+        &format!(
+            "no ready DaemonSet spegel/spegel on >= 2 nodes ({ready:?}); tests/cluster/up --real-node starts it"
+        ),
+    )
+}
+
+/// The real nodes' IPs, by name (each node's Spegel listens on its IP).
+async fn real_node_ips(client: &Client) -> BTreeMap<String, String> {
+    Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels("type=real"))
+        .await
+        .expect("nodes")
+        .items
+        .iter()
+        .filter_map(|n| {
+            let ip = n
+                .status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .find(|a| a.type_ == "InternalIP")?
+                .address
+                .clone();
+            Some((n.name_any(), ip))
+        })
+        .collect()
+}
+
+/// Mirror requests Spegel on `ip` served from a peer (`spegel_mirror_requests_total`, cache
+/// "hit", summed over registries).
+fn spegel_hits(ip: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect((ip, 9090)).expect("Spegel's metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("ask for metrics");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with("spegel_mirror_requests_total{") && l.contains("cache=\"hit\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Image names and their digests in a node's containerd (`k8s.io`).
+fn node_image_digests(socket: &str) -> BTreeMap<String, String> {
+    let out = Command::new("ctr")
+        .args(["--address", socket, "-n", "k8s.io", "images", "ls"])
+        .output()
+        .expect("ctr runs");
+    assert!(out.status.success(), "ctr images ls");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let name = cols.next()?.to_owned();
+            Some((name, cols.nth(1)?.to_owned()))
+        })
+        .collect()
+}
+
+/// The messages of the Events about a Pod.
+async fn pod_events(client: &Client, namespace: &str, pod: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect()
+}
+
 /// The hostile fixtures (tests/fixtures/hostile), with `targets` listing what to try on this
 /// node, added to the host's store.
 fn hostile_in_store(targets: &str) -> String {
@@ -340,7 +613,8 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
         return;
     }
     let _serial = OPERATOR_LOCK.lock().await;
-    let socket = builder_image_on_real_node();
+    builder_image_on_real_nodes();
+    let sockets: Vec<String> = real_nodes().iter().map(|n| socket(n)).collect();
     // A file only the host has, and the apiserver's port on host loopback.
     let marker = tempfile::NamedTempFile::new().expect("marker");
     let kubeconfig = std::fs::read_to_string(std::env::var("KUBECONFIG").expect("KUBECONFIG"))
@@ -351,16 +625,20 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .expect("the apiserver's port")
         .to_owned();
-    let targets = format!(
-        "socket {socket}\nsocket /run/containerd/containerd.sock\nfile {}\ntcp 127.0.0.1 {apiserver_port}\n",
-        marker.path().display()
-    );
+    // Every node's socket as a path on this machine, and the standard path (each node's own).
+    let targets: String = sockets
+        .iter()
+        .map(|s| format!("socket {s}\n"))
+        .chain([format!(
+            "socket /run/containerd/containerd.sock\nfile {}\ntcp 127.0.0.1 {apiserver_port}\n",
+            marker.path().display()
+        )])
+        .collect();
     let flake_url = hostile_in_store(&targets);
 
-    let kwok_nodes = other_nodes(&client).await;
     let builds = build_namespace(&client, "hostile-b").await;
-    let repel = kwok_nodes.join(",");
-    let operator = start_operator("hostile", &builds.name, &socket, "127.0.0.1:18088", &repel);
+    let repel = kwok_nodes(&client).await.join(",");
+    let operator = start_operator("hostile", &builds.name, &repel);
     let app = TestNamespace::new(&client, "hostile").await;
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
@@ -446,11 +724,11 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
         // ...and reached nothing, nor saw containerd's socket.
         let reached: Vec<&&str> = probes.iter().filter(|p| p.contains(" reached ")).collect();
         assert!(reached.is_empty(), "{package} reached: {reached:?}");
-        let sockets: Vec<&&str> = probes
+        let seen: Vec<&&str> = probes
             .iter()
             .filter(|p| p.contains(" seen socket ") && p.contains("containerd"))
             .collect();
-        assert!(sockets.is_empty(), "{package} saw: {sockets:?}");
+        assert!(seen.is_empty(), "{package} saw: {seen:?}");
         // The build ends with a clear reason.
         let says = match stage {
             "script" => "the image stream is empty",
@@ -458,60 +736,87 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
         };
         assert!(message.contains(says), "{package}: {message}");
     }
-    // Nothing was loaded.
-    let images = node_images(&socket);
-    assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+    // Nothing was loaded, on any node.
+    for socket in &sockets {
+        let images = node_images(socket);
+        assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+    }
 }
 
-/// Imports the builder image made of this operator into the real nodes; returns the containerd
-/// socket of the one the tests use.
-fn builder_image_on_real_node() -> String {
+/// Imports the builder image made of this operator into every real node.
+fn builder_image_on_real_nodes() {
     real_node(&[
         "builder-image",
         &Operator::binary().display().to_string(),
         BUILDER_IMAGE,
     ]);
-    real_node(&["socket"])
 }
 
-/// An operator whose builders run on the real node through its Nix daemon, into `socket`.
-fn start_operator(name: &str, builds: &str, socket: &str, listen: &str, repel: &str) -> Operator {
-    start_operator_with(name, builds, socket, listen, repel, None)
+/// The real nodes' names.
+fn real_nodes() -> Vec<String> {
+    real_node(&["nodes"]).lines().map(str::to_owned).collect()
 }
 
-/// [`start_operator`], serving `webhook` too (its Secret in the build namespace).
+/// `node`'s containerd socket, as a path on this machine.
+fn socket(node: &str) -> String {
+    real_node(&["socket", node])
+}
+
+/// An operator whose builders run on the real nodes through their Nix daemon, into the node's
+/// containerd at the default socket path.
+fn start_operator(name: &str, builds: &str, repel: &str) -> Operator {
+    start_operator_with(name, builds, repel, &[], None)
+}
+
+/// [`start_operator`] with `extra` arguments, serving `webhook` too (its Secret in the build
+/// namespace).
 fn start_operator_with(
     name: &str,
     builds: &str,
-    socket: &str,
-    listen: &str,
     repel: &str,
+    extra: &[&str],
     webhook: Option<&Webhook>,
 ) -> Operator {
+    // A free port: another cluster's tests may run the same tests on this machine.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
     let mut args: Vec<String> = [
         "--build-namespace",
         builds,
         "--builder-image",
         BUILDER_IMAGE,
         "--listen-address",
-        listen,
+        &listen,
         "--store-mode",
         "node-daemon",
-        "--containerd-socket",
-        socket,
         "--builder-tolerations",
         REAL_NODE_TAINT,
         "--node-repel",
         repel,
     ]
-    .map(str::to_owned)
-    .to_vec();
+    .iter()
+    .chain(extra)
+    .map(|a| (*a).to_owned())
+    .collect();
     args.extend(webhook.map(Webhook::operator_args).unwrap_or_default());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Operator::start_with_env(name, &args, &[("POD_NAMESPACE", builds)])
 }
 
-/// A tag of this run only, so that the image is missing at first.
+/// The simulated (kwok) nodes: builds are repelled from them, as no builder runs there.
+async fn kwok_nodes(client: &Client) -> Vec<String> {
+    Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels("type=kwok"))
+        .await
+        .expect("nodes")
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect()
+}
+
 fn fresh_tag(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -585,21 +890,15 @@ async fn a_gated_pod_runs_on_the_real_node_once_built_without_a_failed_pull() {
         return;
     }
     let _serial = OPERATOR_LOCK.lock().await;
-    let socket = builder_image_on_real_node();
+    builder_image_on_real_nodes();
+    let socket = socket(REAL_NODE);
     let flake_url = fixture_in_store();
     let tag = fresh_tag("e2e-gated");
-    let repel = other_nodes(&client).await.join(",");
+    let repel = all_but(&client, REAL_NODE).await.join(",");
     let builds = build_namespace(&client, "e2e-gate-b").await;
     let app = TestNamespace::opted_in(&client, "e2e-gate-app").await;
     let webhook = Webhook::install(&client, &app.name, 19466).await;
-    let operator = start_operator_with(
-        "e2e-gate",
-        &builds.name,
-        &socket,
-        "127.0.0.1:18089",
-        &repel,
-        Some(&webhook),
-    );
+    let operator = start_operator_with("e2e-gate", &builds.name, &repel, &[], Some(&webhook));
     webhook.wait_ready(&client).await;
     let mut pod = app_pod(&flake_url, &tag, "Always");
     pod["metadata"]["name"] = json!("app");
@@ -671,20 +970,15 @@ async fn a_pod_in_pull_back_off_is_recreated_once_its_image_is_loaded() {
         return;
     }
     let _serial = OPERATOR_LOCK.lock().await;
-    let socket = builder_image_on_real_node();
+    builder_image_on_real_nodes();
+    let socket = socket(REAL_NODE);
     let flake_url = fixture_in_store();
     let tag = fresh_tag("e2e-backoff");
-    let repel = other_nodes(&client).await.join(",");
+    let repel = all_but(&client, REAL_NODE).await.join(",");
     let builds = build_namespace(&client, "e2e-backoff-b").await;
     let app = TestNamespace::opted_in(&client, "e2e-backoff-app").await;
     // No webhook: the Pod fails its pulls first, as when enbi was down at its creation.
-    let operator = start_operator(
-        "e2e-backoff",
-        &builds.name,
-        &socket,
-        "127.0.0.1:18089",
-        &repel,
-    );
+    let operator = start_operator("e2e-backoff", &builds.name, &repel);
     let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
         "metadata": {"name": "app"},
         "spec": {
@@ -761,7 +1055,9 @@ async fn a_pod_in_pull_back_off_is_recreated_once_its_image_is_loaded() {
 /// Every node but the real node the tests use: builds are repelled from them. (The real nodes
 /// share this machine's file system, so each has its own containerd socket path; a builder
 /// elsewhere would mount the wrong one.)
-async fn other_nodes(client: &Client) -> Vec<String> {
+/// Every node but `node`: the gate tests build where their Pod runs, so that its image is there
+/// when the gate goes.
+async fn all_but(client: &Client, node: &str) -> Vec<String> {
     Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -769,7 +1065,7 @@ async fn other_nodes(client: &Client) -> Vec<String> {
         .items
         .iter()
         .map(ResourceExt::name_any)
-        .filter(|n| n != REAL_NODE)
+        .filter(|n| n != node)
         .collect()
 }
 

@@ -14,7 +14,8 @@
 //! metadata call costs about 10 ms and a build makes about ten (about 0.15 s in all).
 //!
 //! Every call names the socket and namespace explicitly. Output parsing is limited to
-//! `images ls` (name, digest, labels columns), `content ls` (labels) and `content get` (JSON).
+//! `images ls` (name, digest, labels columns), `content ls` (labels), `content get` (JSON) and
+//! `events` (topic and JSON, see `advertise`).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -102,6 +103,17 @@ impl Ctr {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .spawn()
+            .map_err(CtrError::Spawn)
+    }
+
+    /// `ctr events` matching any of `filters`, one event a line on its stdout.
+    pub fn spawn_events(&self, filters: &[String]) -> Result<Child, CtrError> {
+        self.command()
+            .arg("events")
+            .args(filters)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .map_err(CtrError::Spawn)
     }
@@ -227,7 +239,7 @@ impl Ctr {
 }
 
 /// A filter value in containerd's filter syntax.
-fn quote(value: &str) -> String {
+pub(super) fn quote(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 

@@ -20,7 +20,8 @@
 //! **Labels.** Each blob (manifest, config, layers) gets `containerd.io/distribution.source.
 //! <registry>=<repository>` (merged with what is there), and the image a digest reference
 //! `<registry>/<repository>@<digest>`, as a pull through the CRI would leave them: Spegel only
-//! advertises images that have both. `--pin` adds `io.cri-containerd.pinned=pinned`.
+//! advertises images that have both, and only blobs labelled as they are created (`advertise`).
+//! `--pin` adds `io.cri-containerd.pinned=pinned`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -31,6 +32,7 @@ use enbi_core::reason::FailureReason;
 use enbi_core::reference::registry_and_repository;
 use serde_json::Value;
 
+use super::advertise::LabelOnCreate;
 use super::archive::{self, ArchiveError};
 use super::containerd::{Ctr, CtrError};
 use super::log::LogTail;
@@ -153,19 +155,26 @@ pub fn load(
     }
 
     let base = temporary_base();
+    let advertiser = LabelOnCreate::start(ctr, request.tag, &base)?;
     let result = import_and_tag(ctr, request, stream, &base, deadline, log);
     // The temporary name goes in every case; on failure containerd's GC drops the content.
+    // Its deletion also ends the advertiser's subscription.
+    let mut marked = false;
     match ctr.names_with_prefix(&format!("{base}@")) {
-        Ok(names) => {
-            if let Err(e) = ctr.remove(&names) {
-                log.line("enbi", &format!("warning: cannot remove {names:?}: {e}"));
-            }
-        }
+        Ok(names) => match ctr.remove(&names) {
+            Ok(()) => marked = !names.is_empty(),
+            Err(e) => log.line("enbi", &format!("warning: cannot remove {names:?}: {e}")),
+        },
         Err(e) => log.line(
             "enbi",
             &format!("warning: cannot list temporary images: {e}"),
         ),
     }
+    let labelled = advertiser.stop(marked);
+    log.line(
+        "enbi",
+        &format!("labelled {labelled} blobs as they were created, for registry mirrors"),
+    );
     result
 }
 

@@ -10,6 +10,7 @@
 //!
 //! Both are synchronous: child processes, with threads for the pipes.
 
+mod advertise;
 mod archive;
 mod build;
 mod containerd;
