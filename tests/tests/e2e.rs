@@ -460,7 +460,11 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
         .iter()
         .map(node_of)
         .collect();
-    assert_eq!(builder_nodes, std::slice::from_ref(&node_a), "one builder, on A");
+    assert_eq!(
+        builder_nodes,
+        std::slice::from_ref(&node_a),
+        "one builder, on A"
+    );
 
     // B's containerd holds the same image, and the kubelet pulled it (through B's mirror, the
     // only place a pull can go here: every registry's server is a closed port).
@@ -476,11 +480,12 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
         .find(|m| m.starts_with(&format!("Successfully pulled image \"{tag}\"")))
         .expect("the kubelet's Pulled event on B");
     eprintln!("spegel: on {node_b}: {pulled}");
-    // Spegel on B served the pull (its mirror hits went up), from A.
+    // Spegel on B served the pull (its mirror hits went up), from A: at least the manifest;
+    // layers B's content store already holds (the fixture's images share them) are not asked.
     let hits_b = spegel_hits(&ips[&node_b]) - hits_before[&node_b];
     assert!(
-        hits_b >= 3,
-        "{node_b}'s Spegel served {hits_b} mirror requests (manifest, config, layer)"
+        hits_b >= 1,
+        "{node_b}'s Spegel served {hits_b} mirror requests"
     );
     eprintln!(
         "spegel: {node_b}'s Spegel served {hits_b} mirror requests for {tag} ({digest}), built on {node_a}"

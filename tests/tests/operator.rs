@@ -215,7 +215,7 @@ async fn pods_on_other_nodes_get_the_image_loaded_there() {
     let client = require_cluster!();
     let _serial = OPERATOR_LOCK.lock().await;
     let (builds, operator) = setup(&client, "spread", &["--reload-after-seconds", "5"]).await;
-    let app = TestNamespace::new(&client, "spread-app").await;
+    let app = TestNamespace::opted_in(&client, "spread-app").await;
     let tag = "example.test/spread:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
 
