@@ -54,16 +54,8 @@ stop_operator() {
   wait "$op_pid" 2>/dev/null || true
   op_pid=
 }
-spegel_on() {
-  k -n spegel patch daemonset spegel --type=json \
-    -p '[{"op":"remove","path":"/spec/template/spec/nodeSelector/enbi.test~1no-spegel"}]' >/dev/null 2>&1 || true
-  k -n spegel rollout status daemonset/spegel --timeout=120s >/dev/null
-}
-spegel_off() {
-  k -n spegel patch daemonset spegel --type=merge \
-    -p '{"spec":{"template":{"spec":{"nodeSelector":{"enbi.test/no-spegel":"true"}}}}}' >/dev/null
-  k -n spegel wait --for=delete pod -l app.kubernetes.io/name=spegel --timeout=120s >/dev/null 2>&1 || true
-}
+spegel_on() { tests/cluster/real-node spegel on 2>/dev/null; }
+spegel_off() { tests/cluster/real-node spegel off 2>/dev/null; }
 cleanup() {
   stop_operator
   spegel_on

@@ -20,8 +20,11 @@
 //! `status.imageNodes` is `Loading` while its Job runs. A node that holds the image (`Loaded`)
 //! while a Pod still waits there is loaded again after `reload_after` (the image was removed,
 //! e.g. unpinned and collected by the kubelet); the wait lets a Pod in image-pull back-off start
-//! on its own first. A failed load is tried again the same way. With a mirror (`mirror`), enbi
-//! loads only on the build node, where the mirror gets the image from.
+//! on its own first. A failed load is tried again the same way. Each further reload of a node
+//! waits twice as long (up to 64 times `reload_after`) and says so in a Warning: Pods that still
+//! wait after the image was loaded again are refused it by something enbi cannot change (e.g. a
+//! kubelet that insists on verifying a pull), and a load every minute would not help them. With
+//! a mirror (`mirror`), enbi loads only on the build node, where the mirror gets the image from.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -123,7 +126,7 @@ pub fn decide(
             None => 1,
             Some(e) if e.state == ImageNodeState::Loading => continue,
             Some(e) => {
-                let due = e.since.0 + settings.reload_after;
+                let due = e.since.0 + reload_wait(settings.reload_after, reloads(status, e));
                 if due > now {
                     let wait = Duration::try_from(due.duration_since(now)).unwrap_or_default();
                     out.requeue_after = Some(out.requeue_after.map_or(wait, |w| w.min(wait)));
@@ -160,15 +163,26 @@ pub fn decide(
                 continue;
             }
         };
-        let reason = if index.is_some() {
-            "Reloading"
-        } else {
-            "Loading"
-        };
-        let why = if index.is_some() {
-            format!("Pods on node {node} still wait for the image")
-        } else {
-            format!("Pods on node {node} wait for the image")
+        let reloads = index.map_or(0, |i| reloads(status, &status.image_nodes[i]));
+        let (type_, reason, why) = match index {
+            None => (
+                EventType::Normal,
+                "Loading",
+                format!("Pods on node {node} wait for the image"),
+            ),
+            Some(_) if reloads == 0 => (
+                EventType::Normal,
+                "Reloading",
+                format!("Pods on node {node} still wait for the image"),
+            ),
+            Some(_) => (
+                EventType::Warning,
+                "Reloading",
+                format!(
+                    "Pods on node {node} still wait for the image although enbi loaded it there again {reloads} time(s) (if it is there, something refuses it: see \"Pods still fail their pulls on a node that holds the image\" in enbi's README); next time in {}s at the earliest",
+                    reload_wait(settings.reload_after, reloads + 1).as_secs()
+                ),
+            ),
         };
         upsert(
             &mut status.image_nodes,
@@ -183,7 +197,7 @@ pub fn decide(
             },
         );
         out.events.push(Event {
-            type_: EventType::Normal,
+            type_,
             reason,
             note: format!("{why}: load {round} builds the locked flake there"),
         });
@@ -209,6 +223,22 @@ pub fn decide(
         }
     }
     out
+}
+
+/// How often enbi loaded the image on the entry's node again (the build's own load and a node's
+/// first load are not reloads).
+fn reloads(status: &NixBuildStatus, entry: &ImageNode) -> u32 {
+    if status.build_node.as_ref() == Some(&entry.node) {
+        entry.loads
+    } else {
+        entry.loads.saturating_sub(1)
+    }
+}
+
+/// How long Pods may wait on a node before its next reload, after `reloads` reloads: `base`,
+/// doubled by each reload, at most 64 times `base`.
+fn reload_wait(base: Duration, reloads: u32) -> Duration {
+    base.saturating_mul(1 << reloads.min(6))
 }
 
 /// The node holds the image since `since`.
@@ -485,6 +515,50 @@ mod tests {
         let out = decide(&mut status, &waiting(&[("a", open())]), &settings, at(30));
         assert_eq!(out.loads[0].node, "a");
         assert_eq!(out.loads[0].round, 1);
+    }
+
+    /// Pods that still wait after a reload do not get a load every `reload_after`: each further
+    /// reload waits twice as long, and says so in a Warning.
+    #[test]
+    fn reloads_that_do_not_help_back_off_and_warn() {
+        let settings = Settings {
+            reload_after: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let mut status = succeeded();
+        let b = || waiting(&[("b", open())]);
+        let finish = |status: &mut NixBuildStatus, at_s: i64| {
+            let done = job(JobState::Succeeded, Some(report(DIGEST)));
+            let mut obs = b();
+            obs.jobs.insert("b".into(), &done);
+            decide(status, &obs, &settings, at(at_s));
+        };
+        // Load 1 on b (not a reload), done at 1; Pods still wait: reload after 10 s.
+        decide(&mut status, &b(), &settings, at(0));
+        finish(&mut status, 1);
+        let out = decide(&mut status, &b(), &settings, at(5));
+        assert_eq!(out.requeue_after, Some(Duration::from_secs(6)));
+        let out = decide(&mut status, &b(), &settings, at(11));
+        assert_eq!(out.loads[0].round, 2);
+        assert_eq!(out.events[0].type_, EventType::Normal);
+        // Reload 1 done at 12; the Pods still wait: the next one waits 20 s, and warns.
+        finish(&mut status, 12);
+        let out = decide(&mut status, &b(), &settings, at(22));
+        assert!(out.loads.is_empty());
+        assert_eq!(out.requeue_after, Some(Duration::from_secs(10)));
+        let out = decide(&mut status, &b(), &settings, at(32));
+        assert_eq!(out.loads[0].round, 3);
+        assert_eq!(out.events[0].type_, EventType::Warning);
+        assert!(
+            out.events[0].note.contains("next time in 40s"),
+            "{:?}",
+            out.events
+        );
+        // The wait stops growing at 64 times.
+        assert_eq!(
+            reload_wait(settings.reload_after, 30),
+            Duration::from_secs(640)
+        );
     }
 
     #[test]

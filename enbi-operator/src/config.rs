@@ -157,7 +157,8 @@ pub struct RunArgs {
     #[arg(long, env = "ENBI_IMAGE_MIRROR")]
     pub image_mirror: bool,
     /// Seconds a Pod may still wait for an image on a node enbi loaded it on (the image was
-    /// removed there, e.g. collected) before enbi loads it there again.
+    /// removed there, e.g. collected) before enbi loads it there again; each further reload of
+    /// the same node waits twice as long (at most 64 times).
     #[arg(long, env = "ENBI_RELOAD_AFTER_SECONDS", default_value_t = 60)]
     pub reload_after_seconds: u64,
     /// Elect a leader through a Lease so that only one replica writes.

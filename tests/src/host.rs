@@ -244,6 +244,14 @@ impl Fixture {
         Fixture { dir }
     }
 
+    /// [`Fixture::new`] whose images are unlike any other run's (a label in their config), so
+    /// their image IDs are new to every node.
+    pub fn salted(salt: &str) -> Self {
+        let fixture = Self::new();
+        std::fs::write(fixture.dir.path().join("salt"), salt).expect("write the salt");
+        fixture
+    }
+
     pub fn url(&self) -> String {
         format!("path:{}", self.dir.path().display())
     }

@@ -11,6 +11,10 @@
 //! With the admission webhook, the same Pod is gated at creation and runs without a failed
 //! pull; without it, a Deployment's Pod in pull back-off is replaced once its image is loaded.
 //!
+//! On two real nodes, a Deployment with one Pod per node gets one build: through Spegel, the
+//! second node pulls the image from the first; without a mirror, enbi loads it on the second
+//! node itself, and again after it was removed there.
+//!
 //! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
 //! prints a loud `SKIPPED` line and returns.
 
@@ -189,23 +193,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
 
     // One NixBuild, made by the Pod watcher, succeeds on the real node.
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
-    let build = eventually(
-        "the NixBuild to succeed",
-        Duration::from_secs(180),
-        || async {
-            let list = nixbuilds.list(&ListParams::default()).await.ok()?;
-            let build = list.items.into_iter().next()?;
-            assert_ne!(
-                build.phase(),
-                Phase::Failed,
-                "the build failed: {:?}\noperator log:\n{}",
-                build.status,
-                operator.logs()
-            );
-            (build.phase() == Phase::Succeeded).then_some(build)
-        },
-    )
-    .await;
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
     let all = nixbuilds.list(&ListParams::default()).await.expect("list");
     assert_eq!(all.items.len(), 1, "exactly one NixBuild for the Pod");
     assert_eq!(
@@ -336,10 +324,7 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
     let _serial = OPERATOR_LOCK.lock().await;
     builder_image_on_real_nodes();
     let flake_url = fixture_in_store();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tag = format!("enbi.test/e2e-spegel:{nanos:x}");
+    let tag = fresh_tag("e2e-spegel");
     let ips = real_node_ips(&client).await;
     let hits_before: BTreeMap<&String, u64> =
         ips.iter().map(|(n, ip)| (n, spegel_hits(ip))).collect();
@@ -350,34 +335,7 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
     let operator = start_operator_with("spegel", &builds.name, &repel, &["--image-mirror"], None);
 
     let app = TestNamespace::opted_in(&client, "spegel-app").await;
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "spread"},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "spread"}},
-            "template": {
-                "metadata": {"labels": {"app": "spread"}, "annotations": {
-                    "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
-                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
-                    "enbi.hrzn.ee/nixbuild-packageName": "stream",
-                }},
-                "spec": {
-                    "nodeSelector": {"type": "real"},
-                    "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
-                    // One replica per node.
-                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
-                        "labelSelector": {"matchLabels": {"app": "spread"}},
-                        "topologyKey": "kubernetes.io/hostname",
-                    }]}},
-                    "terminationGracePeriodSeconds": 1,
-                    // The image's own message, then stay up (a Deployment restarts what exits).
-                    "containers": [{"name": "app", "image": tag, "command":
-                        ["/bin/sh", "-c", format!("echo {MESSAGE}; exec /bin/busybox sleep 3600")]}],
-                },
-            },
-        },
-    }))
-    .expect("deployment");
+    let deployment = one_pod_per_real_node(&flake_url, &tag);
     Api::<Deployment>::namespaced(client.clone(), &app.name)
         .create(&PostParams::default(), &deployment)
         .await
@@ -385,23 +343,7 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
 
     // One NixBuild for both Pods; it succeeds on one of the real nodes: A.
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
-    let build = eventually(
-        "the NixBuild to succeed",
-        Duration::from_secs(180),
-        || async {
-            let build = nixbuilds.list(&ListParams::default()).await.ok()?.items;
-            let build = build.into_iter().next()?;
-            assert_ne!(
-                build.phase(),
-                Phase::Failed,
-                "the build failed: {:?}\noperator log:\n{}",
-                build.status,
-                operator.logs()
-            );
-            (build.phase() == Phase::Succeeded).then_some(build)
-        },
-    )
-    .await;
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
     let status = build.status.clone().expect("status");
     let node_a = status.build_node.clone().expect("a build node");
     let digest = status.image_digest.clone().expect("a digest");
@@ -413,29 +355,7 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
 
     // Both Pods run: A's with the image enbi loaded, B's with the image pulled through Spegel.
     let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
-    let running = eventually("both Pods running", Duration::from_secs(240), || async {
-        let list = pods.list(&ListParams::default()).await.ok()?.items;
-        let running: Vec<Pod> = list
-            .into_iter()
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .is_some_and(|cs| {
-                        cs.iter()
-                            .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-                    })
-            })
-            .collect();
-        (running.len() == 2).then_some(running)
-    })
-    .await;
-    let node_of = |p: &Pod| {
-        p.spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_default()
-    };
+    let running = running_pods(&pods, 2).await;
     let pod_b = running
         .iter()
         .find(|p| node_of(p) != node_a)
@@ -494,16 +414,225 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
     // Leave the nodes' containerd as they were.
     drop(operator);
     for node in &nodes {
-        let socket = socket(node);
-        let ours: Vec<String> = node_images(&socket)
-            .into_iter()
-            .filter(|name| name.starts_with("enbi.test/e2e-spegel"))
-            .collect();
-        let _ = Command::new("ctr")
-            .args(["--address", &socket, "-n", "k8s.io", "images", "rm"])
-            .args(&ours)
-            .output();
+        remove_images(&socket(node), "enbi.test/e2e-spegel");
     }
+}
+
+/// Without a mirror (Spegel taken off the nodes), enbi itself puts the image on the node where a
+/// Pod waits for it: one load Job there, and another once the image was removed and is needed
+/// again.
+#[tokio::test]
+async fn without_a_mirror_enbi_loads_the_image_on_the_other_node_and_again_after_removal() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let nodes = real_nodes();
+    assert!(nodes.len() >= 2, "two real nodes needed, found {nodes:?}");
+    builder_image_on_real_nodes();
+    let _no_mirror = NoMirror::new(&client).await;
+    let tag = fresh_tag("e2e-load");
+    // An image new to both nodes, as a fresh build is: a kubelet (1.35+) that once pulled the
+    // same image ID under another name (the Spegel test pulls this fixture through the mirror)
+    // verifies the pull of any new name, which no registry answers here (see the README,
+    // "Pods on a node that holds the image still fail their pulls").
+    let salt = tag.rsplit(':').next().expect("a tag");
+    let flake_url = flake_in_store(&Fixture::salted(salt).url());
+    let builds = build_namespace(&client, "e2e-load-b").await;
+    let repel = kwok_nodes(&client).await.join(",");
+    // Reload soon after a load: the test removes the image and waits for it to come back.
+    let operator = start_operator_with(
+        "e2e-load",
+        &builds.name,
+        &repel,
+        &["--reload-after-seconds", "5"],
+        None,
+    );
+    let app = TestNamespace::opted_in(&client, "e2e-load-app").await;
+    Api::<Deployment>::namespaced(client.clone(), &app.name)
+        .create(
+            &PostParams::default(),
+            &one_pod_per_real_node(&flake_url, &tag),
+        )
+        .await
+        .expect("create the Deployment");
+
+    // One build, on A; B's Pod waits until enbi loads the image on B; both run.
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let name = build.name_any();
+    let status = build.status.clone().expect("status");
+    let node_a = status.build_node.clone().expect("a build node");
+    let digest = status.image_digest.clone().expect("a digest");
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let running = running_pods(&pods, 2).await;
+    let node_b = running
+        .iter()
+        .map(node_of)
+        .find(|n| *n != node_a)
+        .expect("a Pod on another node");
+    assert!(nodes.contains(&node_b), "{node_b} is not a real node");
+    for pod in &running {
+        let log = pods
+            .logs(&pod.name_any(), &LogParams::default())
+            .await
+            .expect("log");
+        assert!(log.contains(MESSAGE), "{}: {log:?}", node_of(pod));
+    }
+    let images_b = node_image_digests(&socket(&node_b));
+    assert_eq!(images_b.get(&tag), Some(&digest), "{tag} on {node_b}");
+
+    // Status says where the image is (once the operator read the load Job's report, which may
+    // come after the kubelet found the image); one load Job ran, on B, for the same NixBuild.
+    let build = node_loaded(&nixbuilds, &name, &node_b, 1).await;
+    let held = image_nodes(&build);
+    assert_eq!(
+        held.get(&node_a),
+        Some(&("Loaded".to_owned(), 0)),
+        "{held:?}"
+    );
+    let loads = load_job_nodes(&client, &builds.name, &name).await;
+    assert_eq!(loads, [(node_b.clone(), "1".to_owned())], "load Jobs");
+    let reasons = event_reasons(&client, &app.name, &name).await;
+    for reason in ["Loading", "Loaded"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+    eprintln!("e2e load: built on {node_a}, loaded on {node_b} ({digest})");
+
+    // The image goes from B (as the kubelet's image GC or an operator would remove it) and B's
+    // Pod is replaced: the new one waits, and enbi loads the image there again.
+    remove_images(&socket(&node_b), "enbi.test/e2e-load");
+    assert!(!node_images(&socket(&node_b)).contains(&tag), "removed");
+    let pod_b = running
+        .iter()
+        .find(|p| node_of(p) == node_b)
+        .expect("B's Pod");
+    pods.delete(&pod_b.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete B's Pod");
+    let reloaded = node_loaded(&nixbuilds, &name, &node_b, 2).await;
+    let running = running_pods(&pods, 2).await;
+    assert!(
+        running.iter().all(|p| p.uid() != pod_b.uid()),
+        "B's Pod was replaced"
+    );
+    let images_b = node_image_digests(&socket(&node_b));
+    assert_eq!(images_b.get(&tag), Some(&digest), "{tag} back on {node_b}");
+    let loads = load_job_nodes(&client, &builds.name, &name).await;
+    assert_eq!(
+        loads,
+        [
+            (node_b.clone(), "1".to_owned()),
+            (node_b.clone(), "2".to_owned())
+        ],
+        "load Jobs"
+    );
+    let reasons = event_reasons(&client, &app.name, &name).await;
+    assert!(reasons.iter().any(|r| r == "Reloading"), "{reasons:?}");
+    assert_eq!(
+        reloaded.status.map(|s| s.attempts),
+        Some(1),
+        "loads are not build attempts"
+    );
+
+    drop(operator);
+    for node in &nodes {
+        remove_images(&socket(node), "enbi.test/e2e-load");
+    }
+}
+
+/// Spegel taken off the real nodes while it lives (if it runs), so that pulls nobody serves
+/// fail at once, as on a cluster without a mirror.
+struct NoMirror(bool);
+
+impl NoMirror {
+    async fn new(client: &Client) -> Self {
+        let spegel = Api::<DaemonSet>::namespaced(client.clone(), "spegel")
+            .get_opt("spegel")
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if spegel {
+            real_node(&["spegel", "off"]);
+        }
+        Self(spegel)
+    }
+}
+
+impl Drop for NoMirror {
+    fn drop(&mut self) {
+        if self.0 {
+            real_node(&["spegel", "on"]);
+        }
+    }
+}
+
+/// `status.imageNodes` as node -> (state, loads).
+fn image_nodes(build: &NixBuild) -> BTreeMap<String, (String, u32)> {
+    build
+        .status
+        .as_ref()
+        .into_iter()
+        .flat_map(|s| &s.image_nodes)
+        .map(|n| (n.node.clone(), (format!("{:?}", n.state), n.loads)))
+        .collect()
+}
+
+/// Waits until NixBuild `name`'s status says `node` holds the image after `loads` loads.
+async fn node_loaded(nixbuilds: &Api<NixBuild>, name: &str, node: &str, loads: u32) -> NixBuild {
+    eventually(
+        &format!("{node} Loaded after {loads} load(s)"),
+        Duration::from_secs(240),
+        || async {
+            let build = nixbuilds.get(name).await.ok()?;
+            let held = image_nodes(&build);
+            (held.get(node) == Some(&("Loaded".to_owned(), loads))).then_some(build)
+        },
+    )
+    .await
+}
+
+/// The load Jobs of NixBuild `name` in `namespace`, as (node, round), by round.
+async fn load_job_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(String, String)> {
+    let selector = format!(
+        "{},{}={name}",
+        enbi_core::job::LABEL_LOAD_ROUND,
+        enbi_core::job::LABEL_BUILD_NAME
+    );
+    let mut loads: Vec<(String, String)> = Api::<Job>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("Jobs")
+        .items
+        .iter()
+        .map(|j| {
+            let node = j
+                .annotations()
+                .get(enbi_core::job::ANNOTATION_LOAD_NODE)
+                .cloned();
+            let round = j.labels().get(enbi_core::job::LABEL_LOAD_ROUND).cloned();
+            (node.unwrap_or_default(), round.unwrap_or_default())
+        })
+        .collect();
+    loads.sort_by(|a, b| a.1.cmp(&b.1));
+    loads
+}
+
+/// The reasons of the Events about object `name` in `namespace`.
+async fn event_reasons(client: &Client, namespace: &str, name: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
 }
 
 /// Whether Spegel runs and is ready on every real node; fails in CI and says SKIPPED elsewhere
@@ -822,6 +951,104 @@ async fn kwok_nodes(client: &Client) -> Vec<String> {
         .collect()
 }
 
+/// Waits for the one NixBuild of `nixbuilds` to succeed, failing at once (with the operator's
+/// log) if it fails.
+async fn the_nixbuild_succeeds(nixbuilds: &Api<NixBuild>, operator: &Operator) -> NixBuild {
+    eventually(
+        "the NixBuild to succeed",
+        Duration::from_secs(180),
+        || async {
+            let build = nixbuilds.list(&ListParams::default()).await.ok()?;
+            let build = build.items.into_iter().next()?;
+            assert_ne!(
+                build.phase(),
+                Phase::Failed,
+                "the build failed: {:?}\noperator log:\n{}",
+                build.status,
+                operator.logs()
+            );
+            (build.phase() == Phase::Succeeded).then_some(build)
+        },
+    )
+    .await
+}
+
+/// When the build finished: its image was on the build node then.
+fn completed_at(build: &NixBuild) -> k8s_openapi::jiff::Timestamp {
+    build
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.clone())
+        .expect("completion time")
+        .0
+}
+
+/// A Deployment of two replicas of `tag` from the fixture flake, one on each real node (the
+/// first two), each printing the image's message and staying up.
+fn one_pod_per_real_node(flake_url: &str, tag: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": "spread"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "spread"}},
+            "template": {
+                "metadata": {"labels": {"app": "spread"}, "annotations": {
+                    "enbi.hrzn.ee/nixbuild-flakeUrl": flake_url,
+                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
+                    "enbi.hrzn.ee/nixbuild-packageName": "stream",
+                }},
+                "spec": {
+                    "nodeSelector": {"type": "real"},
+                    "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
+                    // One replica per node.
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": {"matchLabels": {"app": "spread"}},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }]}},
+                    "terminationGracePeriodSeconds": 1,
+                    // The image's own message, then stay up (a Deployment restarts what exits).
+                    "containers": [{"name": "app", "image": tag, "command":
+                        ["/bin/sh", "-c", format!("echo {MESSAGE}; exec /bin/busybox sleep 3600")]}],
+                },
+            },
+        },
+    }))
+    .expect("deployment")
+}
+
+/// Waits until `count` Pods of `pods` have every container running, and returns them.
+async fn running_pods(pods: &Api<Pod>, count: usize) -> Vec<Pod> {
+    eventually(
+        &format!("{count} Pods running"),
+        Duration::from_secs(240),
+        || async {
+            let list = pods.list(&ListParams::default()).await.ok()?.items;
+            let running: Vec<Pod> = list
+                .into_iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter()
+                                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                        })
+                })
+                .collect();
+            (running.len() == count).then_some(running)
+        },
+    )
+    .await
+}
+
+/// The node a Pod is bound to ("" before scheduling).
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
 fn fresh_tag(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -918,34 +1145,8 @@ async fn a_gated_pod_runs_on_the_real_node_once_built_without_a_failed_pull() {
     assert!(enbi_tests::is_gated(&created), "gated at creation");
 
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
-    let build = eventually(
-        "the NixBuild to succeed",
-        Duration::from_secs(180),
-        || async {
-            let build = nixbuilds
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .next()?;
-            assert_ne!(
-                build.phase(),
-                Phase::Failed,
-                "{:?}\n{}",
-                build.status,
-                operator.logs()
-            );
-            (build.phase() == Phase::Succeeded).then_some(build)
-        },
-    )
-    .await;
-    let loaded = build
-        .status
-        .as_ref()
-        .and_then(|s| s.completion_time.clone())
-        .expect("completion time")
-        .0;
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let loaded = completed_at(&build);
     let running = eventually("the Pod Ready", Duration::from_secs(60), || async {
         let pod = pods.get("app").await.ok()?;
         ready_since(&pod).map(|_| pod)
@@ -1010,34 +1211,8 @@ async fn a_pod_in_pull_back_off_is_recreated_once_its_image_is_loaded() {
     )
     .await;
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
-    let build = eventually(
-        "the NixBuild to succeed",
-        Duration::from_secs(180),
-        || async {
-            let build = nixbuilds
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .next()?;
-            assert_ne!(
-                build.phase(),
-                Phase::Failed,
-                "{:?}\n{}",
-                build.status,
-                operator.logs()
-            );
-            (build.phase() == Phase::Succeeded).then_some(build)
-        },
-    )
-    .await;
-    let loaded = build
-        .status
-        .as_ref()
-        .and_then(|s| s.completion_time.clone())
-        .expect("completion time")
-        .0;
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let loaded = completed_at(&build);
     let running = eventually("a Pod Ready", Duration::from_secs(60), || async {
         let list = pods.list(&ListParams::default()).await.ok()?;
         list.items.into_iter().find(|p| ready_since(p).is_some())
@@ -1057,9 +1232,6 @@ async fn a_pod_in_pull_back_off_is_recreated_once_its_image_is_loaded() {
     remove_images(&socket, "enbi.test/e2e-backoff");
 }
 
-/// Every node but the real node the tests use: builds are repelled from them. (The real nodes
-/// share this machine's file system, so each has its own containerd socket path; a builder
-/// elsewhere would mount the wrong one.)
 /// Every node but `node`: the gate tests build where their Pod runs, so that its image is there
 /// when the gate goes.
 async fn all_but(client: &Client, node: &str) -> Vec<String> {
