@@ -389,6 +389,28 @@ mod tests {
         }
     }
 
+    /// One decision with Pods waiting on node b.
+    fn ask_b(status: &mut NixBuildStatus, settings: &Settings, t: i64) -> Outcome {
+        decide(status, &waiting(&[("b", open())]), settings, at(t))
+    }
+
+    /// One decision that sees b's load Job as `view` (with Pods still waiting on b or not).
+    fn b_job(
+        status: &mut NixBuildStatus,
+        view: &JobView,
+        still_waiting: bool,
+        settings: &Settings,
+        t: i64,
+    ) -> Outcome {
+        let mut obs = if still_waiting {
+            waiting(&[("b", open())])
+        } else {
+            waiting(&[])
+        };
+        obs.jobs.insert("b".into(), view);
+        decide(status, &obs, settings, at(t))
+    }
+
     #[test]
     fn the_build_node_holds_the_image_and_nothing_is_loaded_without_waiting_pods() {
         let mut status = succeeded();
@@ -422,9 +444,8 @@ mod tests {
     #[test]
     fn a_load_whose_job_is_not_seen_yet_is_applied_again_with_the_same_round() {
         let mut status = succeeded();
-        let obs = waiting(&[("b", open())]);
-        decide(&mut status, &obs, &Settings::default(), at(5));
-        let out = decide(&mut status, &obs, &Settings::default(), at(6));
+        ask_b(&mut status, &Settings::default(), 5);
+        let out = ask_b(&mut status, &Settings::default(), 6);
         assert_eq!(out.loads.len(), 1);
         assert_eq!(out.loads[0].round, 1);
         assert!(out.events.is_empty(), "{:?}", out.events);
@@ -432,33 +453,20 @@ mod tests {
 
     #[test]
     fn a_finished_load_marks_the_node_and_a_different_digest_is_a_warning() {
+        let settings = Settings::default();
         let mut status = succeeded();
-        decide(
-            &mut status,
-            &waiting(&[("b", open())]),
-            &Settings::default(),
-            at(5),
-        );
+        ask_b(&mut status, &settings, 5);
         let done = job(JobState::Succeeded, Some(report(DIGEST)));
-        let mut obs = waiting(&[("b", open())]);
-        obs.jobs.insert("b".into(), &done);
-        let out = decide(&mut status, &obs, &Settings::default(), at(9));
+        let out = b_job(&mut status, &done, true, &settings, 9);
         assert_eq!(out.events[0].reason, "Loaded");
         assert!(out.loads.is_empty());
         assert_eq!(status.image_nodes[1], loaded("b", 1, Time(at(9))));
 
         let mut status = succeeded();
-        decide(
-            &mut status,
-            &waiting(&[("b", open())]),
-            &Settings::default(),
-            at(5),
-        );
+        ask_b(&mut status, &settings, 5);
         let other = format!("sha256:{}", "2".repeat(64));
         let done = job(JobState::Succeeded, Some(report(&other)));
-        let mut obs = waiting(&[]);
-        obs.jobs.insert("b".into(), &done);
-        let out = decide(&mut status, &obs, &Settings::default(), at(9));
+        let out = b_job(&mut status, &done, false, &settings, 9);
         assert_eq!(out.events[0].reason, "NotReproducible");
         assert_eq!(out.events[0].type_, EventType::Warning);
         assert_eq!(status.image_nodes[1].digest, Some(other));
@@ -466,22 +474,16 @@ mod tests {
 
     #[test]
     fn failed_loads_say_why_and_are_tried_again_later() {
+        let settings = Settings::default();
         let mut status = succeeded();
-        decide(
-            &mut status,
-            &waiting(&[("b", open())]),
-            &Settings::default(),
-            at(5),
-        );
+        ask_b(&mut status, &settings, 5);
         let failed = job(
             JobState::Failed {
                 reason: Some("DeadlineExceeded".into()),
             },
             None,
         );
-        let mut obs = waiting(&[("b", open())]);
-        obs.jobs.insert("b".into(), &failed);
-        let out = decide(&mut status, &obs, &Settings::default(), at(9));
+        let out = b_job(&mut status, &failed, true, &settings, 9);
         assert_eq!(out.events[0].reason, "LoadFailed");
         assert!(
             out.events[0].note.contains("DeadlineExceeded"),
@@ -490,12 +492,7 @@ mod tests {
         );
         assert_eq!(status.image_nodes[1].state, ImageNodeState::Failed);
         assert_eq!(out.requeue_after, Some(Duration::from_secs(60)));
-        let out = decide(
-            &mut status,
-            &waiting(&[("b", open())]),
-            &Settings::default(),
-            at(70),
-        );
+        let out = ask_b(&mut status, &settings, 70);
         assert_eq!(out.loads[0].round, 2);
         assert_eq!(out.events[0].reason, "Reloading");
     }
@@ -526,27 +523,21 @@ mod tests {
             ..Default::default()
         };
         let mut status = succeeded();
-        let b = || waiting(&[("b", open())]);
-        let finish = |status: &mut NixBuildStatus, at_s: i64| {
-            let done = job(JobState::Succeeded, Some(report(DIGEST)));
-            let mut obs = b();
-            obs.jobs.insert("b".into(), &done);
-            decide(status, &obs, &settings, at(at_s));
-        };
+        let done = job(JobState::Succeeded, Some(report(DIGEST)));
         // Load 1 on b (not a reload), done at 1; Pods still wait: reload after 10 s.
-        decide(&mut status, &b(), &settings, at(0));
-        finish(&mut status, 1);
-        let out = decide(&mut status, &b(), &settings, at(5));
+        ask_b(&mut status, &settings, 0);
+        b_job(&mut status, &done, true, &settings, 1);
+        let out = ask_b(&mut status, &settings, 5);
         assert_eq!(out.requeue_after, Some(Duration::from_secs(6)));
-        let out = decide(&mut status, &b(), &settings, at(11));
+        let out = ask_b(&mut status, &settings, 11);
         assert_eq!(out.loads[0].round, 2);
         assert_eq!(out.events[0].type_, EventType::Normal);
         // Reload 1 done at 12; the Pods still wait: the next one waits 20 s, and warns.
-        finish(&mut status, 12);
-        let out = decide(&mut status, &b(), &settings, at(22));
+        b_job(&mut status, &done, true, &settings, 12);
+        let out = ask_b(&mut status, &settings, 22);
         assert!(out.loads.is_empty());
         assert_eq!(out.requeue_after, Some(Duration::from_secs(10)));
-        let out = decide(&mut status, &b(), &settings, at(32));
+        let out = ask_b(&mut status, &settings, 32);
         assert_eq!(out.loads[0].round, 3);
         assert_eq!(out.events[0].type_, EventType::Warning);
         assert!(
