@@ -82,9 +82,14 @@ async fn real_node_ready(client: &Client) -> bool {
 
 /// The fixture flake (tests/fixtures/images next to a static busybox) added to the host's Nix
 /// store through its daemon: the builder Pod sees the node's store, so `path:<store path>`
-/// is a flake URL it can read.
-fn fixture_in_store() -> String {
-    flake_in_store(&Fixture::new().url())
+/// is a flake URL it can read. Salted with `tag`'s own tag, so that its images are new to every
+/// node, as a fresh build's are: a kubelet (1.35+) that once pulled the same image ID under
+/// another name (e.g. another test's, through Spegel) verifies the pull of any new name, which
+/// no registry answers here (troubleshooting: "The kubelet insists on pulling an image it
+/// already has").
+fn fixture_for(tag: &str) -> String {
+    let salt = tag.rsplit(':').next().expect("a tag");
+    flake_in_store(&Fixture::salted(salt).url())
 }
 
 /// `flake_url` added to the host's Nix store through its daemon, as `path:<store path>`.
@@ -141,12 +146,9 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     let _serial = OPERATOR_LOCK.lock().await;
     builder_image_on_real_nodes();
     let socket = socket(REAL_NODE);
-    let flake_url = fixture_in_store();
     // A tag of this run only, so that the image is missing at first.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tag = format!("enbi.test/e2e-stream:{nanos:x}");
+    let tag = fresh_tag("e2e-stream");
+    let flake_url = fixture_for(&tag);
 
     // Builds go to a real node (tolerated; the fake ones are repelled), the one the Pod is on.
     let builds = build_namespace(&client, "e2e-b").await;
@@ -323,8 +325,8 @@ async fn a_deployment_on_two_real_nodes_gets_its_image_through_spegel() {
     }
     let _serial = OPERATOR_LOCK.lock().await;
     builder_image_on_real_nodes();
-    let flake_url = fixture_in_store();
     let tag = fresh_tag("e2e-spegel");
+    let flake_url = fixture_for(&tag);
     let ips = real_node_ips(&client).await;
     let hits_before: BTreeMap<&String, u64> =
         ips.iter().map(|(n, ip)| (n, spegel_hits(ip))).collect();
@@ -433,12 +435,7 @@ async fn without_a_mirror_enbi_loads_the_image_on_the_other_node_and_again_after
     builder_image_on_real_nodes();
     let _no_mirror = NoMirror::new(&client).await;
     let tag = fresh_tag("e2e-load");
-    // An image new to both nodes, as a fresh build is: a kubelet (1.35+) that once pulled the
-    // same image ID under another name (the Spegel test pulls this fixture through the mirror)
-    // verifies the pull of any new name, which no registry answers here (see the README,
-    // "Pods on a node that holds the image still fail their pulls").
-    let salt = tag.rsplit(':').next().expect("a tag");
-    let flake_url = flake_in_store(&Fixture::salted(salt).url());
+    let flake_url = fixture_for(&tag);
     let builds = build_namespace(&client, "e2e-load-b").await;
     let repel = kwok_nodes(&client).await.join(",");
     // Reload soon after a load: the test removes the image and waits for it to come back.
@@ -1124,8 +1121,8 @@ async fn a_gated_pod_runs_on_the_real_node_once_built_without_a_failed_pull() {
     let _serial = OPERATOR_LOCK.lock().await;
     builder_image_on_real_nodes();
     let socket = socket(REAL_NODE);
-    let flake_url = fixture_in_store();
     let tag = fresh_tag("e2e-gated");
+    let flake_url = fixture_for(&tag);
     let repel = all_but(&client, REAL_NODE).await.join(",");
     let builds = build_namespace(&client, "e2e-gate-b").await;
     let app = TestNamespace::opted_in(&client, "e2e-gate-app").await;
@@ -1178,8 +1175,8 @@ async fn a_pod_in_pull_back_off_is_recreated_once_its_image_is_loaded() {
     let _serial = OPERATOR_LOCK.lock().await;
     builder_image_on_real_nodes();
     let socket = socket(REAL_NODE);
-    let flake_url = fixture_in_store();
     let tag = fresh_tag("e2e-backoff");
+    let flake_url = fixture_for(&tag);
     let repel = all_but(&client, REAL_NODE).await.join(",");
     let builds = build_namespace(&client, "e2e-backoff-b").await;
     let app = TestNamespace::opted_in(&client, "e2e-backoff-app").await;
