@@ -72,9 +72,13 @@ NODE_NET="${ENBI_NODE_NET:-10.$((100 + 0x$(printf '%s' "$CLUSTER_ID" | sha256sum
 NODE_NET_PREFIX="${BASH_REMATCH[1]}"
 NODE_BRIDGE="enb$CLUSTER_ID"                 # host bridge joining the nodes (<= 15 chars)
 NODE_BRIDGE_IP="$NODE_NET_PREFIX.0.1"        # the host on it: where kubelets reach the apiserver
+# The local registry as the real nodes (their containerd, their Pods) reach it: the host's
+# address on their bridge, DNATed to $REGISTRY_ADDR (real-node's host_net_up). Image references
+# that real nodes pull use this address; the host pushes to $REGISTRY_ADDR, the same registry.
+REGISTRY_NODE_ADDR="$NODE_BRIDGE_IP:$REGISTRY_PORT"
 NODE_RUN_DIR="/run/enbi-$CLUSTER_ID"         # sockets and runtime state (short unix socket paths)
 NODE_CGROUP_ROOT="/enbi-$CLUSTER_ID"         # parent of every node's cgroupRoot
-NODE_NAT_COMMENT="enbi-$CLUSTER_ID-apiserver" # the host's iptables rule(s)
+NODE_NAT_COMMENT="enbi-$CLUSTER_ID-apiserver" # the host's iptables rules (apiserver, registry)
 # Per node I (0-based): name, netns, host-side veth, IP, Pod subnet, run dir, cgroupRoot.
 node_name() { echo "enbi-real-$1"; }
 node_netns() { echo "enbi-$CLUSTER_ID-$1"; }
