@@ -34,19 +34,33 @@ PID_DIR="$STATE_DIR/pids"
 KUBECONFIG_OUT="$STATE_DIR/kubeconfig"
 
 # Loopback ports; chosen away from the usual defaults so that a developer's
-# own cluster (6443, 2379, 10250, ...) does not clash.
-ETCD_CLIENT_PORT="${ENBI_ETCD_CLIENT_PORT:-23790}"
-ETCD_PEER_PORT="${ENBI_ETCD_PEER_PORT:-23800}"
-ETCD_METRICS_PORT="${ENBI_ETCD_METRICS_PORT:-23810}"
-APISERVER_PORT="${ENBI_APISERVER_PORT:-16443}"
-KCM_PORT="${ENBI_KCM_PORT:-20257}"
-SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-20259}"
-KWOK_PORT="${ENBI_KWOK_PORT:-20247}"
+# own cluster (6443, 2379, 10250, ...) does not clash. Each ENBI_*_PORT sets one; the others
+# are the defaults plus a port offset: ENBI_PORT_OFFSET, else the one `up` recorded in
+# $STATE_DIR/port-offset when it found a default port taken (a second cluster on this machine),
+# else 0. The kubelets' ports are in the nodes' own network namespaces: never offset.
+PORT_OFFSET_FILE="$STATE_DIR/port-offset"
+set_ports() { # OFFSET
+  PORT_OFFSET="$1"
+  ETCD_CLIENT_PORT="${ENBI_ETCD_CLIENT_PORT:-$((23790 + PORT_OFFSET))}"
+  ETCD_PEER_PORT="${ENBI_ETCD_PEER_PORT:-$((23800 + PORT_OFFSET))}"
+  ETCD_METRICS_PORT="${ENBI_ETCD_METRICS_PORT:-$((23810 + PORT_OFFSET))}"
+  APISERVER_PORT="${ENBI_APISERVER_PORT:-$((16443 + PORT_OFFSET))}"
+  KCM_PORT="${ENBI_KCM_PORT:-$((20257 + PORT_OFFSET))}"
+  SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-$((20259 + PORT_OFFSET))}"
+  KWOK_PORT="${ENBI_KWOK_PORT:-$((20247 + PORT_OFFSET))}"
+  # The local OCI registry (plain HTTP), see ./registry.
+  REGISTRY_PORT="${ENBI_REGISTRY_PORT:-$((25000 + PORT_OFFSET))}"
+  REGISTRY_ADDR="127.0.0.1:$REGISTRY_PORT"
+}
+# name=port of every host port of a cluster (the checks of `up`).
+host_ports() {
+  echo "etcd=$ETCD_CLIENT_PORT etcd=$ETCD_PEER_PORT etcd=$ETCD_METRICS_PORT kube-apiserver=$APISERVER_PORT" \
+    "kube-controller-manager=$KCM_PORT kube-scheduler=$SCHEDULER_PORT kwok=$KWOK_PORT registry=$REGISTRY_PORT"
+}
+set_ports "${ENBI_PORT_OFFSET:-$(cat "$PORT_OFFSET_FILE" 2>/dev/null || echo 0)}"
+[[ "$PORT_OFFSET" =~ ^[0-9]{1,5}$ ]] || { echo "ENBI_PORT_OFFSET must be a number" >&2; exit 1; }
 KUBELET_PORT="${ENBI_KUBELET_PORT:-20250}"
 KUBELET_HEALTHZ_PORT="${ENBI_KUBELET_HEALTHZ_PORT:-20248}"
-# The local OCI registry (plain HTTP), see ./registry.
-REGISTRY_PORT="${ENBI_REGISTRY_PORT:-25000}"
-REGISTRY_ADDR="127.0.0.1:$REGISTRY_PORT"
 
 SERVICE_CIDR="10.96.0.0/16"
 CLUSTER_CIDR="10.244.0.0/16"
