@@ -490,8 +490,8 @@ CUE
   equals "the kubelet ran the pushed digest" "$operator_digest" sh -c \
     "'$kubectl' get pod -n '$ns' '$pod' -o jsonpath='{.status.containerStatuses[0].imageID}' | sed 's/.*@//'"
   "$kubectl" get events -n "$ns" --field-selector "involvedObject.name=$pod,reason=Pulled" \
-    -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' > "$work/pulled" 2>&1 || true
-  has "the kubelet's Event: Pulled" "^Successfully pulled image \"$pulled_image\"" "$work/pulled"
+    -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' > "$work/pulled-events" 2>&1 || true
+  has "the kubelet's Event: Pulled" "^Successfully pulled image \"$pulled_image\"" "$work/pulled-events"
   check "timoni delete $instance" tm delete "$instance" -n "$ns" --timeout 3m
 fi
 
