@@ -8,7 +8,9 @@
 #   (the previous release applied again), a module digest that does not match;
 #   image digest pinning with an image pushed by tests/tools/push-image;
 #   delete (the CRD and the NixBuilds stay);
-#   the bundle in examples/ (bundle vet, apply, status, delete).
+#   the bundle in examples/ (bundle vet, apply, status, delete);
+#   with real nodes: the operator image pushed, a release whose image it is installed from OCI,
+#   the image pulled by a real node from the registry (Pod image, imageID digest, Pulled Event).
 #
 #   tests/timoni.sh            uses $KUBECONFIG if set, else starts (or reuses) tests/cluster
 #
@@ -438,6 +440,60 @@ has "timoni bundle status: the instance's module" "${repo}:0\.2\.0" "$work/bstat
 check "timoni bundle delete" tm bundle delete enbi --timeout 3m
 equals "Deployment is gone" "" sh -c "'$kubectl' get deployment -n '$ns' --ignore-not-found -o name"
 check "CRD $crd is still there" "$kubectl" get crd "$crd"
+
+echo "== the operator's image pulled by a real node from the registry (release 0.3.0)"
+# The operator image (the builder image of real-node: this enbi-operator, nix, ctr) pushed to the
+# registry, a module release whose default image is it at the address the nodes reach the
+# registry by, installed from OCI: a real node's kubelet pulls it (no import into containerd).
+real_nodes="$("$root/tests/cluster/real-node" nodes 2>/dev/null || true)"
+if [[ -z "$real_nodes" ]]; then
+  echo "SKIPPED: no real node (tests/cluster/up --real-node, as root)"
+else
+  node_registry="$("$root/tests/cluster/registry" node-addr)"
+  operator_bin="${ENBI_OPERATOR_BIN:-}"
+  if [[ -z "$operator_bin" ]]; then
+    cargo build --quiet --locked -p enbi-operator --manifest-path "$root/Cargo.toml"
+    operator_bin="${CARGO_TARGET_DIR:-$root/target}/debug/enbi-operator"
+  fi
+  check "the operator image archive (real-node builder-archive)" \
+    "$root/tests/cluster/real-node" builder-archive "$operator_bin" "$image_repo:0.3.0" "$work/operator.tar"
+  check "push-image: the operator image to the registry" \
+    sh -c "'$root/tests/tools/push-image' '$work/operator.tar' '$image_repo:0.3.0' > '$work/pushed-0.3.0'"
+  operator_digest="$(sed 's/.*@//' "$work/pushed-0.3.0" 2>/dev/null || true)"
+  pulled_image="$node_registry/${image_repo#"$registry"/}:0.3.0"
+  cp -R "$module" "$work/mod-0.3.0"
+  python3 - "$work/mod-0.3.0/values.cue" "${pulled_image%:*}" <<'PY3'
+import re, sys
+p, repo = sys.argv[1], sys.argv[2]
+s = open(p).read()
+s, n = re.subn(r'(image: \{\s*repository: )"localhost/enbi"(\s*tag:\s*)"[^"]*"', r'\1"%s"\2"0.3.0"' % repo, s)
+assert n == 1, "values.cue: no image to change"
+open(p, "w").write(s)
+PY3
+  check "timoni mod push 0.3.0 (its image: $pulled_image)" \
+    timoni mod push "$work/mod-0.3.0" "$repo" --version 0.3.0
+  # The real nodes are tainted for tests; nothing else in these values.
+  cat > "$work/real.cue" <<'CUE'
+values: {
+	nodeSelector: type: "real"
+	tolerations: [{key: "enbi.test/real-node", operator: "Exists", effect: "NoSchedule"}]
+}
+CUE
+  check "timoni apply $instance $repo --version 0.3.0 -n $ns (on a real node)" \
+    tm apply "$instance" "$repo" --version 0.3.0 -n "$ns" -f "$work/real.cue" --timeout 3m
+  pod="$("$kubectl" get pods -n "$ns" -o name 2>/dev/null | grep -m1 '^pod/enbi-operator-' || true)"
+  pod="${pod#pod/}"
+  equals "the operator Pod's image is in the registry" "$pulled_image" \
+    "$kubectl" get pod -n "$ns" "$pod" -o jsonpath='{.spec.containers[0].image}'
+  equals "it runs on a real node, ready" "real True" sh -c \
+    "'$kubectl' get node \"\$('$kubectl' get pod -n '$ns' '$pod' -o jsonpath='{.spec.nodeName}')\" -o jsonpath='{.metadata.labels.type}'; printf ' '; '$kubectl' get pod -n '$ns' '$pod' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}'"
+  equals "the kubelet ran the pushed digest" "$operator_digest" sh -c \
+    "'$kubectl' get pod -n '$ns' '$pod' -o jsonpath='{.status.containerStatuses[0].imageID}' | sed 's/.*@//'"
+  "$kubectl" get events -n "$ns" --field-selector "involvedObject.name=$pod,reason=Pulled" \
+    -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' > "$work/pulled-events" 2>&1 || true
+  has "the kubelet's Event: Pulled" "^Successfully pulled image \"$pulled_image\"" "$work/pulled-events"
+  check "timoni delete $instance" tm delete "$instance" -n "$ns" --timeout 3m
+fi
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

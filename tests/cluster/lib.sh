@@ -34,19 +34,33 @@ PID_DIR="$STATE_DIR/pids"
 KUBECONFIG_OUT="$STATE_DIR/kubeconfig"
 
 # Loopback ports; chosen away from the usual defaults so that a developer's
-# own cluster (6443, 2379, 10250, ...) does not clash.
-ETCD_CLIENT_PORT="${ENBI_ETCD_CLIENT_PORT:-23790}"
-ETCD_PEER_PORT="${ENBI_ETCD_PEER_PORT:-23800}"
-ETCD_METRICS_PORT="${ENBI_ETCD_METRICS_PORT:-23810}"
-APISERVER_PORT="${ENBI_APISERVER_PORT:-16443}"
-KCM_PORT="${ENBI_KCM_PORT:-20257}"
-SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-20259}"
-KWOK_PORT="${ENBI_KWOK_PORT:-20247}"
+# own cluster (6443, 2379, 10250, ...) does not clash. Each ENBI_*_PORT sets one; the others
+# are the defaults plus a port offset: ENBI_PORT_OFFSET, else the one `up` recorded in
+# $STATE_DIR/port-offset when it found a default port taken (a second cluster on this machine),
+# else 0. The kubelets' ports are in the nodes' own network namespaces: never offset.
+PORT_OFFSET_FILE="$STATE_DIR/port-offset"
+set_ports() { # OFFSET
+  PORT_OFFSET="$1"
+  ETCD_CLIENT_PORT="${ENBI_ETCD_CLIENT_PORT:-$((23790 + PORT_OFFSET))}"
+  ETCD_PEER_PORT="${ENBI_ETCD_PEER_PORT:-$((23800 + PORT_OFFSET))}"
+  ETCD_METRICS_PORT="${ENBI_ETCD_METRICS_PORT:-$((23810 + PORT_OFFSET))}"
+  APISERVER_PORT="${ENBI_APISERVER_PORT:-$((16443 + PORT_OFFSET))}"
+  KCM_PORT="${ENBI_KCM_PORT:-$((20257 + PORT_OFFSET))}"
+  SCHEDULER_PORT="${ENBI_SCHEDULER_PORT:-$((20259 + PORT_OFFSET))}"
+  KWOK_PORT="${ENBI_KWOK_PORT:-$((20247 + PORT_OFFSET))}"
+  # The local OCI registry (plain HTTP), see ./registry.
+  REGISTRY_PORT="${ENBI_REGISTRY_PORT:-$((25000 + PORT_OFFSET))}"
+  REGISTRY_ADDR="127.0.0.1:$REGISTRY_PORT"
+}
+# name=port of every host port of a cluster (the checks of `up`).
+host_ports() {
+  echo "etcd=$ETCD_CLIENT_PORT etcd=$ETCD_PEER_PORT etcd=$ETCD_METRICS_PORT kube-apiserver=$APISERVER_PORT" \
+    "kube-controller-manager=$KCM_PORT kube-scheduler=$SCHEDULER_PORT kwok=$KWOK_PORT registry=$REGISTRY_PORT"
+}
+set_ports "${ENBI_PORT_OFFSET:-$(cat "$PORT_OFFSET_FILE" 2>/dev/null || echo 0)}"
+[[ "$PORT_OFFSET" =~ ^[0-9]{1,5}$ ]] || { echo "ENBI_PORT_OFFSET must be a number" >&2; exit 1; }
 KUBELET_PORT="${ENBI_KUBELET_PORT:-20250}"
 KUBELET_HEALTHZ_PORT="${ENBI_KUBELET_HEALTHZ_PORT:-20248}"
-# The local OCI registry (plain HTTP), see ./registry.
-REGISTRY_PORT="${ENBI_REGISTRY_PORT:-25000}"
-REGISTRY_ADDR="127.0.0.1:$REGISTRY_PORT"
 
 SERVICE_CIDR="10.96.0.0/16"
 CLUSTER_CIDR="10.244.0.0/16"
@@ -72,9 +86,13 @@ NODE_NET="${ENBI_NODE_NET:-10.$((100 + 0x$(printf '%s' "$CLUSTER_ID" | sha256sum
 NODE_NET_PREFIX="${BASH_REMATCH[1]}"
 NODE_BRIDGE="enb$CLUSTER_ID"                 # host bridge joining the nodes (<= 15 chars)
 NODE_BRIDGE_IP="$NODE_NET_PREFIX.0.1"        # the host on it: where kubelets reach the apiserver
+# The local registry as the real nodes (their containerd, their Pods) reach it: the host's
+# address on their bridge, DNATed to $REGISTRY_ADDR (real-node's host_net_up). Image references
+# that real nodes pull use this address; the host pushes to $REGISTRY_ADDR, the same registry.
+REGISTRY_NODE_ADDR="$NODE_BRIDGE_IP:$REGISTRY_PORT"
 NODE_RUN_DIR="/run/enbi-$CLUSTER_ID"         # sockets and runtime state (short unix socket paths)
 NODE_CGROUP_ROOT="/enbi-$CLUSTER_ID"         # parent of every node's cgroupRoot
-NODE_NAT_COMMENT="enbi-$CLUSTER_ID-apiserver" # the host's iptables rule(s)
+NODE_NAT_COMMENT="enbi-$CLUSTER_ID-apiserver" # the host's iptables rules (apiserver, registry)
 # Per node I (0-based): name, netns, host-side veth, IP, Pod subnet, run dir, cgroupRoot.
 node_name() { echo "enbi-real-$1"; }
 node_netns() { echo "enbi-$CLUSTER_ID-$1"; }
