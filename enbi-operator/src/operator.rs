@@ -101,6 +101,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
             opt_in: opt_in.clone(),
             nodes: nodes.clone(),
             builds,
+            metrics: metrics.clone(),
         });
         info!(address = %settings.address, configuration = %settings.configuration, "serving the admission webhook");
         tokio::spawn(webhook::bind(client.clone(), settings, admitter).await?);
