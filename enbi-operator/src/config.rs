@@ -156,6 +156,11 @@ pub struct RunArgs {
     /// its build node, never on the other nodes where Pods wait for it.
     #[arg(long, env = "ENBI_IMAGE_MIRROR")]
     pub image_mirror: bool,
+    /// When a gated Pod's image is loaded, narrow its required node affinity to the nodes that
+    /// hold the image (as it loses its gate), so that it starts at once; replicas then gather
+    /// on those nodes. Ignored with --image-mirror.
+    #[arg(long, env = "ENBI_NARROW_GATED_PODS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub narrow_gated_pods: bool,
     /// Seconds a Pod may still wait for an image on a node enbi loaded it on (the image was
     /// removed there, e.g. collected) before enbi loads it there again.
     #[arg(long, env = "ENBI_RELOAD_AFTER_SECONDS", default_value_t = 60)]
@@ -251,6 +256,11 @@ impl RunArgs {
             },
             ..machine::Settings::default()
         }
+    }
+
+    /// Whether gated Pods get their node affinity narrowed: asked for, and no mirror.
+    pub fn narrow(&self) -> bool {
+        self.narrow_gated_pods && !self.image_mirror
     }
 
     pub fn pod_builds(&self) -> optin::PodBuildNamespaces {
