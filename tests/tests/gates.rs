@@ -70,24 +70,12 @@ async fn setup_with(client: &Client, name: &str, port: u16, extra: &[&str]) -> S
 }
 
 fn annotations(tag: &str, flake: &str) -> serde_json::Value {
-    json!({
-        "enbi.hrzn.ee/nixbuild-flakeUrl": flake,
-        "enbi.hrzn.ee/nixbuild-imageTag": tag,
-        "enbi.hrzn.ee/nixbuild-packageName": "app.stream",
-    })
+    enbi_tests::build_annotations(flake, tag, "app.stream")
 }
 
 /// A Pod of `tag` on the kwok nodes of one architecture.
 fn pod(name: &str, tag: &str, annotations: serde_json::Value) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/arch": "amd64", "type": "kwok"},
-            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-        },
-    }))
-    .expect("pod")
+    enbi_tests::kwok_pod(name, tag, annotations, Some("amd64"))
 }
 
 async fn builds_in(client: &Client, ns: &str) -> Vec<NixBuild> {
@@ -120,19 +108,11 @@ async fn a_gated_deployment_gets_one_build_and_its_twenty_pods_are_ungated() {
     let s = setup(&client, "gate20", 19461).await;
     let tag = "example.test/gated:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
-    let template = pod("x", tag, annotations(tag, FLAKE));
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "app"},
-        "spec": {
-            "replicas": 20,
-            "selector": {"matchLabels": {"app": "app"}},
-            "template": {
-                "metadata": {"labels": {"app": "app"}, "annotations": annotations(tag, FLAKE)},
-                "spec": template.spec,
-            },
-        },
-    }))
-    .expect("deployment");
+    let deployment = enbi_tests::deployment(
+        20,
+        annotations(tag, FLAKE),
+        enbi_tests::kwok_pod_spec(tag, Some("amd64")),
+    );
     let created = Instant::now();
     Api::<Deployment>::namespaced(client.clone(), &s.app.name)
         .create(&PostParams::default(), &deployment)
