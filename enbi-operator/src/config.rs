@@ -391,4 +391,27 @@ mod tests {
         assert!(args.policy().allowed_namespaces.is_empty());
         assert!(check_toleration("a:Sometimes").is_err());
     }
+
+    #[test]
+    fn narrowing_is_a_bare_flag_or_a_boolean_and_off_with_a_mirror() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+                .expect("parses")
+                .run
+        };
+        assert!(!parse(&[]).narrow(), "off by default");
+        assert!(parse(&["--narrow-gated-pods"]).narrow());
+        assert!(parse(&["--narrow-gated-pods=true"]).narrow());
+        assert!(!parse(&["--narrow-gated-pods=false"]).narrow());
+        assert!(
+            !parse(&["--narrow-gated-pods", "--image-mirror"]).narrow(),
+            "ignored with a mirror"
+        );
+    }
 }
