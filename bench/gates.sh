@@ -2,16 +2,14 @@
 # Scheduling gates on the local cluster's real node (enbi-real-0), TRIALS trials each:
 #   1. a gated Pod: from its NixBuild turning Succeeded (the image is loaded) to the Pod Ready;
 #   2. a Deployment's Pod in pull back-off (no webhook at its creation): the same;
-#   3. Pod creation (kubectl create returned) to its NixBuild existing (gated Pods);
-#   4. the webhook's latency as the apiserver measures it
-#      (apiserver_admission_webhook_admission_duration_seconds), over PODS gated Pods on kwok nodes.
-# Times 1-3 are this host's clock when `kubectl get -w` printed the change (ms resolution).
-# Usage: bench/gates.sh [TRIALS] [PODS]     (defaults 10 200); needs root (tests/cluster/up --real-node)
+#   3. Pod creation (kubectl create returned) to its NixBuild existing (gated Pods).
+# Times are this host's clock when `kubectl get -w` printed the change (ms resolution).
+# The webhook's added latency to Pod creation: bench/webhook-latency.sh.
+# Usage: bench/gates.sh [TRIALS]     (default 10); needs root (tests/cluster/up --real-node)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/cluster/lib.sh
 TRIALS=${1:-10}
-PODS=${2:-200}
 KUBECTL="$K8S_BIN/kubectl"
 export KUBECONFIG="$(tests/cluster/up --real-node)"
 cargo build -q --workspace
@@ -143,29 +141,3 @@ summary() { sort -n | awk '{a[NR]=$1} END {printf "min %.2f s, median %.2f s, ma
 echo "gated Pod Ready after the image landed: $(awk '{print $1}' /tmp/bench-gates-gated | summary)"
 echo "Pod creation to NixBuild:               $(awk '{print $2}' /tmp/bench-gates-gated | summary)"
 echo "back-off Pod Ready after the image landed: $(awk '{print $1}' /tmp/bench-gates-backoff | summary)"
-
-echo "== webhook latency over $PODS gated Pods (kwok nodes, the apiserver's histogram)"
-webhook on
-metric() { "$KUBECTL" get --raw /metrics | grep '^apiserver_admission_webhook_admission_duration_seconds_bucket' | grep 'name="pods.enbi.hrzn.ee"' | grep 'operation="CREATE"' ; }
-metric >/tmp/bench-gates-before || true
-for i in $(seq "$PODS"); do
-  printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: w%s, namespace: %s, annotations: {enbi.hrzn.ee/nixbuild-flakeUrl: "github:example/app", enbi.hrzn.ee/nixbuild-imageTag: "enbi.bench/w:v1", enbi.hrzn.ee/nixbuild-packageName: app, enbi.hrzn.ee/nixbuild-system: x86_64-linux}}\nspec: {nodeSelector: {type: kwok}, containers: [{name: app, image: "enbi.bench/w:v1"}]}\n' "$i" "$NS"
-done | "$KUBECTL" create -f - >/dev/null
-metric >/tmp/bench-gates-after
-python3 - /tmp/bench-gates-before /tmp/bench-gates-after <<'PY'
-import re, sys
-def read(path):
-    out = {}
-    for line in open(path):
-        m = re.search(r'le="([^"]+)"\} (\S+)', line)
-        if m: out[m.group(1)] = out.get(m.group(1), 0) + float(m.group(2))
-    return out
-before, after = read(sys.argv[1]), read(sys.argv[2])
-les = sorted((float('inf') if k == '+Inf' else float(k), after[k] - before.get(k, 0)) for k in after)
-total = les[-1][1]
-for q in (0.5, 0.99):
-    le = next(le for le, n in les if n >= q * total)
-    print(f"webhook p{int(q*100)}: <= {le*1000:.0f} ms (histogram bucket; {int(total)} calls)")
-PY
-gated=$("$KUBECTL" -n "$NS" get pods -o jsonpath='{range .items[*]}{.spec.schedulingGates[0].name}{"\n"}{end}' | grep -c enbi.hrzn.ee/image || true)
-echo "gated: $gated of $PODS; NixBuilds: $("$KUBECTL" -n "$NS" get nixbuilds --no-headers | wc -l)"

@@ -9,10 +9,18 @@
 //! later and creates its NixBuild. Every gate has a way out: the build succeeds, the NixBuild is
 //! deleted, or the Pod stops asking for a valid build; a failed build keeps its Pods gated until
 //! it is retried (`enbi.hrzn.ee/retry`) or deleted.
+//!
+//! Optionally (`--narrow-gated-pods`, never with a mirror), the gate goes together with a
+//! narrowing of the Pod's required node affinity to the nodes that hold the image
+//! ([`narrow_patch`]): the Pod then starts at once where the image is, instead of waiting on
+//! another node for enbi to load it there. Kubernetes lets a gated Pod's scheduling directives
+//! only be tightened ("mutable Pod scheduling directives"): `nodeSelectorTerms` may be set when
+//! there is no required node affinity, otherwise only expressions may be added to each existing
+//! term; the patch does only that.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec};
 use serde_json::{Value, json};
 
 use crate::crd::{ImageNodeState, NixBuild, Phase};
@@ -23,7 +31,8 @@ use crate::{naming, reference, system};
 pub const GATE: &str = "enbi.hrzn.ee/image";
 
 const ARCH_LABEL: &str = crate::placement::ARCH_LABEL;
-const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// The node label the narrowed affinity selects on.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
 /// What the admission webhook does with a Pod being created.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,6 +195,158 @@ pub fn ungate_patch(spec: &PodSpec) -> Option<Vec<Value>> {
         json!({"op": "test", "path": format!("{path}/name"), "value": GATE}),
         json!({"op": "remove", "path": path}),
     ])
+}
+
+/// The nodes that hold the image of NixBuild `build` once it Succeeded: its `status.imageNodes`
+/// in state `Loaded`, and its build node unless `imageNodes` says otherwise of it.
+pub fn image_holders(build: &NixBuild) -> BTreeSet<String> {
+    let Some(status) = build
+        .status
+        .as_ref()
+        .filter(|_| build.phase() == Phase::Succeeded)
+    else {
+        return BTreeSet::new();
+    };
+    let mut nodes: BTreeSet<String> = status
+        .image_nodes
+        .iter()
+        .filter(|n| n.state == ImageNodeState::Loaded)
+        .map(|n| n.node.clone())
+        .collect();
+    if let Some(node) = &status.build_node
+        && !status.image_nodes.iter().any(|n| &n.node == node)
+    {
+        nodes.insert(node.clone());
+    }
+    nodes
+}
+
+/// JSON patch operations that narrow a gated Pod's required node affinity to the nodes among
+/// `holders` (those that hold its image) that it could run on: Ready, not cordoned, no
+/// `NoSchedule`/`NoExecute` taint the Pod does not tolerate, its `nodeSelector` and one of its
+/// required node selector terms matched. Only additions, as Kubernetes allows on a gated Pod:
+/// without required node affinity, one term `kubernetes.io/hostname In [holders]`; with it, that
+/// expression added to each term (terms are ORed, expressions ANDed), after a test that the
+/// terms are still those read. `None` when no holder fits (the Pod is left to go anywhere, and
+/// enbi loads the image where it lands) or the Pod is already narrowed to them.
+///
+/// The Pod's preferences, anti-affinity and topology spread are not weighed: a Pod whose
+/// required anti-affinity allows one replica per node can stay Pending once more replicas than
+/// holders exist. That is why narrowing is a setting, off by default.
+pub fn narrow_patch(spec: &PodSpec, holders: &[&Node]) -> Option<Vec<Value>> {
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    let terms = required
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    let hostnames: BTreeSet<String> = holders
+        .iter()
+        .filter(|node| {
+            let view = crate::placement::NodeView::new(node, tolerations);
+            let labels = node.metadata.labels.clone().unwrap_or_default();
+            let name = node.metadata.name.as_deref().unwrap_or_default();
+            view.ready
+                && view.schedulable
+                && spec
+                    .node_selector
+                    .iter()
+                    .flatten()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+                && (terms.is_empty() || terms.iter().any(|t| term_matches(t, &labels, name)))
+        })
+        .filter_map(|node| node.metadata.labels.as_ref()?.get(HOSTNAME_LABEL).cloned())
+        .collect();
+    if hostnames.is_empty() {
+        return None;
+    }
+    let expression = NodeSelectorRequirement {
+        key: HOSTNAME_LABEL.into(),
+        operator: "In".into(),
+        values: Some(hostnames.into_iter().collect()),
+    };
+    let narrowed = |t: &NodeSelectorTerm| {
+        t.match_expressions
+            .iter()
+            .flatten()
+            .any(|e| *e == expression)
+    };
+    if !terms.is_empty() && terms.iter().all(narrowed) {
+        return None;
+    }
+    let expression = serde_json::to_value(&expression).ok()?;
+    let term = json!({"matchExpressions": [expression]});
+    let node_affinity = "/spec/affinity/nodeAffinity";
+    let required_path = format!("{node_affinity}/requiredDuringSchedulingIgnoredDuringExecution");
+    let affinity = spec.affinity.as_ref();
+    Some(if affinity.is_none() {
+        vec![json!({"op": "add", "path": "/spec/affinity", "value":
+            {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}})]
+    } else if affinity.and_then(|a| a.node_affinity.as_ref()).is_none() {
+        vec![json!({"op": "add", "path": node_affinity, "value":
+            {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}})]
+    } else if required.is_none() {
+        vec![json!({"op": "add", "path": required_path, "value": {"nodeSelectorTerms": [term]}})]
+    } else if terms.is_empty() {
+        vec![
+            json!({"op": "add", "path": format!("{required_path}/nodeSelectorTerms"), "value": [term]}),
+        ]
+    } else {
+        let mut ops = vec![
+            json!({"op": "test", "path": format!("{required_path}/nodeSelectorTerms"),
+            "value": serde_json::to_value(terms).ok()?}),
+        ];
+        ops.extend(terms.iter().enumerate().map(|(i, t)| {
+            let path = format!("{required_path}/nodeSelectorTerms/{i}/matchExpressions");
+            if t.match_expressions.is_some() {
+                json!({"op": "add", "path": format!("{path}/-"), "value": expression})
+            } else {
+                json!({"op": "add", "path": path, "value": [expression]})
+            }
+        }));
+        ops
+    })
+}
+
+/// Whether a node with `labels` and `name` matches a node selector term (its expressions and
+/// fields ANDed; a term with neither matches nothing), by the scheduler's rules.
+fn term_matches(term: &NodeSelectorTerm, labels: &BTreeMap<String, String>, name: &str) -> bool {
+    let expressions = term.match_expressions.as_deref().unwrap_or_default();
+    let fields = term.match_fields.as_deref().unwrap_or_default();
+    if expressions.is_empty() && fields.is_empty() {
+        return false;
+    }
+    let fields_of = BTreeMap::from([("metadata.name".to_owned(), name.to_owned())]);
+    expressions.iter().all(|r| requirement_matches(r, labels))
+        && fields.iter().all(|r| requirement_matches(r, &fields_of))
+}
+
+fn requirement_matches(r: &NodeSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let value = labels.get(&r.key);
+    let values = r.values.as_deref().unwrap_or_default();
+    let number = |s: &str| s.parse::<i64>().ok();
+    let compare = |ordering| {
+        let bound = values.first().and_then(|v| number(v));
+        value
+            .and_then(|v| number(v))
+            .zip(bound)
+            .is_some_and(|(v, b)| v.cmp(&b) == ordering)
+    };
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" => compare(std::cmp::Ordering::Greater),
+        "Lt" => compare(std::cmp::Ordering::Less),
+        _ => false,
+    }
 }
 
 /// Kinds of controllers whose waiting Pods may be deleted to skip the kubelet's back-off: they
@@ -632,5 +793,188 @@ mod tests {
             !recreate(&gated, Some(&done)),
             "a gated Pod is ungated instead"
         );
+    }
+
+    fn node(name: &str, extra: Value) -> Node {
+        let mut n = json!({
+            "metadata": {"name": name, "labels": {HOSTNAME_LABEL: name, ARCH_LABEL: "amd64"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        });
+        if let Some(spec) = extra.get("spec") {
+            n["spec"] = spec.clone();
+        }
+        if let Some(labels) = extra.get("labels").and_then(Value::as_object) {
+            for (k, v) in labels {
+                n["metadata"]["labels"][k] = v.clone();
+            }
+        }
+        serde_json::from_value(n).expect("node")
+    }
+
+    fn hostnames(values: &[&str]) -> Value {
+        json!({"key": HOSTNAME_LABEL, "operator": "In", "values": values})
+    }
+
+    const REQUIRED: &str =
+        "/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution";
+
+    #[test]
+    fn narrowing_only_adds_what_a_gated_pod_may_get() {
+        let (n1, n2) = (node("n1", json!({})), node("n2", json!({})));
+        let holders = [&n1, &n2];
+        let term = json!({"matchExpressions": [hostnames(&["n1", "n2"])]});
+        let zone = json!({"key": "zone", "operator": "In", "values": ["a"]});
+        let narrow = |extra: Value| {
+            let p = pod(annotations(), spec(extra));
+            narrow_patch(p.spec.as_ref().expect("spec"), &holders)
+        };
+        let cases = [
+            (
+                "no affinity: set it",
+                json!({}),
+                vec![json!({"op": "add", "path": "/spec/affinity", "value":
+                    {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}})],
+            ),
+            (
+                "pod anti-affinity only: add nodeAffinity next to it",
+                json!({"affinity": {"podAntiAffinity": {}}}),
+                vec![
+                    json!({"op": "add", "path": "/spec/affinity/nodeAffinity", "value":
+                    {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}),
+                ],
+            ),
+            (
+                "only preferred node affinity: add the required part",
+                json!({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}}),
+                vec![
+                    json!({"op": "add", "path": REQUIRED, "value": {"nodeSelectorTerms": [term]}}),
+                ],
+            ),
+            (
+                "required terms: the expression is added to each, after a test",
+                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                    {"nodeSelectorTerms": [{"matchExpressions": [zone]}, {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]}]}}}}),
+                vec![
+                    json!({"op": "test", "path": format!("{REQUIRED}/nodeSelectorTerms"), "value":
+                        [{"matchExpressions": [zone]}, {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]}]}),
+                    // n1 has no zone label: only n2 (through the second term) fits.
+                    json!({"op": "add", "path": format!("{REQUIRED}/nodeSelectorTerms/0/matchExpressions/-"), "value": hostnames(&["n2"])}),
+                    json!({"op": "add", "path": format!("{REQUIRED}/nodeSelectorTerms/1/matchExpressions"), "value": [hostnames(&["n2"])]}),
+                ],
+            ),
+        ];
+        for (what, extra, want) in cases {
+            assert_eq!(narrow(extra), Some(want), "{what}");
+        }
+        // Already narrowed to exactly these nodes: nothing to add.
+        assert_eq!(
+            narrow(
+                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                {"nodeSelectorTerms": [term]}}}})
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn narrowing_keeps_only_holders_the_pod_could_run_on_or_does_nothing() {
+        let tainted = node(
+            "tainted",
+            json!({"spec": {"taints": [{"key": "dedicated", "value": "builds", "effect": "NoSchedule"}]}}),
+        );
+        let cordoned = node("cordoned", json!({"spec": {"unschedulable": true}}));
+        let arm = node("arm", json!({"labels": {ARCH_LABEL: "arm64"}}));
+        let ok = node("ok", json!({}));
+        let mut not_ready = node("notready", json!({}));
+        not_ready.status = None;
+        let narrow = |extra: Value, holders: &[&Node]| {
+            let p = pod(annotations(), spec(extra));
+            narrow_patch(p.spec.as_ref().expect("spec"), holders)
+        };
+        let only = |names: &[&str]| {
+            Some(vec![json!({"op": "add", "path": "/spec/affinity", "value":
+                {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                    {"nodeSelectorTerms": [{"matchExpressions": [hostnames(names)]}]}}}})])
+        };
+        let all = [&tainted, &cordoned, &arm, &ok, &not_ready];
+        let selector = json!({"nodeSelector": {ARCH_LABEL: "amd64"}});
+        assert_eq!(narrow(selector.clone(), &all), only(&["ok"]));
+        assert_eq!(narrow(json!({}), &all), only(&["arm", "ok"]));
+        let tolerating = json!({"tolerations": [{"key": "dedicated", "operator": "Exists"}]});
+        assert_eq!(narrow(tolerating, &all), only(&["arm", "ok", "tainted"]));
+        // No holder fits: the Pod goes anywhere, and enbi loads the image where it lands.
+        assert_eq!(narrow(selector, &[&tainted, &arm, &not_ready]), None);
+        assert_eq!(narrow(json!({}), &[]), None);
+        let other_zone = json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+            {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Exists"}]}]}}}});
+        assert_eq!(narrow(other_zone, &all), None);
+    }
+
+    #[test]
+    fn node_selector_operators() {
+        let labels = BTreeMap::from([
+            ("a".to_owned(), "x".to_owned()),
+            ("n".to_owned(), "5".to_owned()),
+        ]);
+        let r = |key: &str, operator: &str, values: &[&str]| NodeSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: Some(values.iter().map(|v| (*v).to_owned()).collect()),
+        };
+        let cases = [
+            (r("a", "In", &["x", "y"]), true),
+            (r("a", "In", &["y"]), false),
+            (r("a", "NotIn", &["y"]), true),
+            (r("b", "NotIn", &["y"]), true),
+            (r("a", "Exists", &[]), true),
+            (r("b", "Exists", &[]), false),
+            (r("b", "DoesNotExist", &[]), true),
+            (r("n", "Gt", &["4"]), true),
+            (r("n", "Gt", &["5"]), false),
+            (r("n", "Lt", &["6"]), true),
+            (r("a", "Gt", &["1"]), false),
+            (r("a", "Bogus", &[]), false),
+        ];
+        for (requirement, want) in cases {
+            assert_eq!(
+                requirement_matches(&requirement, &labels),
+                want,
+                "{requirement:?}"
+            );
+        }
+        assert!(
+            !term_matches(&NodeSelectorTerm::default(), &labels, "n"),
+            "an empty term matches nothing"
+        );
+    }
+
+    #[test]
+    fn the_image_is_held_by_loaded_nodes_and_the_build_node() {
+        let since = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut b = build(Some(Phase::Succeeded));
+        let status = b.status.as_mut().expect("status");
+        status.build_node = Some("n1".into());
+        assert_eq!(image_holders(&b), BTreeSet::from(["n1".to_owned()]));
+        let status = b.status.as_mut().expect("status");
+        let mut loading = crate::spread::loaded("n3", 1, since.clone());
+        loading.state = ImageNodeState::Loading;
+        status.image_nodes = vec![
+            crate::spread::loaded("n1", 1, since.clone()),
+            crate::spread::loaded("n2", 1, since.clone()),
+            loading,
+        ];
+        assert_eq!(
+            image_holders(&b),
+            BTreeSet::from(["n1".to_owned(), "n2".to_owned()])
+        );
+        let status = b.status.as_mut().expect("status");
+        status.image_nodes[0].state = ImageNodeState::Failed;
+        assert_eq!(
+            image_holders(&b),
+            BTreeSet::from(["n2".to_owned()]),
+            "the build node's image went away"
+        );
+        b.status.as_mut().expect("status").phase = Some(Phase::Failed);
+        assert!(image_holders(&b).is_empty(), "not built");
     }
 }

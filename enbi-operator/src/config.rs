@@ -156,6 +156,11 @@ pub struct RunArgs {
     /// its build node, never on the other nodes where Pods wait for it.
     #[arg(long, env = "ENBI_IMAGE_MIRROR")]
     pub image_mirror: bool,
+    /// When a gated Pod's image is loaded, narrow its required node affinity to the nodes that
+    /// hold the image (as it loses its gate), so that it starts at once; replicas then gather
+    /// on those nodes. Ignored with --image-mirror.
+    #[arg(long, env = "ENBI_NARROW_GATED_PODS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub narrow_gated_pods: bool,
     /// Seconds a Pod may still wait for an image on a node enbi loaded it on (the image was
     /// removed there, e.g. collected) before enbi loads it there again; each further reload of
     /// the same node waits twice as long (at most 64 times).
@@ -252,6 +257,11 @@ impl RunArgs {
             },
             ..machine::Settings::default()
         }
+    }
+
+    /// Whether gated Pods get their node affinity narrowed: asked for, and no mirror.
+    pub fn narrow(&self) -> bool {
+        self.narrow_gated_pods && !self.image_mirror
     }
 
     pub fn pod_builds(&self) -> optin::PodBuildNamespaces {
@@ -381,5 +391,28 @@ mod tests {
         assert_eq!(args.node_repel, ["a", "b"]);
         assert!(args.policy().allowed_namespaces.is_empty());
         assert!(check_toleration("a:Sometimes").is_err());
+    }
+
+    #[test]
+    fn narrowing_is_a_bare_flag_or_a_boolean_and_off_with_a_mirror() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+                .expect("parses")
+                .run
+        };
+        assert!(!parse(&[]).narrow(), "off by default");
+        assert!(parse(&["--narrow-gated-pods"]).narrow());
+        assert!(parse(&["--narrow-gated-pods=true"]).narrow());
+        assert!(!parse(&["--narrow-gated-pods=false"]).narrow());
+        assert!(
+            !parse(&["--narrow-gated-pods", "--image-mirror"]).narrow(),
+            "ignored with a mirror"
+        );
     }
 }

@@ -19,6 +19,18 @@ const DURATION_BUCKETS: [f64; 11] = [
     5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
 ];
 
+/// Admission durations in seconds, from 1 ms: the webhook answers from caches, so most
+/// answers take well under 5 ms, and the goal (p99 < 50 ms) must fall between two buckets.
+const ADMISSION_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Decision {
+    /// `gated`, `allowed` (left as it is) or `invalid` (an unreadable review).
+    pub decision: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Finished {
     pub result: &'static str,
@@ -55,6 +67,8 @@ pub struct Metrics {
     pub builds_finished: Family<Finished, Counter>,
     pub pod_triggered_builds: Counter,
     pub build_duration: Family<Outcome, Histogram>,
+    /// Time the webhook takes from a request's body to its answer (TLS and HTTP not included).
+    pub webhook_admission: Family<Decision, Histogram>,
     builds_queued: Gauge,
     /// Builds counted in `builds_queued`.
     queued: Mutex<HashSet<ObjectRef<NixBuild>>>,
@@ -72,6 +86,7 @@ impl Default for Metrics {
             builds_finished: Family::default(),
             pod_triggered_builds: Counter::default(),
             build_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            webhook_admission: Family::new_with_constructor(|| Histogram::new(ADMISSION_BUCKETS)),
             builds_queued: Gauge::default(),
             queued: Mutex::default(),
             registry: Registry::default(),
@@ -122,6 +137,11 @@ impl Metrics {
             "build_duration_seconds",
             "Time from a build's first builder Job to its result, by result",
             m.build_duration.clone(),
+        );
+        registry.register(
+            "webhook_admission_duration_seconds",
+            "Time the admission webhook takes to decide on a Pod, from the request body to the answer, by decision",
+            m.webhook_admission.clone(),
         );
         registry.register(
             "builds_queued",

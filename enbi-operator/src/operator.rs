@@ -101,6 +101,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
             opt_in: opt_in.clone(),
             nodes: nodes.clone(),
             builds,
+            metrics: metrics.clone(),
         });
         info!(address = %settings.address, configuration = %settings.configuration, "serving the admission webhook");
         tokio::spawn(webhook::bind(client.clone(), settings, admitter).await?);
@@ -121,6 +122,9 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         tokio::spawn(elector.keep());
     }
 
+    if args.narrow_gated_pods && args.image_mirror {
+        warn!("--narrow-gated-pods is ignored with --image-mirror: the mirror serves every node");
+    }
     let reporter = Context::reporter(std::env::var("POD_NAME").ok());
     let watcher = Arc::new(PodWatcher::new(
         client.clone(),
@@ -132,6 +136,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         crate::pods::Settings {
             opt_in,
             recreate: args.recreate_waiting_pods,
+            narrow: args.narrow(),
             tracing,
         },
     ));

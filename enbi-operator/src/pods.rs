@@ -51,6 +51,8 @@ pub struct Settings {
     pub opt_in: OptIn,
     /// Delete controller-owned Pods in back-off once their image is loaded.
     pub recreate: bool,
+    /// Narrow a gated Pod's node affinity to the nodes holding its image as it is ungated.
+    pub narrow: bool,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     pub tracing: bool,
 }
@@ -68,6 +70,8 @@ pub struct PodWatcher {
     opt_in: OptIn,
     /// Delete controller-owned Pods in back-off once their image is loaded.
     recreate: bool,
+    /// Narrow a gated Pod's node affinity to the nodes holding its image as it is ungated.
+    narrow: bool,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
@@ -162,6 +166,7 @@ impl PodWatcher {
             tracing: settings.tracing,
             opt_in: settings.opt_in,
             recreate: settings.recreate,
+            narrow: settings.narrow,
             trigger,
             client,
             nodes,
@@ -228,7 +233,8 @@ impl PodWatcher {
             )
             .await;
             if gated {
-                self.ungate(pod, "its namespace no longer opts in").await;
+                self.ungate(pod, "its namespace no longer opts in", None)
+                    .await;
             }
             return;
         }
@@ -236,7 +242,7 @@ impl PodWatcher {
             && !findings.iter().any(|f| matches!(f, Finding::Build(_)))
             && let Some(why) = gate::release(None, None)
         {
-            self.ungate(pod, &why).await;
+            self.ungate(pod, &why, None).await;
         }
         for finding in findings {
             match finding {
@@ -247,7 +253,10 @@ impl PodWatcher {
                     }
                     if gated {
                         if let Some(why) = gate::release(Some(&request), build.as_deref()) {
-                            self.ungate(pod, &why).await;
+                            let loaded = build
+                                .as_deref()
+                                .filter(|b| self.narrow && b.phase() == Phase::Succeeded);
+                            self.ungate(pod, &why, loaded).await;
                         }
                     } else if self.recreate && gate::recreate(pod, build.as_deref()) {
                         self.recreate(pod, &request.name).await;
@@ -332,32 +341,98 @@ impl PodWatcher {
         }
     }
 
-    /// Removes enbi's scheduling gate from the Pod, so that it is scheduled now.
-    async fn ungate(&self, pod: &Pod, why: &str) {
-        let Some(ops) = pod.spec.as_ref().and_then(gate::ungate_patch) else {
+    /// Removes enbi's scheduling gate from the Pod, so that it is scheduled now. With `loaded`
+    /// (narrowing on, and the NixBuild that loaded its image), the same patch narrows the Pod's
+    /// node affinity to the nodes holding the image (`gate::narrow_patch`), read from the Pod as
+    /// it is now: the cache keeps no affinity.
+    async fn ungate(&self, pod: &Pod, why: &str, loaded: Option<&NixBuild>) {
+        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let (mut ops, mut narrowed_to) = (vec![], None);
+        let mut spec = pod.spec.clone().unwrap_or_default();
+        if let Some(build) = loaded {
+            match api.get_opt(&pod.name_any()).await {
+                Ok(Some(current)) => {
+                    spec = current.spec.unwrap_or_default();
+                    let nodes: Vec<Arc<Node>> = gate::image_holders(build)
+                        .iter()
+                        .filter_map(|n| self.nodes.get(&ObjectRef::new(n)))
+                        .collect();
+                    let holders: Vec<&Node> = nodes.iter().map(Arc::as_ref).collect();
+                    if let Some(narrow) = gate::narrow_patch(&spec, &holders) {
+                        narrowed_to = Some(
+                            nodes
+                                .iter()
+                                .map(|n| n.name_any())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        );
+                        ops = narrow;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    return warn!(error = %e, pod = %pod.name_any(), "reading a Pod to narrow");
+                }
+            }
+        }
+        let Some(ungate) = gate::ungate_patch(&spec) else {
             return;
         };
-        let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
-            Ok(p) => p,
-            Err(e) => return warn!(error = %e, "the ungate patch"),
+        // With a narrowing the apiserver refuses (a rule of another version, say), the Pod is
+        // ungated without it rather than kept gated.
+        let attempts = if ops.is_empty() {
+            vec![ungate]
+        } else {
+            vec![ops.into_iter().chain(ungate.clone()).collect(), ungate]
         };
-        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-        match api
-            .patch(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Json::<()>(patch),
-            )
-            .await
-        {
-            Ok(_) => {
-                info!(pod = %pod.name_any(), namespace = ?pod.namespace(), %why, "Pod ungated")
+        for (attempt, ops) in attempts.into_iter().enumerate() {
+            let narrowing = attempt == 0 && narrowed_to.is_some();
+            let patch: json_patch::Patch =
+                match serde_json::from_value(serde_json::Value::Array(ops)) {
+                    Ok(p) => p,
+                    Err(e) => return warn!(error = %e, "the ungate patch"),
+                };
+            match api
+                .patch(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    let narrowed = narrowed_to.as_deref().filter(|_| narrowing);
+                    info!(pod = %pod.name_any(), namespace = ?pod.namespace(), %why, narrowed_among = narrowed.unwrap_or("-"), "Pod ungated");
+                    if let (Some(nodes), Some(build)) = (narrowed, loaded) {
+                        let note = format!(
+                            "Node affinity narrowed, as the scheduling gate went, to the nodes \
+                             among those holding the image of NixBuild {} ({nodes}) that the Pod \
+                             can run on (--narrow-gated-pods).",
+                            build.name_any()
+                        );
+                        let related = build_reference(pod, &build.name_any());
+                        self.announce(
+                            pod,
+                            EventType::Normal,
+                            "NodeAffinityNarrowed",
+                            "",
+                            note,
+                            Some(related),
+                        )
+                        .await;
+                    }
+                    return;
+                }
+                Err(kube::Error::Api(s)) if s.code == 422 && narrowing => {
+                    warn!(pod = %pod.name_any(), message = %s.message, "narrowing refused; ungating without it")
+                }
+                // Gone, or its gates changed meanwhile (the test op failed): the next event
+                // decides.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 => {
+                    return debug!(pod = %pod.name_any(), code = s.code, message = %s.message, "Pod not ungated");
+                }
+                Err(e) => return warn!(error = %e, pod = %pod.name_any(), "ungating a Pod"),
             }
-            // Gone, or its gates changed meanwhile (the test op failed): the next event decides.
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 => {
-                debug!(pod = %pod.name_any(), code = s.code, "Pod not ungated")
-            }
-            Err(e) => warn!(error = %e, pod = %pod.name_any(), "ungating a Pod"),
         }
     }
 

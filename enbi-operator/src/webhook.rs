@@ -40,6 +40,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{Decision, Metrics};
 use crate::namespaces::OptIn;
 
 /// Path the MutatingWebhookConfiguration calls.
@@ -68,6 +69,8 @@ pub struct Admitter {
     pub nodes: Store<Node>,
     /// NixBuilds, kept on every replica (the controller's cache fills only on the leader).
     pub builds: Store<NixBuild>,
+    /// Where each answer's duration goes (`enbi_webhook_admission_duration_seconds`).
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Admitter {
@@ -164,12 +167,14 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// Answers one AdmissionReview of a Pod.
+/// Answers one AdmissionReview of a Pod; the time from the request's body to the answer's goes
+/// into `enbi_webhook_admission_duration_seconds`.
 async fn mutate(
     State(admitter): State<Arc<Admitter>>,
     body: Bytes,
 ) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
-    let response = match serde_json::from_slice::<AdmissionReview<Pod>>(&body)
+    let started = std::time::Instant::now();
+    let (response, decision) = match serde_json::from_slice::<AdmissionReview<Pod>>(&body)
         .map_err(|e| e.to_string())
         .and_then(|r| {
             let request: Result<AdmissionRequest<Pod>, _> = r.try_into();
@@ -178,21 +183,27 @@ async fn mutate(
         Ok(request) => admitter.review(&request).await,
         Err(e) => {
             warn!(error = %e, "admission webhook: unreadable request");
-            AdmissionResponse::invalid(e)
+            (AdmissionResponse::invalid(e), "invalid")
         }
     };
     let body = serde_json::to_vec(&response.into_review()).unwrap_or_default();
+    admitter
+        .metrics
+        .webhook_admission
+        .get_or_create(&Decision { decision })
+        .observe(started.elapsed().as_secs_f64());
     ([(CONTENT_TYPE, "application/json")], body)
 }
 
 impl Admitter {
-    async fn review(&self, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
+    /// The answer, and whether it gates the Pod (`gated`) or not (`allowed`).
+    async fn review(&self, request: &AdmissionRequest<Pod>) -> (AdmissionResponse, &'static str) {
         let mut response = AdmissionResponse::from(request);
         let (Some(pod), Some(namespace)) = (&request.object, &request.namespace) else {
-            return response;
+            return (response, "allowed");
         };
         if request.operation != Operation::Create || !self.opt_in.allows(namespace).await {
-            return response;
+            return (response, "allowed");
         }
         let node_archs: BTreeMap<String, String> = self
             .nodes
@@ -216,14 +227,14 @@ impl Admitter {
                 {
                     Ok(patched) => {
                         debug!(%namespace, pod = %pod.name_any(), %build, "gated a Pod until its image is built");
-                        response = patched;
+                        return (patched, "gated");
                     }
                     Err(e) => warn!(error = %e, "admission webhook: the gate's patch"),
                 }
             }
             Admission::Allow { warning } => response.warnings = warning.map(|w| vec![w]),
         }
-        response
+        (response, "allowed")
     }
 }
 

@@ -236,6 +236,21 @@ impl Operator {
         Self { child, log }
     }
 
+    /// Starts the operator with builder Jobs in `build_ns`, `/readyz` and `/metrics` on
+    /// `127.0.0.1:<port>`, then `extra` flags and `env` variables: the start-up most tests share.
+    pub fn for_builds(
+        name: &str,
+        build_ns: &str,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["--build-namespace", build_ns, "--listen-address", &listen];
+        args.extend_from_slice(extra);
+        Self::start_with_env(name, &args, env)
+    }
+
     /// Kills the process at once, as a crash or a node loss would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -310,6 +325,16 @@ pub async fn build_namespace(client: &Client, prefix: &str) -> TestNamespace {
         .await
         .expect("builder ServiceAccount");
     ns
+}
+
+/// The spec of a NixBuild of `tag` from `github:example/app#packages.x86_64-linux.app`.
+pub fn nixbuild_spec(tag: &str) -> enbi_core::crd::NixBuildSpec {
+    enbi_core::crd::NixBuildSpec {
+        flake_url: "github:example/app".into(),
+        package_name: "app".into(),
+        image_tag: tag.into(),
+        system: "x86_64-linux".into(),
+    }
 }
 
 /// The report a builder writes after loading `tag`.
@@ -508,4 +533,63 @@ impl Drop for Webhook {
 /// Whether the Pod carries enbi's scheduling gate.
 pub fn is_gated(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     pod.spec.as_ref().is_some_and(enbi_core::gate::is_gated)
+}
+
+/// The annotations with which a Pod asks enbi for `tag`, built from `flake`'s
+/// `packages.<system>.<package>`.
+pub fn build_annotations(flake: &str, tag: &str, package: &str) -> serde_json::Value {
+    serde_json::json!({
+        "enbi.hrzn.ee/nixbuild-flakeUrl": flake,
+        "enbi.hrzn.ee/nixbuild-imageTag": tag,
+        "enbi.hrzn.ee/nixbuild-packageName": package,
+    })
+}
+
+/// A Pod spec (JSON) with one container of `tag` (`IfNotPresent`) for the kwok nodes, of
+/// architecture `arch` if given.
+pub fn kwok_pod_spec(tag: &str, arch: Option<&str>) -> serde_json::Value {
+    let mut selector = serde_json::json!({"type": "kwok"});
+    if let Some(arch) = arch {
+        selector["kubernetes.io/arch"] = arch.into();
+    }
+    serde_json::json!({
+        "nodeSelector": selector,
+        "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+        "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
+    })
+}
+
+/// A Pod `name` with `annotations` and [`kwok_pod_spec`].
+pub fn kwok_pod(
+    name: &str,
+    tag: &str,
+    annotations: serde_json::Value,
+    arch: Option<&str>,
+) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": kwok_pod_spec(tag, arch),
+    }))
+    .expect("pod")
+}
+
+/// A Deployment `app` of `replicas` Pods labelled `app: app` with `annotations` and `spec` (e.g.
+/// [`kwok_pod_spec`]).
+pub fn deployment(
+    replicas: i32,
+    annotations: serde_json::Value,
+    spec: serde_json::Value,
+) -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "app"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}, "annotations": annotations},
+                "spec": spec,
+            },
+        },
+    }))
+    .expect("deployment")
 }

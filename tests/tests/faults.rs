@@ -3,25 +3,16 @@
 
 use std::time::Duration;
 
-use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
+use enbi_core::crd::{NixBuild, Phase};
 use enbi_tests::{
     OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder,
-    require_cluster, success_report, wait_phase,
+    nixbuild_spec as spec, require_cluster, success_report, wait_phase,
 };
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn spec(tag: &str) -> NixBuildSpec {
-    NixBuildSpec {
-        flake_url: "github:example/app".into(),
-        package_name: "app".into(),
-        image_tag: tag.into(),
-        system: "x86_64-linux".into(),
-    }
-}
 
 async fn job_count(client: &Client, ns: &str) -> usize {
     Api::<Job>::namespaced(client.clone(), ns)
@@ -38,16 +29,12 @@ async fn a_builder_past_its_deadline_fails_with_deadline_exceeded() {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, "deadline-b").await;
     let app = TestNamespace::new(&client, "deadline-app").await;
-    let _operator = Operator::start(
+    let _operator = Operator::for_builds(
         "deadline",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--build-timeout-seconds",
-            "3",
-            "--listen-address",
-            "127.0.0.1:18083",
-        ],
+        &builds.name,
+        18083,
+        &["--build-timeout-seconds", "3"],
+        &[],
     );
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     api.create(
@@ -77,31 +64,13 @@ async fn killing_the_leader_hands_over_without_duplicate_jobs() {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, "leader-b").await;
     let app = TestNamespace::new(&client, "leader-app").await;
-    let args = |port: &'static str| {
-        vec![
-            "--build-namespace".to_owned(),
-            builds.name.clone(),
-            "--leader-election".into(),
-            "--lease-namespace".into(),
-            builds.name.clone(),
-            "--listen-address".into(),
-            format!("127.0.0.1:{port}"),
-        ]
-    };
-    let a_args = args("18084");
-    let mut a = Operator::start(
-        "leader-a",
-        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let leader = ["--leader-election", "--lease-namespace", &builds.name];
+    let mut a = Operator::for_builds("leader-a", &builds.name, 18084, &leader, &[]);
     eventually("replica a to lead", WAIT, || async {
         a.logs().contains("became leader").then_some(())
     })
     .await;
-    let b_args = args("18085");
-    let b = Operator::start(
-        "leader-b",
-        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let b = Operator::for_builds("leader-b", &builds.name, 18085, &leader, &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!b.logs().contains("became leader"), "only one leader");
 
@@ -158,16 +127,12 @@ async fn builds_survive_restart_of(component: &str) {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, &format!("{component}-b")).await;
     let app = TestNamespace::new(&client, &format!("{component}-app")).await;
-    let _operator = Operator::start(
+    let _operator = Operator::for_builds(
         component,
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--listen-address",
-            "127.0.0.1:18086",
-            "--max-builds-per-node",
-            "0",
-        ],
+        &builds.name,
+        18086,
+        &["--max-builds-per-node", "0"],
+        &[],
     );
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let names = ["s0", "s1", "s2"];
@@ -259,15 +224,7 @@ async fn a_builder_whose_node_is_deleted_is_retried_elsewhere() {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, "nodeloss-b").await;
     let app = TestNamespace::new(&client, "nodeloss-app").await;
-    let _operator = Operator::start(
-        "nodeloss",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--listen-address",
-            "127.0.0.1:18087",
-        ],
-    );
+    let _operator = Operator::for_builds("nodeloss", &builds.name, 18087, &[], &[]);
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let tag = "example.test/nodeloss:1";
     api.create(&PostParams::default(), &NixBuild::new("lost", spec(tag)))

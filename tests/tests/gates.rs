@@ -35,6 +35,11 @@ struct Setup {
 }
 
 async fn setup(client: &Client, name: &str, port: u16) -> Setup {
+    setup_with(client, name, port, &[]).await
+}
+
+/// [`setup`] with extra operator flags.
+async fn setup_with(client: &Client, name: &str, port: u16, extra: &[&str]) -> Setup {
     let builds = build_namespace(client, &format!("{name}-b")).await;
     let app = TestNamespace::opted_in(client, &format!("{name}-app")).await;
     let webhook = Webhook::install(client, &app.name, port).await;
@@ -51,6 +56,7 @@ async fn setup(client: &Client, name: &str, port: u16) -> Setup {
     .map(str::to_owned)
     .to_vec();
     args.extend(webhook.operator_args());
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // The webhook's Secret goes to the build namespace, deleted with it.
     let operator = Operator::start_with_env(name, &args, &[("POD_NAMESPACE", &builds.name)]);
@@ -64,24 +70,12 @@ async fn setup(client: &Client, name: &str, port: u16) -> Setup {
 }
 
 fn annotations(tag: &str, flake: &str) -> serde_json::Value {
-    json!({
-        "enbi.hrzn.ee/nixbuild-flakeUrl": flake,
-        "enbi.hrzn.ee/nixbuild-imageTag": tag,
-        "enbi.hrzn.ee/nixbuild-packageName": "app.stream",
-    })
+    enbi_tests::build_annotations(flake, tag, "app.stream")
 }
 
 /// A Pod of `tag` on the kwok nodes of one architecture.
 fn pod(name: &str, tag: &str, annotations: serde_json::Value) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/arch": "amd64", "type": "kwok"},
-            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-        },
-    }))
-    .expect("pod")
+    enbi_tests::kwok_pod(name, tag, annotations, Some("amd64"))
 }
 
 async fn builds_in(client: &Client, ns: &str) -> Vec<NixBuild> {
@@ -114,19 +108,11 @@ async fn a_gated_deployment_gets_one_build_and_its_twenty_pods_are_ungated() {
     let s = setup(&client, "gate20", 19461).await;
     let tag = "example.test/gated:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
-    let template = pod("x", tag, annotations(tag, FLAKE));
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "app"},
-        "spec": {
-            "replicas": 20,
-            "selector": {"matchLabels": {"app": "app"}},
-            "template": {
-                "metadata": {"labels": {"app": "app"}, "annotations": annotations(tag, FLAKE)},
-                "spec": template.spec,
-            },
-        },
-    }))
-    .expect("deployment");
+    let deployment = enbi_tests::deployment(
+        20,
+        annotations(tag, FLAKE),
+        enbi_tests::kwok_pod_spec(tag, Some("amd64")),
+    );
     let created = Instant::now();
     Api::<Deployment>::namespaced(client.clone(), &s.app.name)
         .create(&PostParams::default(), &deployment)
@@ -459,5 +445,103 @@ async fn with_the_webhook_down_pods_take_the_pull_failure_path() {
         (p.status?.phase.as_deref() == Some("Running")).then_some(())
     })
     .await;
+    set_node_images(&client, None).await;
+}
+
+/// The Pod's required node selector terms, as JSON (`null` without).
+fn required_terms(pod: &Pod) -> serde_json::Value {
+    let value = serde_json::to_value(pod).expect("pod");
+    value["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .clone()
+}
+
+#[tokio::test]
+async fn narrowing_ungates_pods_onto_the_node_that_holds_their_image_and_is_off_by_default() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+    let kwok_term =
+        json!({"matchExpressions": [{"key": "type", "operator": "In", "values": ["kwok"]}]});
+    for narrow in [true, false] {
+        let name = if narrow { "narrow" } else { "nonarrow" };
+        let extra: &[&str] = if narrow {
+            &["--narrow-gated-pods"]
+        } else {
+            &[]
+        };
+        let s = setup_with(&client, name, 19465, extra).await;
+        let tag = format!("example.test/{name}:v1");
+        let pods = Api::<Pod>::namespaced(client.clone(), &s.app.name);
+        // One Pod without node affinity (narrowing sets it), one with a required term (narrowing
+        // adds to it): both may run on either amd64 kwok node.
+        let plain = pod("plain", &tag, annotations(&tag, FLAKE));
+        let mut termed = pod("termed", &tag, annotations(&tag, FLAKE));
+        termed.spec.as_mut().expect("spec").affinity = Some(
+            serde_json::from_value(json!({"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [kwok_term]}}}))
+            .expect("affinity"),
+        );
+        for p in [&plain, &termed] {
+            let created = pods
+                .create(&PostParams::default(), p)
+                .await
+                .expect("create");
+            assert!(is_gated(&created), "{} is gated", created.name_any());
+        }
+        let build = eventually("the NixBuild", WAIT, || async {
+            builds_in(&client, &s.app.name).await.into_iter().next()
+        })
+        .await;
+        let node = finish_builder(
+            &client,
+            &s.builds.name,
+            &build.name_any(),
+            0,
+            &success_report(&tag),
+        )
+        .await;
+        wait_phase(&client, &s.app.name, &build.name_any(), Phase::Succeeded).await;
+        for (which, before) in [
+            ("plain", serde_json::Value::Null),
+            ("termed", json!([kwok_term])),
+        ] {
+            let got = eventually(&format!("{which} ungated and scheduled"), WAIT, || async {
+                let p = pods.get(which).await.ok()?;
+                (!is_gated(&p) && node_of(&p).is_some()).then_some(p)
+            })
+            .await;
+            let terms = required_terms(&got);
+            if narrow {
+                let hostname =
+                    json!({"key": "kubernetes.io/hostname", "operator": "In", "values": [node]});
+                let want = match &before {
+                    serde_json::Value::Null => json!([{"matchExpressions": [hostname]}]),
+                    _ => {
+                        json!([{"matchExpressions": [kwok_term["matchExpressions"][0], hostname]}])
+                    }
+                };
+                assert_eq!(terms, want, "{which}: narrowed to the build node {node}");
+                assert_eq!(
+                    node_of(&got),
+                    Some(node.as_str()),
+                    "{which} runs where the image is"
+                );
+            } else {
+                assert_eq!(terms, before, "{which}: its affinity is left as it was");
+            }
+        }
+        let narrowed = || async {
+            events_for(&client, &s.app.name, "plain")
+                .await
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("NodeAffinityNarrowed"))
+        };
+        if narrow {
+            eventually("a NodeAffinityNarrowed Event", WAIT, narrowed).await;
+        } else {
+            assert!(narrowed().await.is_none(), "not narrowed: no Event");
+        }
+    }
     set_node_images(&client, None).await;
 }

@@ -6,10 +6,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
+use enbi_core::crd::{NixBuild, Phase};
 use enbi_tests::{
     OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, install_crd, jobs_for,
-    kubeconfig_path, require_cluster,
+    kubeconfig_path, nixbuild_spec as spec, require_cluster,
 };
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
@@ -20,15 +20,6 @@ use kube::{Api, Client};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn spec(tag: &str) -> NixBuildSpec {
-    NixBuildSpec {
-        flake_url: "github:example/app".into(),
-        package_name: "app".into(),
-        image_tag: tag.into(),
-        system: "x86_64-linux".into(),
-    }
-}
 
 /// `/readyz` of the operator on `port`: status code and body.
 fn readyz(port: u16) -> Option<(u16, String)> {
@@ -89,15 +80,7 @@ async fn a_missing_build_namespace_holds_builds_until_it_exists() {
     install_crd(&client).await;
     let app = TestNamespace::new(&client, "nsmissing-app").await;
     let missing = format!("{}-builds", app.name);
-    let _operator = Operator::start(
-        "nsmissing",
-        &[
-            "--build-namespace",
-            &missing,
-            "--listen-address",
-            "127.0.0.1:18091",
-        ],
-    );
+    let _operator = Operator::for_builds("nsmissing", &missing, 18091, &[], &[]);
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     api.create(
         &PostParams::default(),
@@ -215,14 +198,11 @@ async fn rbac_refusing_the_builder_job_holds_builds_until_granted() {
     )
     .expect("write kubeconfig");
     let restricted_path = restricted.path().to_string_lossy().into_owned();
-    let _operator = Operator::start_with_env(
+    let _operator = Operator::for_builds(
         "rbac",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--listen-address",
-            "127.0.0.1:18092",
-        ],
+        &builds.name,
+        18092,
+        &[],
         &[("KUBECONFIG", &restricted_path)],
     );
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
@@ -274,16 +254,12 @@ async fn no_builder_image_holds_builds_and_readyz_says_so() {
     let _serial = OPERATOR_LOCK.lock().await;
     let builds = build_namespace(&client, "noimage-b").await;
     let app = TestNamespace::new(&client, "noimage-app").await;
-    let _operator = Operator::start(
+    let _operator = Operator::for_builds(
         "noimage",
-        &[
-            "--build-namespace",
-            &builds.name,
-            "--builder-image",
-            "",
-            "--listen-address",
-            "127.0.0.1:18093",
-        ],
+        &builds.name,
+        18093,
+        &["--builder-image", ""],
+        &[],
     );
     let body = readyz_says(18093, 503, "BuilderImageUnset").await;
     assert!(body.contains("--builder-image"), "{body}");

@@ -9,8 +9,9 @@ use enbi_core::crd::{ImageNodeState, NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
 use enbi_core::result::{BuildReport, FailureReport};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder, jobs_for,
-    require_cluster, set_node_images, success_report, wait_phase,
+    OPERATOR_LOCK, Operator, TestNamespace, build_annotations, build_namespace, eventually,
+    finish_builder, jobs_for, kwok_pod, kwok_pod_spec, require_cluster, set_node_images,
+    success_report, wait_phase,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -89,26 +90,11 @@ async fn annotated_deployment_gets_one_build_and_then_runs() {
     let tag = "example.test/app:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
 
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "app"},
-        "spec": {
-            "replicas": 20,
-            "selector": {"matchLabels": {"app": "app"}},
-            "template": {
-                "metadata": {"labels": {"app": "app"}, "annotations": {
-                    "enbi.hrzn.ee/nixbuild-flakeUrl": "github:example/app",
-                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
-                    "enbi.hrzn.ee/nixbuild-packageName": "app.stream",
-                }},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/arch": "arm64", "type": "kwok"},
-                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-                    "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-                },
-            },
-        },
-    }))
-    .expect("deployment");
+    let deployment = enbi_tests::deployment(
+        20,
+        build_annotations("github:example/app", tag, "app.stream"),
+        kwok_pod_spec(tag, Some("arm64")),
+    );
     Api::<Deployment>::namespaced(client.clone(), &app.name)
         .create(&PostParams::default(), &deployment)
         .await
@@ -220,28 +206,14 @@ async fn pods_on_other_nodes_get_the_image_loaded_there() {
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
 
     // Two Pods on each arm64 node.
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "app"},
-        "spec": {
-            "replicas": 4,
-            "selector": {"matchLabels": {"app": "app"}},
-            "template": {
-                "metadata": {"labels": {"app": "app"}, "annotations": {
-                    "enbi.hrzn.ee/nixbuild-flakeUrl": "github:example/app",
-                    "enbi.hrzn.ee/nixbuild-imageTag": tag,
-                    "enbi.hrzn.ee/nixbuild-packageName": "app.stream",
-                }},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/arch": "arm64", "type": "kwok"},
-                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-                    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                        "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "app"}}}],
-                    "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-                },
-            },
-        },
-    }))
-    .expect("deployment");
+    let mut spec = kwok_pod_spec(tag, Some("arm64"));
+    spec["topologySpreadConstraints"] = json!([{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "app"}}}]);
+    let deployment = enbi_tests::deployment(
+        4,
+        build_annotations("github:example/app", tag, "app.stream"),
+        spec,
+    );
     Api::<Deployment>::namespaced(client.clone(), &app.name)
         .create(&PostParams::default(), &deployment)
         .await
@@ -653,19 +625,7 @@ async fn malformed_pod_annotations_warn_and_build_nothing() {
     let app = TestNamespace::opted_in(&client, "annot-app").await;
     let tag = "example.test/annot:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "p", "annotations": {
-            "enbi.hrzn.ee/nixbuild-flakeUrl": "not a flake",
-            "enbi.hrzn.ee/nixbuild-imageTag": tag,
-            "enbi.hrzn.ee/nixbuild-packageName": "app",
-        }},
-        "spec": {
-            "nodeSelector": {"type": "kwok"},
-            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-        },
-    }))
-    .expect("pod");
+    let pod = kwok_pod("p", tag, build_annotations("not a flake", tag, "app"), None);
     Api::<Pod>::namespaced(client.clone(), &app.name)
         .create(&PostParams::default(), &pod)
         .await
@@ -699,19 +659,12 @@ async fn pods_in_a_namespace_not_opted_in_get_one_warning_and_no_build() {
     let app = TestNamespace::new(&client, "optin-app").await;
     let tag = "example.test/optin:v1";
     set_node_images(&client, Some(BUILDER_IMAGE)).await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "p", "annotations": {
-            "enbi.hrzn.ee/nixbuild-flakeUrl": "github:example/app",
-            "enbi.hrzn.ee/nixbuild-imageTag": tag,
-            "enbi.hrzn.ee/nixbuild-packageName": "app",
-        }},
-        "spec": {
-            "nodeSelector": {"type": "kwok"},
-            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-        },
-    }))
-    .expect("pod");
+    let pod = kwok_pod(
+        "p",
+        tag,
+        build_annotations("github:example/app", tag, "app"),
+        None,
+    );
     let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
     pods.create(&PostParams::default(), &pod)
         .await

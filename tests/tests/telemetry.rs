@@ -23,7 +23,6 @@ use fake_opentelemetry_collector::{ExportedSpan, FakeCollectorServer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 const METRICS: &str = "127.0.0.1:18083";
@@ -371,19 +370,12 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     set_node_images(&client, Some("localhost/enbi:test")).await;
     let before = eventually("the metrics endpoint", WAIT, || async { scrape() }).await;
 
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "app", "annotations": {
-            "enbi.hrzn.ee/nixbuild-flakeUrl": fixture.url(),
-            "enbi.hrzn.ee/nixbuild-imageTag": tag,
-            "enbi.hrzn.ee/nixbuild-packageName": "stream",
-        }},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/arch": arch(), "type": "kwok"},
-            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
-            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "IfNotPresent"}],
-        },
-    }))
-    .expect("pod");
+    let pod = enbi_tests::kwok_pod(
+        "app",
+        tag,
+        enbi_tests::build_annotations(&fixture.url(), tag, "stream"),
+        Some(arch()),
+    );
     Api::<Pod>::namespaced(client.clone(), &app.name)
         .create(&PostParams::default(), &pod)
         .await
