@@ -148,6 +148,18 @@ async fn builds_survive_restart_of(component: &str) {
         (job_count(&client, &builds.name).await == 3).then_some(())
     })
     .await;
+    // The builders run (the fake kubelet has played its stages) before the crash: a stage it
+    // was applying at that very moment is not retried, and that would test kwok, not enbi.
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &builds.name);
+    eventually("three builders running", WAIT, || async {
+        let list = pods.list(&ListParams::default()).await.ok()?.items;
+        let running = list
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        (running == 3).then_some(())
+    })
+    .await;
 
     let component = component.to_owned();
     tokio::task::spawn_blocking(move || enbi_tests::restart_component(&component))
