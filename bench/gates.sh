@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/cluster/lib.sh
+# shellcheck source=webhook.sh
+source bench/webhook.sh
 TRIALS=${1:-10}
 KUBECTL="$K8S_BIN/kubectl"
 export KUBECONFIG="$(tests/cluster/up --real-node)"
@@ -59,23 +61,7 @@ until curl -sf 127.0.0.1:18095/readyz >/dev/null; do sleep 0.2; done
 webhook() { # $1: on|off
   "$KUBECTL" delete mutatingwebhookconfiguration bench-gates --ignore-not-found >/dev/null
   [[ $1 == on ]] || return 0
-  "$KUBECTL" apply -f - >/dev/null <<YAML
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {name: bench-gates}
-webhooks:
-- name: pods.enbi.hrzn.ee
-  admissionReviewVersions: [v1]
-  clientConfig: {url: "https://127.0.0.1:$PORT/mutate-pods"}
-  rules: [{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}]
-  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: $NS}}
-  matchConditions: [{name: asks-for-a-build, expression: "has(object.metadata.annotations) && 'enbi.hrzn.ee/nixbuild-imageTag' in object.metadata.annotations"}]
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-YAML
-  until [[ -n "$("$KUBECTL" get mutatingwebhookconfiguration bench-gates -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]]; do sleep 0.2; done
-  sleep 1
+  apply_webhook bench-gates "$NS" "$PORT"
 }
 
 watch_stamped() { # FILE ARGS...: background watch, lines stamped on arrival

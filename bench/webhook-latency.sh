@@ -11,6 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/cluster/lib.sh
+# shellcheck source=webhook.sh
+source bench/webhook.sh
 PODS=${1:-200}
 WARMUP=20
 KUBECTL="$K8S_BIN/kubectl"
@@ -52,24 +54,8 @@ POD_NAMESPACE="$BNS" RUST_LOG=warn "$BIN" run --build-namespace "$BNS" --builder
   --webhook-address "127.0.0.1:$PORT" --webhook-hosts 127.0.0.1 \
   >"$STATE_DIR/logs/bench-webhook-latency-operator.log" 2>&1 &
 OP=$!
-"$KUBECTL" apply -f - >/dev/null <<YAML
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {name: bench-webhook-latency}
-webhooks:
-- name: pods.enbi.hrzn.ee
-  admissionReviewVersions: [v1]
-  clientConfig: {url: "https://127.0.0.1:$PORT/mutate-pods"}
-  rules: [{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}]
-  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: $ON}}
-  matchConditions: [{name: asks-for-a-build, expression: "has(object.metadata.annotations) && 'enbi.hrzn.ee/nixbuild-imageTag' in object.metadata.annotations"}]
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-YAML
 until curl -sf "$METRICS/readyz" >/dev/null; do sleep 0.2; done
-until [[ -n "$("$KUBECTL" get mutatingwebhookconfiguration bench-webhook-latency -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]]; do sleep 0.2; done
-sleep 1 # the operator loads its certificate right after patching the bundle
+apply_webhook bench-webhook-latency "$ON" "$PORT"
 
 apiserver_histogram() {
   "$KUBECTL" get --raw /metrics | grep '^apiserver_admission_webhook_admission_duration_seconds_bucket' |

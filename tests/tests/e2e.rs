@@ -622,14 +622,20 @@ async fn load_job_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(St
 
 /// The reasons of the Events about object `name` in `namespace`.
 async fn event_reasons(client: &Client, namespace: &str, name: &str) -> Vec<String> {
+    events_about(client, namespace, name)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// The Events about object `name` in `namespace`.
+async fn events_about(client: &Client, namespace: &str, name: &str) -> Vec<Event> {
     Api::<Event>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
         .await
         .expect("events")
         .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect()
 }
 
 /// Whether Spegel runs and is ready on every real node; fails in CI and says SKIPPED elsewhere
@@ -715,11 +721,8 @@ fn node_image_digests(socket: &str) -> BTreeMap<String, String> {
 
 /// The messages of the Events about a Pod.
 async fn pod_events(client: &Client, namespace: &str, pod: &str) -> Vec<String> {
-    Api::<Event>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
+    events_about(client, namespace, pod)
         .await
-        .expect("events")
-        .items
         .into_iter()
         .filter_map(|e| e.message)
         .collect()
