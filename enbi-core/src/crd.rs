@@ -1,17 +1,14 @@
 //! The `NixBuild` API (`enbi.hrzn.ee/v1alpha1`), defined once: the CRD the apiserver enforces is
 //! generated from these types, and the same rules validate values that never pass admission.
 
+use std::collections::BTreeMap;
+
 use garde::Validate;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::validation::{self, FLAKE_URL, IMAGE_TAG, PACKAGE_NAME, garde_rules};
-
-/// API group of every enbi resource, label and annotation.
-pub const GROUP: &str = "enbi.hrzn.ee";
-/// Set (or change) this annotation on a Failed NixBuild to build it again.
-pub const ANNOTATION_RETRY: &str = "enbi.hrzn.ee/retry";
 
 /// What to build and what to call the image. Immutable: a different build is a new NixBuild.
 #[derive(
@@ -179,10 +176,38 @@ impl NixBuild {
             .and_then(|s| s.phase)
             .unwrap_or_default()
     }
+
+    /// The nodes that hold the build's image, each with since when (if known): once it
+    /// Succeeded, the nodes `status.imageNodes` says are `Loaded`, and the build node unless
+    /// `imageNodes` says otherwise of it (it holds the image since completion). The one answer
+    /// to "where is this image" that gating, narrowing, recreating and loading share.
+    pub fn image_holders(&self) -> BTreeMap<String, Option<Time>> {
+        let Some(status) = self
+            .status
+            .as_ref()
+            .filter(|_| self.phase() == Phase::Succeeded)
+        else {
+            return BTreeMap::new();
+        };
+        let mut nodes: BTreeMap<String, Option<Time>> = status
+            .image_nodes
+            .iter()
+            .filter(|n| n.state == ImageNodeState::Loaded)
+            .map(|n| (n.node.clone(), Some(n.since.clone())))
+            .collect();
+        if let Some(node) = &status.build_node
+            && !status.image_nodes.iter().any(|n| &n.node == node)
+        {
+            nodes.insert(node.clone(), status.completion_time.clone());
+        }
+        nodes
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use kube::CustomResourceExt;
 
     use super::*;
@@ -230,5 +255,72 @@ mod tests {
             spec.installable(),
             "github:o/r#packages.aarch64-linux.app.stream"
         );
+    }
+
+    #[test]
+    fn the_image_is_held_by_loaded_nodes_and_the_build_node() {
+        let since = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut b = build(Some(Phase::Succeeded));
+        let status = b.status.as_mut().expect("status");
+        status.build_node = Some("n1".into());
+        assert_eq!(
+            b.image_holders().into_keys().collect::<BTreeSet<_>>(),
+            BTreeSet::from(["n1".to_owned()])
+        );
+        let status = b.status.as_mut().expect("status");
+        let mut loading = loaded("n3", 1, since.clone());
+        loading.state = ImageNodeState::Loading;
+        status.image_nodes = vec![
+            loaded("n1", 1, since.clone()),
+            loaded("n2", 1, since.clone()),
+            loading,
+        ];
+        assert_eq!(
+            b.image_holders().into_keys().collect::<BTreeSet<_>>(),
+            BTreeSet::from(["n1".to_owned(), "n2".to_owned()])
+        );
+        let status = b.status.as_mut().expect("status");
+        status.image_nodes[0].state = ImageNodeState::Failed;
+        assert_eq!(
+            b.image_holders().into_keys().collect::<BTreeSet<_>>(),
+            BTreeSet::from(["n2".to_owned()]),
+            "the build node's image went away"
+        );
+        b.status.as_mut().expect("status").phase = Some(Phase::Failed);
+        assert!(
+            b.image_holders()
+                .into_keys()
+                .collect::<BTreeSet<_>>()
+                .is_empty(),
+            "not built"
+        );
+    }
+
+    fn build(phase: Option<Phase>) -> NixBuild {
+        let mut b = NixBuild::new(
+            "b",
+            NixBuildSpec {
+                flake_url: "github:example/app".into(),
+                package_name: "app.stream".into(),
+                image_tag: "example.test/app:v1".into(),
+                system: "x86_64-linux".into(),
+            },
+        );
+        b.status = phase.map(|phase| NixBuildStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
+        b
+    }
+
+    fn loaded(node: &str, loads: u32, since: Time) -> ImageNode {
+        ImageNode {
+            node: node.to_owned(),
+            state: ImageNodeState::Loaded,
+            loads,
+            since,
+            digest: None,
+            message: None,
+        }
     }
 }

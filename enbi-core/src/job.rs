@@ -30,20 +30,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::crd::NixBuild;
+use crate::keys;
 use crate::naming;
 use crate::trace::TraceContext;
 
-pub const LABEL_NAME: &str = "app.kubernetes.io/name";
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const LABEL_BUILD_NAMESPACE: &str = "enbi.hrzn.ee/nixbuild-namespace";
-pub const LABEL_BUILD_NAME: &str = "enbi.hrzn.ee/nixbuild-name";
-pub const LABEL_BUILD_UID: &str = "enbi.hrzn.ee/nixbuild-uid";
-pub const LABEL_ATTEMPT: &str = "enbi.hrzn.ee/attempt";
-/// On load Jobs (instead of the attempt): the round of loads on their node.
-pub const LABEL_LOAD_ROUND: &str = "enbi.hrzn.ee/load-round";
-/// On load Jobs: the node they load the image on (annotation: node names may be too long for a
-/// label value).
-pub const ANNOTATION_LOAD_NODE: &str = "enbi.hrzn.ee/load-node";
 /// `app.kubernetes.io/name` of every builder Job and Pod.
 pub const BUILDER_NAME: &str = "enbi-builder";
 /// The container that evaluates and builds the flake and streams the image into the pipe.
@@ -137,18 +127,18 @@ pub enum Purpose {
 /// The labels that tie a Job (and its Pod) to one attempt, or one load, of one NixBuild.
 pub fn labels(build: &NixBuild, purpose: &Purpose) -> BTreeMap<String, String> {
     let (key, value) = match purpose {
-        Purpose::Build(attempt) => (LABEL_ATTEMPT, attempt.to_string()),
-        Purpose::Load { round, .. } => (LABEL_LOAD_ROUND, round.to_string()),
+        Purpose::Build(attempt) => (keys::ATTEMPT, attempt.to_string()),
+        Purpose::Load { round, .. } => (keys::LOAD_ROUND, round.to_string()),
     };
     BTreeMap::from([
-        (LABEL_NAME.into(), BUILDER_NAME.into()),
-        (LABEL_MANAGED_BY.into(), "enbi".into()),
+        (keys::NAME.into(), BUILDER_NAME.into()),
+        (keys::MANAGED_BY.into(), "enbi".into()),
         (
-            LABEL_BUILD_NAMESPACE.into(),
+            keys::BUILD_NAMESPACE.into(),
             build.namespace().unwrap_or_default(),
         ),
-        (LABEL_BUILD_NAME.into(), build.name_any()),
-        (LABEL_BUILD_UID.into(), build.uid().unwrap_or_default()),
+        (keys::BUILD_NAME.into(), build.name_any()),
+        (keys::BUILD_UID.into(), build.uid().unwrap_or_default()),
         (key.into(), value),
     ])
 }
@@ -374,10 +364,9 @@ pub fn render(
             labels: Some(labels.clone()),
             annotations: match purpose {
                 Purpose::Build(_) => None,
-                Purpose::Load { node, .. } => Some(BTreeMap::from([(
-                    ANNOTATION_LOAD_NODE.into(),
-                    node.clone(),
-                )])),
+                Purpose::Load { node, .. } => {
+                    Some(BTreeMap::from([(keys::LOAD_NODE.into(), node.clone())]))
+                }
             },
             ..Default::default()
         },
@@ -707,13 +696,13 @@ mod tests {
         assert_eq!(job.metadata.name, Some(load_name(&b, "cass", 2)));
         assert_ne!(job.metadata.name, Some(name(&b, 2)));
         let labels = job.metadata.labels.clone().expect("labels");
-        assert_eq!(labels.get(LABEL_LOAD_ROUND).map(String::as_str), Some("2"));
-        assert_eq!(labels.get(LABEL_ATTEMPT), None);
+        assert_eq!(labels.get(keys::LOAD_ROUND).map(String::as_str), Some("2"));
+        assert_eq!(labels.get(keys::ATTEMPT), None);
         assert_eq!(
             job.metadata
                 .annotations
                 .expect("annotations")
-                .get(ANNOTATION_LOAD_NODE),
+                .get(keys::LOAD_NODE),
             Some(&"cass".to_owned())
         );
         let pod = job.spec.expect("spec").template.spec.expect("pod spec");

@@ -21,9 +21,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::conditions::{self, COMPLETE, READY, SUCCESS, Status, Update};
-use crate::crd::{ANNOTATION_RETRY, NixBuild, NixBuildStatus, Phase};
+use crate::crd::{NixBuild, NixBuildStatus, Phase};
+use crate::event::{Event, EventType};
 use crate::fault::Fault;
 use crate::job::{self, JobState, JobView};
+use crate::keys::{self, RETRY};
 use crate::placement::{NoEligibleNode, Placement};
 use crate::reason::{FailureReason, WaitReason};
 use crate::result::BuildReport;
@@ -85,20 +87,6 @@ pub struct Observation<'a> {
 pub struct JobPlan {
     pub attempt: u32,
     pub affinity: Affinity,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
-    Normal,
-    Warning,
-}
-
-/// An Event to record on the NixBuild.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub type_: EventType,
-    pub reason: &'static str,
-    pub note: String,
 }
 
 /// What to do now.
@@ -245,7 +233,7 @@ impl Step<'_> {
     /// The `enbi.hrzn.ee/retry` annotation's value, if it is one not yet acted on.
     fn retry_requested(&self) -> Option<String> {
         let annotations = self.obs.build.metadata.annotations.as_ref();
-        let requested = annotations.and_then(|a| a.get(ANNOTATION_RETRY))?;
+        let requested = annotations.and_then(|a| a.get(keys::RETRY))?;
         (Some(requested) != self.status.observed_retry.as_ref()).then(|| requested.clone())
     }
 
@@ -254,7 +242,7 @@ impl Step<'_> {
         self.event(
             EventType::Normal,
             "Retrying",
-            format!("Retry requested ({ANNOTATION_RETRY}={requested})"),
+            format!("Retry requested ({RETRY}={requested})"),
         );
         self.status.observed_retry = Some(requested);
         self.status.retry_base_attempts = self.status.attempts;

@@ -6,12 +6,8 @@
 //! (a namespace label, which tenants usually cannot set), unless the operator is configured to
 //! serve every namespace. A Pod elsewhere gets one Warning saying how to opt in.
 
+use crate::keys::{self, POD_BUILDS, POD_BUILDS_ENABLED};
 use std::collections::BTreeMap;
-
-/// The namespace label that opts a namespace in.
-pub const LABEL_POD_BUILDS: &str = "enbi.hrzn.ee/pod-builds";
-/// Its value.
-pub const ENABLED: &str = "enabled";
 
 /// Which namespaces the Pod-annotation path serves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,7 +22,7 @@ pub enum PodBuildNamespaces {
 /// Whether Pods in a namespace with these labels may ask for builds.
 pub fn allows(mode: PodBuildNamespaces, labels: &BTreeMap<String, String>) -> bool {
     mode == PodBuildNamespaces::All
-        || labels.get(LABEL_POD_BUILDS).map(String::as_str) == Some(ENABLED)
+        || labels.get(keys::POD_BUILDS).map(String::as_str) == Some(keys::POD_BUILDS_ENABLED)
 }
 
 /// The Warning an annotated Pod gets in a namespace that has not opted in.
@@ -34,7 +30,7 @@ pub fn not_enabled_note(namespace: &str) -> String {
     format!(
         "Namespace {namespace} has not opted in to builds from Pod annotations, so enbi ignores this \
          Pod's enbi.hrzn.ee/nixbuild-* annotations. To opt in: \
-         kubectl label namespace {namespace} {LABEL_POD_BUILDS}={ENABLED}"
+         kubectl label namespace {namespace} {POD_BUILDS}={POD_BUILDS_ENABLED}"
     )
 }
 
@@ -54,17 +50,17 @@ mod tests {
             (PodBuildNamespaces::Labelled, labels(&[]), false),
             (
                 PodBuildNamespaces::Labelled,
-                labels(&[(LABEL_POD_BUILDS, "enabled")]),
+                labels(&[(keys::POD_BUILDS, "enabled")]),
                 true,
             ),
             (
                 PodBuildNamespaces::Labelled,
-                labels(&[(LABEL_POD_BUILDS, "true")]),
+                labels(&[(keys::POD_BUILDS, "true")]),
                 false,
             ),
             (
                 PodBuildNamespaces::Labelled,
-                labels(&[(LABEL_POD_BUILDS, "disabled")]),
+                labels(&[(keys::POD_BUILDS, "disabled")]),
                 false,
             ),
             (
@@ -75,7 +71,7 @@ mod tests {
             (PodBuildNamespaces::All, labels(&[]), true),
             (
                 PodBuildNamespaces::All,
-                labels(&[(LABEL_POD_BUILDS, "disabled")]),
+                labels(&[(keys::POD_BUILDS, "disabled")]),
                 true,
             ),
         ];

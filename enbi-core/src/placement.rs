@@ -12,12 +12,8 @@ use k8s_openapi::api::core::v1::{
     PreferredSchedulingTerm, Taint, Toleration,
 };
 
+use crate::keys::{self, ARCH_LABEL, OS_LABEL};
 use crate::system;
-
-/// Node label that keeps builds off a node, whatever its value.
-pub const REPEL_LABEL: &str = "enbi.hrzn.ee/repel";
-pub const ARCH_LABEL: &str = "kubernetes.io/arch";
-pub const OS_LABEL: &str = "kubernetes.io/os";
 
 /// What placement needs to know about a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,11 +69,11 @@ impl NodeView {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         NodeView {
             name: node.metadata.name.clone().unwrap_or_default(),
-            arch: label(ARCH_LABEL),
-            os: label(OS_LABEL),
+            arch: label(keys::ARCH_LABEL),
+            os: label(keys::OS_LABEL),
             ready,
             schedulable: !cordoned && !tainted,
-            repel_label: labels.is_some_and(|l| l.contains_key(REPEL_LABEL)),
+            repel_label: labels.is_some_and(|l| l.contains_key(keys::REPEL)),
         }
     }
 }
@@ -188,9 +184,9 @@ fn affinity(arch: &str, repelled: &[String], preferred: Option<&str>) -> Affinit
     repelled.dedup();
     let required = NodeSelectorTerm {
         match_expressions: Some(vec![
-            requirement(ARCH_LABEL, "In", Some(vec![arch.to_owned()])),
-            requirement(OS_LABEL, "In", Some(vec![system::OS.to_owned()])),
-            requirement(REPEL_LABEL, "DoesNotExist", None),
+            requirement(keys::ARCH_LABEL, "In", Some(vec![arch.to_owned()])),
+            requirement(keys::OS_LABEL, "In", Some(vec![system::OS.to_owned()])),
+            requirement(keys::REPEL, "DoesNotExist", None),
         ]),
         // The apiserver allows exactly one value in an `In`/`NotIn` field selector, so one
         // requirement per repelled node (the requirements of a term are ANDed).

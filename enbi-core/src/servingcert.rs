@@ -10,11 +10,6 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-/// Secret annotation: when the serving certificate expires (RFC 3339).
-pub const ANNOTATION_NOT_AFTER: &str = "enbi.hrzn.ee/not-after";
-/// Secret annotation: the host names the serving certificate holds, comma-separated.
-pub const ANNOTATION_HOSTS: &str = "enbi.hrzn.ee/hosts";
-
 /// How long a CA and serving certificate are valid.
 pub const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long before the end they are renewed.

@@ -34,8 +34,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{ImageNode, ImageNodeState, NixBuildStatus};
+use crate::event::{Event, EventType};
 use crate::job::{JobState, JobView};
-use crate::machine::{Event, EventType};
 use crate::result::BuildReport;
 
 /// How enbi spreads images.
@@ -101,9 +101,10 @@ pub fn decide(
     now: Timestamp,
 ) -> Outcome {
     let mut out = Outcome::default();
-    // Builds that succeeded before enbi tracked nodes hold the image on their build node.
-    if status.image_nodes.is_empty()
-        && let Some(node) = &status.build_node
+    // The build node holds the image unless `imageNodes` says otherwise of it
+    // (`NixBuild::image_holders`); builds that succeeded before enbi tracked nodes have no entry.
+    if let Some(node) = &status.build_node
+        && !status.image_nodes.iter().any(|e| &e.node == node)
     {
         status.image_nodes.push(loaded(
             node,
@@ -158,7 +159,7 @@ pub fn decide(
                 let changed = index.map(|i| &status.image_nodes[i].message) != Some(&entry.message);
                 upsert(&mut status.image_nodes, index, entry);
                 if changed {
-                    out.events.push(warning("LoadImpossible", message));
+                    out.events.push(Event::warning("LoadImpossible", message));
                 }
                 continue;
             }
@@ -260,14 +261,6 @@ fn upsert(entries: &mut Vec<ImageNode>, index: Option<usize>, entry: ImageNode) 
     }
 }
 
-fn warning(reason: &'static str, note: String) -> Event {
-    Event {
-        type_: EventType::Warning,
-        reason,
-        note,
-    }
-}
-
 /// Reads the result of a node's load Job, once it has one.
 fn finish_load(
     entry: &mut ImageNode,
@@ -287,7 +280,7 @@ fn finish_load(
             message: Some(message.clone()),
             ..entry.clone()
         };
-        out.events.push(warning(
+        out.events.push(Event::warning(
             "LoadFailed",
             format!("Loading the image on node {node} failed: {message}"),
         ));
@@ -306,7 +299,7 @@ fn finish_load(
                 });
             } else {
                 entry.digest = Some(image.digest.clone());
-                out.events.push(warning(
+                out.events.push(Event::warning(
                     "NotReproducible",
                     format!(
                         "The image loaded on node {node} is {}, not the build's {}: the flake does not build reproducibly, so Pods there run another image",

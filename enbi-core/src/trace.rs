@@ -11,9 +11,7 @@ use std::fmt;
 use kube::ResourceExt;
 
 use crate::crd::NixBuild;
-
-/// Annotation holding the build's trace context, as a W3C `traceparent` value.
-pub const ANNOTATION_TRACEPARENT: &str = "enbi.hrzn.ee/traceparent";
+use crate::keys;
 
 /// The ids of a build's root span (W3C trace context, version 00, always sampled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +42,7 @@ impl TraceContext {
     pub fn of(build: &NixBuild) -> Option<Self> {
         build
             .annotations()
-            .get(ANNOTATION_TRACEPARENT)
+            .get(keys::TRACEPARENT)
             .and_then(|v| Self::parse(v))
     }
 

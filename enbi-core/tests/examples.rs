@@ -5,7 +5,7 @@
 mod common;
 
 use enbi_core::crd::{NixBuild, NixBuildSpec};
-use enbi_core::podwatch::{self, Finding};
+use enbi_core::pod::findings::{self, Finding};
 use garde::Validate;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus, Pod};
@@ -85,7 +85,7 @@ fn example_deployment_asks_for_the_example_build() {
             .as_deref(),
         Some("IfNotPresent")
     );
-    let findings = podwatch::inspect(&pod, Some("amd64"));
+    let findings = findings::inspect(&pod, Some("amd64"));
     let [Finding::Build(request)] = &findings[..] else {
         panic!("expected one build, got {findings:?}");
     };

@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use enbi_core::crd::{ImageNodeState, NixBuild, NixBuildStatus, Phase};
+use enbi_core::event::EventType;
 use enbi_core::fault::{self, Fault};
 use enbi_core::job::{self, BuilderSettings, JobView, Purpose};
-use enbi_core::machine::{self, Decision, EventType, Observation};
+use enbi_core::keys;
+use enbi_core::machine::{self, Decision, Observation};
 use enbi_core::placement::{self, NodeView};
-use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
+use enbi_core::trace::TraceContext;
 use enbi_core::{capacity, conditions, policy, spread};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -29,14 +31,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::error::Error;
 use crate::http::Health;
 use crate::metrics::{Finished, Metrics, Outcome};
-use crate::{pods, telemetry};
+use crate::{telemetry, waiting};
 
-/// Field manager of every server-side apply enbi makes.
-pub const MANAGER: &str = "enbi-operator";
-/// Removes the NixBuild's Jobs before the NixBuild goes.
-pub const FINALIZER: &str = "enbi.hrzn.ee/cleanup";
-/// Set by the Pod watcher: the node whose Pod needs the image (placement prefers it).
-pub const ANNOTATION_WANTED_ON: &str = "enbi.hrzn.ee/wanted-on-node";
 /// The resource of the Events enbi publishes, as API errors name it.
 const EVENTS: &str = "events.events.k8s.io";
 
@@ -70,7 +66,7 @@ pub struct Context {
 impl Context {
     pub fn reporter(instance: Option<String>) -> Reporter {
         Reporter {
-            controller: MANAGER.into(),
+            controller: keys::MANAGER.into(),
             instance,
         }
     }
@@ -112,7 +108,7 @@ impl Context {
 
     /// Whether a load may start on each node where Pods wait for the build's image.
     fn load_gates(&self, build: &NixBuild, nodes: &[NodeView]) -> BTreeMap<String, spread::Gate> {
-        let waiting = pods::waiting_nodes(
+        let waiting = waiting::waiting_nodes(
             &self.pod_stores,
             &self.nodes,
             &build.namespace().unwrap_or_default(),
@@ -185,7 +181,7 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
     );
     telemetry::join(&span, trace.as_ref());
     let key = ObjectRef::from(build.as_ref());
-    let action = finalizer(&api, FINALIZER, build, |event| async {
+    let action = finalizer(&api, keys::FINALIZER, build, |event| async {
         match event {
             Finalizer::Apply(build) => apply(&build, &namespace, trace.as_ref(), &ctx).await,
             Finalizer::Cleanup(build) => cleanup(&build, &ctx).await,
@@ -203,13 +199,13 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
 /// list is replaced whole, so it must be the list this reconcile read.
 async fn stamp_trace(api: &Api<NixBuild>, build: &NixBuild) -> Result<(), Error> {
     let mut finalizers = build.finalizers().to_vec();
-    if !finalizers.iter().any(|f| f == FINALIZER) {
-        finalizers.push(FINALIZER.to_owned());
+    if !finalizers.iter().any(|f| f == keys::FINALIZER) {
+        finalizers.push(keys::FINALIZER.to_owned());
     }
     let patch = json!({"metadata": {
         "resourceVersion": build.resource_version(),
         "finalizers": finalizers,
-        "annotations": {ANNOTATION_TRACEPARENT: telemetry::new_context().to_string()},
+        "annotations": {keys::TRACEPARENT: telemetry::new_context().to_string()},
     }});
     api.patch(
         &build.name_any(),
@@ -268,7 +264,7 @@ fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault
         .collect();
     let preferred = build
         .annotations()
-        .get(ANNOTATION_WANTED_ON)
+        .get(keys::WANTED_ON_NODE)
         .map(String::as_str);
     let placement = placement::place(&build.spec.system, &nodes, &ctx.node_repel, preferred);
     let eligible = placement
@@ -324,7 +320,7 @@ async fn execute(
         async move {
             jobs.patch(
                 &manifest.name_any(),
-                &PatchParams::apply(MANAGER).force(),
+                &PatchParams::apply(keys::MANAGER).force(),
                 &Patch::Apply(&manifest),
             )
             .await
@@ -349,11 +345,11 @@ async fn execute(
         info!(build = %build.name_any(), %namespace, job = %name, node = %load.node, round = load.round, "load Job applied");
     }
     if build.status.as_ref() != Some(&decision.status) {
-        let patch = json!({"apiVersion": "enbi.hrzn.ee/v1alpha1", "kind": "NixBuild", "status": decision.status});
+        let patch = json!({"apiVersion": keys::API_VERSION, "kind": NixBuild::kind(&()), "status": decision.status});
         Api::<NixBuild>::namespaced(ctx.client.clone(), namespace)
             .patch_status(
                 &build.name_any(),
-                &PatchParams::apply(MANAGER).force(),
+                &PatchParams::apply(keys::MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await?;
@@ -483,7 +479,7 @@ async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
         .jobs
         .state()
         .iter()
-        .filter(|j| j.labels().get(job::LABEL_BUILD_UID) == Some(&uid))
+        .filter(|j| j.labels().get(keys::BUILD_UID) == Some(&uid))
     {
         match api
             .delete(&job.name_any(), &DeleteParams::background())

@@ -10,7 +10,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::pods;
+use crate::waiting;
 
 pub async fn run(
     client: Client,
@@ -23,7 +23,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        let waited_on = pods::waited_on(&pods, &nodes);
+        let waited_on = waiting::waited_on(&pods, &nodes);
         let finished: Vec<Finished> = builds
             .state()
             .iter()

@@ -18,8 +18,11 @@ mod leader;
 mod metrics;
 mod namespaces;
 mod operator;
+mod patch;
 mod pods;
 mod telemetry;
+mod waiting;
+mod watch;
 mod webhook;
 
 #[derive(Debug, Parser)]

@@ -3,18 +3,19 @@
 
 use std::sync::Arc;
 
-use enbi_core::crd::{NixBuild, Phase};
+use enbi_core::crd::NixBuild;
+use enbi_core::keys;
 use enbi_core::{capacity, fault, job};
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::Controller;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, CustomResourceExt, Resource};
+use kube::{Api, Client, CustomResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::config::RunArgs;
@@ -24,9 +25,8 @@ use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::namespaces::OptIn;
 use crate::pods::PodWatcher;
+use crate::watch::{list_config, notify, owner_of, spawn_cache, strip_managed_fields, strip_node};
 use crate::{gc, http, webhook};
-
-pub type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
 
 /// Runs the operator until a signal stops it; `tracing`: spans are exported, so builds get a
 /// trace context.
@@ -51,7 +51,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     )
     .await?;
 
-    let builder_selector = format!("{}={}", job::LABEL_NAME, job::BUILDER_NAME);
+    let builder_selector = format!("{}={}", keys::NAME, job::BUILDER_NAME);
     let build_ns = args.build_namespace.clone();
     let (trigger, triggers) = mpsc::unbounded();
     let controller = Controller::new(Api::<NixBuild>::all(client.clone()), list_config());
@@ -135,8 +135,10 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         metrics.clone(),
         crate::pods::Settings {
             opt_in,
-            recreate: args.recreate_waiting_pods,
-            narrow: args.narrow(),
+            actions: enbi_core::pod::actions::Settings {
+                recreate: args.recreate_waiting_pods,
+                narrow: args.narrow(),
+            },
             tracing,
         },
     ));
@@ -204,98 +206,6 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         .await;
     server.abort();
     Ok(())
-}
-
-/// The NixBuild a builder Job or Pod belongs to, from its labels.
-fn owner_of<K: Resource>(object: &K) -> Option<ObjectRef<NixBuild>> {
-    let labels = object.meta().labels.as_ref()?;
-    let name = labels.get(job::LABEL_BUILD_NAME)?;
-    let namespace = labels.get(job::LABEL_BUILD_NAMESPACE)?;
-    Some(ObjectRef::new(name).within(namespace))
-}
-
-/// Reconciles `owner` (if any) and every Pending build: a finished Job frees a slot, a new
-/// Node may be the one a build waits for.
-fn notify(trigger: &Trigger, builds: &Store<NixBuild>, owner: Option<ObjectRef<NixBuild>>) {
-    let pending = builds
-        .state()
-        .into_iter()
-        .filter(|b| b.phase() == Phase::Pending)
-        .map(|b| ObjectRef::from(b.as_ref()));
-    for r in owner.into_iter().chain(pending) {
-        let _ = trigger.unbounded_send(r);
-    }
-}
-
-/// How every watch lists: as a stream of single objects (a watch with `sendInitialEvents`,
-/// Kubernetes' WatchList), so that neither a start nor a relist holds a page of full objects.
-pub fn list_config() -> watcher::Config {
-    watcher::Config::default().streaming_lists()
-}
-
-/// A cache of `api` (filtered by `config`) kept by a background watch, each object passed
-/// through `strip` before it is stored; `on_change` runs for every object that changes.
-fn spawn_cache<K, F>(
-    api: Api<K>,
-    config: watcher::Config,
-    strip: fn(&mut K),
-    on_change: F,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    F: Fn(&K) + Send + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer)
-        .touched_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(object) => on_change(&object),
-                Err(e) => warn!(error = %e, kind = %K::kind(&()), "watch"),
-            }
-        }
-    });
-    store
-}
-
-fn strip_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-}
-
-/// Keeps what placement reads of a Node (`placement::NodeView`): labels, taints, cordon and
-/// the Ready condition. A node's status lists every image on it, often the largest part.
-fn strip_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    node.metadata.annotations = None;
-    node.spec = node.spec.take().map(|s| NodeSpec {
-        taints: s.taints,
-        unschedulable: s.unschedulable,
-        ..NodeSpec::default()
-    });
-    node.status = node.status.take().map(|s| NodeStatus {
-        conditions: s.conditions.map(|cs| {
-            cs.into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .map(|c| NodeCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    ..NodeCondition::default()
-                })
-                .collect()
-        }),
-        ..NodeStatus::default()
-    });
 }
 
 /// A client that counts every request in `enbi_api_requests_total` and every write in

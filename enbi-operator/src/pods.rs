@@ -4,18 +4,20 @@
 //! the kubelet's back-off that a controller owns are deleted, so that new ones start at once
 //! (`enbi_core::gate` decides both).
 //!
-//! It sees every Pod, but keeps only those with enbi annotations (`podwatch::annotated`): any
+//! It sees every Pod, but keeps only those with enbi annotations (`request::annotated`): any
 //! other is dropped before it reaches the cache or the handler, so memory follows the Pods that
 //! ask for builds, not the cluster's size. Those kept are stripped to the enbi annotations, node,
 //! container names, images, pull policies and waiting reasons.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use enbi_core::crd::{NixBuild, Phase};
-use enbi_core::podwatch::{self, BuildRequest, Finding};
-use enbi_core::trace::ANNOTATION_TRACEPARENT;
-use enbi_core::{gate, optin};
+use enbi_core::crd::NixBuild;
+use enbi_core::keys;
+use enbi_core::pod::actions::{self as podactions, Notice, PodAction};
+use enbi_core::pod::findings::{self, Finding};
+use enbi_core::pod::gate;
+use enbi_core::pod::request::{self, BuildRequest};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, ObjectReference, Pod,
@@ -24,8 +26,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::events::{EventType, Reporter};
+use kube::api::{Api, DeleteParams, PatchParams, PostParams, Preconditions};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -33,26 +35,19 @@ use tracing::field::Empty;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::controller::{ANNOTATION_WANTED_ON, FINALIZER};
 use crate::metrics::Metrics;
 use crate::namespaces::OptIn;
-use crate::operator::Trigger;
-use crate::telemetry;
-
-/// Label on NixBuilds the Pod watcher made.
-pub const LABEL_CREATED_BY: &str = "app.kubernetes.io/created-by";
-/// Annotation naming the first Pod that asked for the build.
-pub const ANNOTATION_REQUESTED_BY: &str = "enbi.hrzn.ee/requested-by-pod";
+use crate::patch::json_patch;
+use crate::watch::{Trigger, list_config};
+use crate::{telemetry, waiting};
 
 /// How the Pod watcher acts.
 #[derive(Debug)]
 pub struct Settings {
     /// Which namespaces may ask for builds.
     pub opt_in: OptIn,
-    /// Delete controller-owned Pods in back-off once their image is loaded.
-    pub recreate: bool,
-    /// Narrow a gated Pod's node affinity to the nodes holding its image as it is ungated.
-    pub narrow: bool,
+    /// Recreating Pods in back-off and narrowing gated Pods.
+    pub actions: podactions::Settings,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     pub tracing: bool,
 }
@@ -68,16 +63,12 @@ pub struct PodWatcher {
     pub metrics: Arc<Metrics>,
     /// Which namespaces may ask for builds.
     opt_in: OptIn,
-    /// Delete controller-owned Pods in back-off once their image is loaded.
-    recreate: bool,
-    /// Narrow a gated Pod's node affinity to the nodes holding its image as it is ungated.
-    narrow: bool,
+    settings: podactions::Settings,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
     created: Mutex<HashSet<ObjectRef<NixBuild>>>,
-    /// Events already published, as (Pod UID, `reason/key`), so each is said once per Pod
-    /// (see `podwatch::waiting_notices` for which a waiting Pod gets).
+    /// Events already published, as (Pod UID, `reason/key`), so each is said once per Pod.
     announced: Mutex<HashSet<(String, String)>>,
 }
 
@@ -87,7 +78,7 @@ impl std::fmt::Debug for PodWatcher {
     }
 }
 
-/// Keeps what `podwatch::inspect` and GC read, drops the rest.
+/// Keeps what `enbi_core::pod` and GC read, drops the rest.
 pub fn strip(pod: &mut Pod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
@@ -106,7 +97,7 @@ pub fn strip(pod: &mut Pod) {
         .take()
         .map(|a| {
             a.into_iter()
-                .filter(|(k, _)| k.starts_with("enbi.hrzn.ee/"))
+                .filter(|(k, _)| k.starts_with(keys::PREFIX))
                 .collect::<BTreeMap<_, _>>()
         })
         .filter(|a| !a.is_empty());
@@ -165,8 +156,7 @@ impl PodWatcher {
         Self {
             tracing: settings.tracing,
             opt_in: settings.opt_in,
-            recreate: settings.recreate,
-            narrow: settings.narrow,
+            settings: settings.actions,
             trigger,
             client,
             nodes,
@@ -189,7 +179,7 @@ impl PodWatcher {
             None => Api::all(self.client.clone()),
         };
         let cached = writer.as_reader();
-        let stream = watcher(api, crate::operator::list_config())
+        let stream = watcher(api, list_config())
             .default_backoff()
             .filter_map(move |event| {
                 std::future::ready(event.map(|e| annotated_only(e, &cached)).transpose())
@@ -214,112 +204,30 @@ impl PodWatcher {
         }
     }
 
+    /// Carries out the core's plan for the Pod (`enbi_core::pod::actions::plan`), in order.
     async fn handle(&self, pod: &Pod) {
-        let findings = podwatch::inspect(pod, node_arch(pod, &self.nodes).as_deref());
-        let gated = pod.spec.as_ref().is_some_and(gate::is_gated);
-        if findings.is_empty() && !gated {
-            return;
-        }
         let namespace = pod.namespace().unwrap_or_default();
-        if !self.opt_in.allows(&namespace).await {
-            let note = optin::not_enabled_note(&namespace);
-            self.announce(
-                pod,
-                EventType::Warning,
-                "PodBuildsNotEnabled",
-                &namespace,
-                note,
-                None,
-            )
-            .await;
-            if gated {
-                self.ungate(pod, "its namespace no longer opts in", None)
-                    .await;
-            }
+        let node_arch = waiting::node_arch(pod, &self.nodes);
+        if !podactions::asks(pod, node_arch.as_deref()) {
             return;
         }
-        if gated
-            && !findings.iter().any(|f| matches!(f, Finding::Build(_)))
-            && let Some(why) = gate::release(None, None)
-        {
-            self.ungate(pod, &why, None).await;
-        }
-        for finding in findings {
-            match finding {
-                Finding::Build(request) => {
-                    let build = self.ensure_build(pod, &request).await;
-                    if let Some(b) = build.as_deref().filter(|b| b.phase() == Phase::Succeeded) {
-                        let _ = self.trigger.unbounded_send(ObjectRef::from(b));
-                    }
-                    if gated {
-                        if let Some(why) = gate::release(Some(&request), build.as_deref()) {
-                            let loaded = build
-                                .as_deref()
-                                .filter(|b| self.narrow && b.phase() == Phase::Succeeded);
-                            self.ungate(pod, &why, loaded).await;
-                        }
-                    } else if self.recreate && gate::recreate(pod, build.as_deref()) {
-                        self.recreate(pod, &request.name).await;
-                    }
-                    let related = build_reference(pod, &request.name);
-                    for notice in podwatch::waiting_notices(&request, build.as_deref(), gated) {
-                        let type_ = if notice.warning {
-                            EventType::Warning
-                        } else {
-                            EventType::Normal
-                        };
-                        self.announce(
-                            pod,
-                            type_,
-                            notice.reason,
-                            &notice.key,
-                            notice.note,
-                            Some(related.clone()),
-                        )
-                        .await;
-                    }
+        let opted_in = self.opt_in.allows(&namespace).await;
+        let build_of = |name: &str| self.builds.get(&ObjectRef::new(name).within(&namespace));
+        let plan = podactions::plan(pod, node_arch.as_deref(), opted_in, build_of, self.settings);
+        for action in plan {
+            match action {
+                PodAction::EnsureBuild(request) => self.ensure_build(pod, &request).await,
+                PodAction::Wake { build } => {
+                    let _ = self
+                        .trigger
+                        .unbounded_send(ObjectRef::new(&build).within(&namespace));
                 }
-                Finding::InvalidAnnotations(message) => {
-                    self.announce(
-                        pod,
-                        EventType::Warning,
-                        "InvalidBuildAnnotations",
-                        &message,
-                        message.clone(),
-                        None,
-                    )
-                    .await;
+                PodAction::Ungate { why, narrow_for } => {
+                    let narrow = narrow_for.as_deref().and_then(build_of);
+                    self.ungate(pod, &why, narrow.as_deref()).await
                 }
-                Finding::PullAlways { container } => {
-                    let note = format!(
-                        "Container {container} has imagePullPolicy: Always, so the kubelet never uses an image \
-                         enbi loads onto the node; use IfNotPresent or Never. No build started."
-                    );
-                    self.announce(
-                        pod,
-                        EventType::Warning,
-                        "ImagePullPolicyAlways",
-                        &container,
-                        note,
-                        None,
-                    )
-                    .await;
-                }
-                Finding::CrashLoop { container } => {
-                    let note = format!(
-                        "Container {container} crash-loops on an image that is present; if it was built for \
-                         another architecture (exec format error), check the system of its NixBuild. No build started."
-                    );
-                    self.announce(
-                        pod,
-                        EventType::Warning,
-                        "CrashLoopOnLoadedImage",
-                        &container,
-                        note,
-                        None,
-                    )
-                    .await;
-                }
+                PodAction::Recreate { build } => self.recreate(pod, &build).await,
+                PodAction::Announce(notice) => self.announce(pod, notice).await,
             }
         }
     }
@@ -332,7 +240,8 @@ impl PodWatcher {
             if pod.namespace() != namespace {
                 continue;
             }
-            let waits = podwatch::inspect(&pod, node_arch(&pod, &self.nodes).as_deref())
+            let node_arch = waiting::node_arch(&pod, &self.nodes);
+            let waits = findings::inspect(&pod, node_arch.as_deref())
                 .iter()
                 .any(|f| matches!(f, Finding::Build(r) if r.name == name));
             if waits {
@@ -341,89 +250,56 @@ impl PodWatcher {
         }
     }
 
-    /// Removes enbi's scheduling gate from the Pod, so that it is scheduled now. With `loaded`
-    /// (narrowing on, and the NixBuild that loaded its image), the same patch narrows the Pod's
-    /// node affinity to the nodes holding the image (`gate::narrow_patch`), read from the Pod as
-    /// it is now: the cache keeps no affinity.
-    async fn ungate(&self, pod: &Pod, why: &str, loaded: Option<&NixBuild>) {
+    /// Removes enbi's scheduling gate from the Pod, so that it is scheduled now, as
+    /// `gate::ungate_plan` says: with `narrow` (the NixBuild that loaded its image, narrowing
+    /// on) from the Pod as it is now (the cache keeps no affinity), trying each patch in turn
+    /// while the apiserver refuses one as invalid.
+    async fn ungate(&self, pod: &Pod, why: &str, narrow: Option<&NixBuild>) {
         let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-        let (mut ops, mut narrowed_to) = (vec![], None);
-        let mut spec = pod.spec.clone().unwrap_or_default();
-        if let Some(build) = loaded {
-            match api.get_opt(&pod.name_any()).await {
-                Ok(Some(current)) => {
-                    spec = current.spec.unwrap_or_default();
-                    let nodes: Vec<Arc<Node>> = gate::image_holders(build)
-                        .iter()
-                        .filter_map(|n| self.nodes.get(&ObjectRef::new(n)))
-                        .collect();
-                    let holders: Vec<&Node> = nodes.iter().map(Arc::as_ref).collect();
-                    if let Some(narrow) = gate::narrow_patch(&spec, &holders) {
-                        narrowed_to = Some(
-                            nodes
-                                .iter()
-                                .map(|n| n.name_any())
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        );
-                        ops = narrow;
-                    }
-                }
+        let spec = match narrow {
+            None => pod.spec.clone().unwrap_or_default(),
+            Some(_) => match api.get_opt(&pod.name_any()).await {
+                Ok(Some(current)) => current.spec.unwrap_or_default(),
                 Ok(None) => return,
                 Err(e) => {
                     return warn!(error = %e, pod = %pod.name_any(), "reading a Pod to narrow");
                 }
-            }
-        }
-        let Some(ungate) = gate::ungate_patch(&spec) else {
+            },
+        };
+        let holders: Vec<Arc<Node>> = narrow
+            .map(|b| b.image_holders().into_keys().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| self.nodes.get(&ObjectRef::new(n)))
+            .collect();
+        let holders: Vec<&Node> = holders.iter().map(Arc::as_ref).collect();
+        let Some(plan) = gate::ungate_plan(&spec, narrow.map(|b| (b, holders.as_slice()))) else {
             return;
         };
-        // With a narrowing the apiserver refuses (a rule of another version, say), the Pod is
-        // ungated without it rather than kept gated.
-        let attempts = if ops.is_empty() {
-            vec![ungate]
-        } else {
-            vec![ops.into_iter().chain(ungate.clone()).collect(), ungate]
-        };
-        for (attempt, ops) in attempts.into_iter().enumerate() {
-            let narrowing = attempt == 0 && narrowed_to.is_some();
-            let patch: json_patch::Patch =
-                match serde_json::from_value(serde_json::Value::Array(ops)) {
-                    Ok(p) => p,
-                    Err(e) => return warn!(error = %e, "the ungate patch"),
-                };
+        let last = plan.attempts.len() - 1;
+        for (i, attempt) in plan.attempts.into_iter().enumerate() {
+            let patch = match json_patch(attempt.patch) {
+                Ok(p) => p,
+                Err(e) => return warn!(error = %e, "the ungate patch"),
+            };
             match api
-                .patch(
-                    &pod.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Json::<()>(patch),
-                )
+                .patch(&pod.name_any(), &PatchParams::default(), &patch)
                 .await
             {
                 Ok(_) => {
-                    let narrowed = narrowed_to.as_deref().filter(|_| narrowing);
-                    info!(pod = %pod.name_any(), namespace = ?pod.namespace(), %why, narrowed_among = narrowed.unwrap_or("-"), "Pod ungated");
-                    if let (Some(nodes), Some(build)) = (narrowed, loaded) {
-                        let note = format!(
-                            "Node affinity narrowed, as the scheduling gate went, to the nodes \
-                             among those holding the image of NixBuild {} ({nodes}) that the Pod \
-                             can run on (--narrow-gated-pods).",
-                            build.name_any()
-                        );
-                        let related = build_reference(pod, &build.name_any());
-                        self.announce(
-                            pod,
-                            EventType::Normal,
-                            "NodeAffinityNarrowed",
-                            "",
-                            note,
-                            Some(related),
-                        )
-                        .await;
+                    info!(pod = %pod.name_any(), namespace = ?pod.namespace(), %why, narrowed = attempt.event.is_some(), "Pod ungated");
+                    if let Some(event) = attempt.event {
+                        let build = narrow.map(|b| b.name_any()).unwrap_or_default();
+                        let notice = Notice {
+                            key: String::new(),
+                            build: Some(build),
+                            event,
+                        };
+                        self.announce(pod, notice).await;
                     }
                     return;
                 }
-                Err(kube::Error::Api(s)) if s.code == 422 && narrowing => {
+                Err(kube::Error::Api(s)) if s.code == 422 && i < last => {
                     warn!(pod = %pod.name_any(), message = %s.message, "narrowing refused; ungating without it")
                 }
                 // Gone, or its gates changed meanwhile (the test op failed): the next event
@@ -456,17 +332,18 @@ impl PodWatcher {
         }
     }
 
-    /// Makes sure the NixBuild exists; returns it if the cache has it.
-    async fn ensure_build(&self, pod: &Pod, request: &BuildRequest) -> Option<Arc<NixBuild>> {
+    /// Makes sure the NixBuild exists: creates it unless the cache has it or this process
+    /// created it already.
+    async fn ensure_build(&self, pod: &Pod, request: &BuildRequest) {
         let namespace = pod.namespace().unwrap_or_default();
         let key = ObjectRef::<NixBuild>::new(&request.name).within(&namespace);
-        if let Some(existing) = self.builds.get(&key) {
+        if self.builds.get(&key).is_some() {
             // The cache has it now: forget it, so a NixBuild deleted later is made again
             // while Pods still wait for its image.
             if let Ok(mut c) = self.created.lock() {
                 c.remove(&key);
             }
-            return Some(existing);
+            return;
         }
         if self
             .created
@@ -474,26 +351,26 @@ impl PodWatcher {
             .map(|mut c| !c.insert(key.clone()))
             .unwrap_or(false)
         {
-            return None;
+            return;
         }
         let mut build = NixBuild::new(&request.name, request.spec.clone());
         build.metadata.namespace = Some(namespace.clone());
         // Made with the controller's finalizer, so that its first reconcile need not add it
         // (a write per build, and one that could race the first status write).
-        build.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        build.metadata.finalizers = Some(vec![keys::FINALIZER.into()]);
         build.metadata.labels = Some(BTreeMap::from([(
-            LABEL_CREATED_BY.into(),
+            keys::CREATED_BY.into(),
             "enbi-pod-watcher".into(),
         )]));
-        let mut annotations = BTreeMap::from([(ANNOTATION_REQUESTED_BY.into(), pod.name_any())]);
+        let mut annotations = BTreeMap::from([(keys::REQUESTED_BY_POD.into(), pod.name_any())]);
         if let Some(node) = &request.node {
-            annotations.insert(ANNOTATION_WANTED_ON.into(), node.clone());
+            annotations.insert(keys::WANTED_ON_NODE.into(), node.clone());
         }
         // The build's trace starts here, stamped at creation (no extra write); this Pod's span
         // links to it.
         let trace = self.tracing.then(telemetry::new_context);
         if let Some(cx) = &trace {
-            annotations.insert(ANNOTATION_TRACEPARENT.into(), cx.to_string());
+            annotations.insert(keys::TRACEPARENT.into(), cx.to_string());
         }
         build.metadata.annotations = Some(annotations);
         let span = info_span!(
@@ -529,21 +406,16 @@ impl PodWatcher {
                 }
             }
         }
-        None
     }
 
-    /// Publishes an Event on the Pod unless this process already published `key` for it.
-    /// `related` is the NixBuild it is about, if any.
-    async fn announce(
-        &self,
-        pod: &Pod,
-        type_: EventType,
-        reason: &str,
-        key: &str,
-        note: String,
-        related: Option<ObjectReference>,
-    ) {
-        let id = (pod.uid().unwrap_or_default(), format!("{reason}/{key}"));
+    /// Publishes the notice's Event on the Pod unless this process already published its
+    /// `(reason, key)` for it.
+    async fn announce(&self, pod: &Pod, notice: Notice) {
+        let Notice { key, build, event } = notice;
+        let id = (
+            pod.uid().unwrap_or_default(),
+            format!("{}/{key}", event.reason),
+        );
         if !self
             .announced
             .lock()
@@ -562,19 +434,13 @@ impl PodWatcher {
                 namespace: pod.namespace(),
                 ..ObjectMeta::default()
             },
-            type_: Some(
-                match type_ {
-                    EventType::Normal => "Normal",
-                    EventType::Warning => "Warning",
-                }
-                .into(),
-            ),
-            reason: Some(reason.into()),
-            note: Some(note),
+            type_: Some(event.type_.as_str().into()),
+            reason: Some(event.reason.into()),
+            note: Some(event.note),
             action: Some("WatchPod".into()),
             event_time: Some(MicroTime(now)),
             regarding: Some(pod.object_ref(&())),
-            related,
+            related: build.map(|name| build_reference(pod, &name)),
             reporting_controller: Some(self.reporter.controller.clone()),
             reporting_instance: Some(
                 self.reporter
@@ -598,51 +464,13 @@ fn annotated_only(event: watcher::Event<Pod>, cached: &Store<Pod>) -> Option<wat
     use watcher::Event;
     let is_cached = |pod: &Pod| cached.get(&ObjectRef::from(pod)).is_some();
     match event {
-        Event::InitApply(pod) if !podwatch::annotated(&pod) => None,
-        Event::Apply(pod) | Event::Delete(pod)
-            if !podwatch::annotated(&pod) && !is_cached(&pod) =>
-        {
+        Event::InitApply(pod) if !request::annotated(&pod) => None,
+        Event::Apply(pod) | Event::Delete(pod) if !request::annotated(&pod) && !is_cached(&pod) => {
             None
         }
-        Event::Apply(pod) if !podwatch::annotated(&pod) => Some(Event::Delete(pod)),
+        Event::Apply(pod) if !request::annotated(&pod) => Some(Event::Delete(pod)),
         event => Some(event),
     }
-}
-
-/// The builds Pods in `stores` wait for, with the Pod's namespace.
-fn requests<'a>(
-    stores: &'a [Store<Pod>],
-    nodes: &'a Store<Node>,
-) -> impl Iterator<Item = (String, BuildRequest)> + 'a {
-    stores.iter().flat_map(|s| s.state()).flat_map(move |pod| {
-        let namespace = pod.namespace().unwrap_or_default();
-        podwatch::inspect(&pod, node_arch(&pod, nodes).as_deref())
-            .into_iter()
-            .filter_map(move |finding| match finding {
-                Finding::Build(r) => Some((namespace.clone(), r)),
-                _ => None,
-            })
-    })
-}
-
-/// The NixBuilds Pods in `stores` are waiting on, as `(namespace, name)`.
-pub fn waited_on(stores: &[Store<Pod>], nodes: &Store<Node>) -> HashSet<(String, String)> {
-    requests(stores, nodes)
-        .map(|(namespace, r)| (namespace, r.name))
-        .collect()
-}
-
-/// The nodes where Pods wait for the image of NixBuild `name` in `namespace`.
-pub fn waiting_nodes(
-    stores: &[Store<Pod>],
-    nodes: &Store<Node>,
-    namespace: &str,
-    name: &str,
-) -> BTreeSet<String> {
-    requests(stores, nodes)
-        .filter(|(ns, r)| ns == namespace && r.name == name)
-        .filter_map(|(_, r)| r.node)
-        .collect()
 }
 
 /// A reference to the NixBuild `name` in the Pod's namespace, for an Event's `related`.
@@ -654,10 +482,4 @@ fn build_reference(pod: &Pod, name: &str) -> ObjectReference {
         namespace: pod.namespace(),
         ..Default::default()
     }
-}
-
-/// The `kubernetes.io/arch` of the Pod's node, if it is scheduled and the node is known.
-fn node_arch(pod: &Pod, nodes: &Store<Node>) -> Option<String> {
-    let node = nodes.get(&ObjectRef::new(pod.spec.as_ref()?.node_name.as_ref()?))?;
-    node.labels().get(enbi_core::placement::ARCH_LABEL).cloned()
 }

@@ -1,4 +1,4 @@
-//! The mutating admission webhook: gates annotated Pods at creation (`enbi_core::gate::admit`),
+//! The mutating admission webhook: gates annotated Pods at creation (`enbi_core::pod::admission::admit`),
 //! over TLS with a certificate the operator makes and rotates itself.
 //!
 //! Every replica serves it (the Service spreads requests), leader or not: it only answers, it
@@ -20,14 +20,15 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::post;
 use enbi_core::crd::NixBuild;
-use enbi_core::gate::{self, Admission};
-use enbi_core::servingcert::{self, ANNOTATION_HOSTS, ANNOTATION_NOT_AFTER};
+use enbi_core::keys;
+use enbi_core::pod::admission::{self, Admission};
+use enbi_core::servingcert;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PatchParams, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
@@ -42,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::{Decision, Metrics};
 use crate::namespaces::OptIn;
+use crate::patch;
 
 /// Path the MutatingWebhookConfiguration calls.
 pub const PATH: &str = "/mutate-pods";
@@ -210,7 +212,7 @@ impl Admitter {
             .state()
             .iter()
             .filter_map(|n| {
-                let arch = n.labels().get(enbi_core::placement::ARCH_LABEL)?;
+                let arch = n.labels().get(keys::ARCH_LABEL)?;
                 Some((n.name_any(), arch.clone()))
             })
             .collect();
@@ -219,9 +221,9 @@ impl Admitter {
                 .get(&ObjectRef::new(name).within(namespace))
                 .map(|b| b.phase())
         };
-        match gate::admit(pod, &node_archs, phase_of) {
+        match admission::admit(pod, &node_archs, phase_of) {
             Admission::Gate { build, patch } => {
-                match serde_json::from_value(serde_json::Value::Array(patch))
+                match patch::operations(patch)
                     .map_err(|e| e.to_string())
                     .and_then(|p| response.clone().with_patch(p).map_err(|e| e.to_string()))
                 {
@@ -290,8 +292,8 @@ async fn sync(client: &Client, settings: &Settings, resolver: &Resolver) -> Resu
     };
     let reason = servingcert::renewal(
         Timestamp::now(),
-        annotation(ANNOTATION_NOT_AFTER).as_deref(),
-        annotation(ANNOTATION_HOSTS).as_deref(),
+        annotation(keys::CERT_NOT_AFTER).as_deref(),
+        annotation(keys::CERT_HOSTS).as_deref(),
         &hosts,
     );
     let secret = match (reason, current) {
@@ -391,11 +393,11 @@ fn generate(settings: &Settings, previous_ca: Option<&str>) -> Result<Secret, Ce
             namespace: Some(settings.namespace.clone()),
             labels: Some(BTreeMap::from([(
                 "app.kubernetes.io/managed-by".into(),
-                crate::controller::MANAGER.into(),
+                keys::MANAGER.into(),
             )])),
             annotations: Some(BTreeMap::from([
-                (ANNOTATION_NOT_AFTER.into(), not_after.to_string()),
-                (ANNOTATION_HOSTS.into(), settings.hosts.join(",")),
+                (keys::CERT_NOT_AFTER.into(), not_after.to_string()),
+                (keys::CERT_HOSTS.into(), settings.hosts.join(",")),
             ])),
             ..ObjectMeta::default()
         },
@@ -445,10 +447,8 @@ async fn patch_bundle(client: &Client, name: &str, bundle: &[u8]) -> Result<(), 
     if ops.is_empty() {
         return Ok(());
     }
-    let patch =
-        serde_json::from_value(serde_json::Value::Array(ops)).map_err(kube::Error::SerdeError)?;
-    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-        .await?;
+    let patch = patch::json_patch(ops).map_err(kube::Error::SerdeError)?;
+    api.patch(name, &PatchParams::default(), &patch).await?;
     info!(configuration = %name, "admission webhook CA bundle patched");
     Ok(())
 }

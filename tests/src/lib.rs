@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use enbi_core::keys;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -96,8 +97,7 @@ impl TestNamespace {
     /// [`TestNamespace::new`], opted in to builds from Pod annotations
     /// (`enbi.hrzn.ee/pod-builds=enabled`).
     pub async fn opted_in(client: &Client, prefix: &str) -> Self {
-        let labels =
-            serde_json::json!({enbi_core::optin::LABEL_POD_BUILDS: enbi_core::optin::ENABLED});
+        let labels = serde_json::json!({keys::POD_BUILDS: keys::POD_BUILDS_ENABLED});
         Self::with_labels(client, prefix, labels).await
     }
 
@@ -532,7 +532,9 @@ impl Drop for Webhook {
 
 /// Whether the Pod carries enbi's scheduling gate.
 pub fn is_gated(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
-    pod.spec.as_ref().is_some_and(enbi_core::gate::is_gated)
+    pod.spec
+        .as_ref()
+        .is_some_and(enbi_core::pod::gate::is_gated)
 }
 
 /// The annotations with which a Pod asks enbi for `tag`, built from `flake`'s

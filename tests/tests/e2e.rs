@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, Phase};
+use enbi_core::keys;
 use enbi_tests::host::{Fixture, NIX_CONFIG};
 use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, Webhook, build_namespace, eventually};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -596,11 +597,7 @@ async fn node_loaded(nixbuilds: &Api<NixBuild>, name: &str, node: &str, loads: u
 
 /// The load Jobs of NixBuild `name` in `namespace`, as (node, round), by round.
 async fn load_job_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(String, String)> {
-    let selector = format!(
-        "{},{}={name}",
-        enbi_core::job::LABEL_LOAD_ROUND,
-        enbi_core::job::LABEL_BUILD_NAME
-    );
+    let selector = format!("{},{}={name}", keys::LOAD_ROUND, keys::BUILD_NAME);
     let mut loads: Vec<(String, String)> = Api::<Job>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await
@@ -608,11 +605,8 @@ async fn load_job_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(St
         .items
         .iter()
         .map(|j| {
-            let node = j
-                .annotations()
-                .get(enbi_core::job::ANNOTATION_LOAD_NODE)
-                .cloned();
-            let round = j.labels().get(enbi_core::job::LABEL_LOAD_ROUND).cloned();
+            let node = j.annotations().get(keys::LOAD_NODE).cloned();
+            let round = j.labels().get(keys::LOAD_ROUND).cloned();
             (node.unwrap_or_default(), round.unwrap_or_default())
         })
         .collect();

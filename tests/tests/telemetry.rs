@@ -11,9 +11,10 @@ use std::net::TcpStream;
 use std::time::{Duration, SystemTime};
 
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
+use enbi_core::keys;
 use enbi_core::reason::FailureReason;
 use enbi_core::result::{BuildReport, FailureReport};
-use enbi_core::trace::{ANNOTATION_TRACEPARENT, TraceContext};
+use enbi_core::trace::TraceContext;
 use enbi_tests::host::{Containerd, Fixture};
 use enbi_tests::{
     OPERATOR_LOCK, Operator, TestNamespace, build_namespace, eventually, finish_builder, jobs_for,
@@ -397,7 +398,7 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     let root_id: String = context.to_string()[36..52].to_owned();
     assert_eq!(
         job_traceparent(&client, &builds.name, &name).await,
-        build.annotations()[ANNOTATION_TRACEPARENT],
+        build.annotations()[keys::TRACEPARENT],
         "the builder joins the build's trace"
     );
 
@@ -557,7 +558,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
     // A NixBuild made by a user gets its trace context from the operator.
     let traceparent = job_traceparent(&client, &builds.name, "broken").await;
     let stamped = nixbuilds.get("broken").await.expect("get");
-    assert_eq!(stamped.annotations()[ANNOTATION_TRACEPARENT], traceparent);
+    assert_eq!(stamped.annotations()[keys::TRACEPARENT], traceparent);
     let context = TraceContext::parse(&traceparent).expect("valid traceparent");
     let trace = context.trace_id_hex();
     collector
@@ -580,7 +581,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
     finish_builder(&client, &builds.name, "broken", 1, &failure).await;
     let failed = wait_phase(&client, &app.name, "broken", Phase::Failed).await;
     assert_eq!(
-        failed.annotations()[ANNOTATION_TRACEPARENT],
+        failed.annotations()[keys::TRACEPARENT],
         traceparent,
         "the trace context is kept"
     );

@@ -3,6 +3,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::crd::{ImageNodeState, NixBuildSpec};
+use crate::keys;
 use crate::placement::{NodeView, place};
 use crate::result::{FailureReport, ImageReport, Timings};
 
@@ -193,8 +194,7 @@ fn success_path_records_digest_size_and_node() {
     // A retry starts over: no node holds the new attempt's image yet.
     apply(&mut b, &d);
     b.status.as_mut().expect("status").phase = Some(Phase::Failed);
-    b.metadata.annotations =
-        Some([(crate::crd::ANNOTATION_RETRY.to_owned(), "1".to_owned())].into());
+    b.metadata.annotations = Some([(keys::RETRY.to_owned(), "1".to_owned())].into());
     let d = decide(observe(&b, None, 70), &settings());
     assert!(d.create_job.is_some());
     assert!(d.status.image_nodes.is_empty());
@@ -519,8 +519,7 @@ fn retry_annotation_starts_a_fresh_round_once() {
             .is_none()
     );
 
-    b.metadata.annotations =
-        Some([(crate::crd::ANNOTATION_RETRY.to_owned(), "1".to_owned())].into());
+    b.metadata.annotations = Some([(keys::RETRY.to_owned(), "1".to_owned())].into());
     let d = decide(observe(&b, None, 3), &settings());
     assert_eq!(d.create_job.as_ref().map(|p| p.attempt), Some(2));
     assert_eq!(d.status.phase, Some(Phase::Building));

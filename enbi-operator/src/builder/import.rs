@@ -28,6 +28,7 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use enbi_core::keys;
 use enbi_core::reason::FailureReason;
 use enbi_core::reference::registry_and_repository;
 use serde_json::Value;
@@ -39,8 +40,6 @@ use super::log::LogTail;
 use super::output;
 use super::process::wait_until;
 
-/// Image label naming the Nix store path the image was loaded from.
-pub const STORE_PATH_LABEL: &str = "enbi.hrzn.ee/store-path";
 /// Where the image came from, as the OCI annotations name it: the locked flake and its commit.
 pub const SOURCE_LABEL: &str = "org.opencontainers.image.source";
 pub const REVISION_LABEL: &str = "org.opencontainers.image.revision";
@@ -129,7 +128,11 @@ pub fn load(
     ctr.check_socket()?;
     let deadline = Instant::now() + request.timeout;
     if let Some(existing) = ctr.image(request.tag)?
-        && existing.labels.get(STORE_PATH_LABEL).map(String::as_str) == Some(request.store_path)
+        && existing
+            .labels
+            .get(keys::IMAGE_STORE_PATH)
+            .map(String::as_str)
+            == Some(request.store_path)
     {
         match label(ctr, request, &existing.digest) {
             Ok(size) => {
@@ -254,7 +257,10 @@ fn conflict(request: &Request, existing: &str, built: &str) -> LoadError {
 }
 
 fn image_labels(request: &Request) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([(STORE_PATH_LABEL.to_owned(), request.store_path.to_owned())]);
+    let mut labels = BTreeMap::from([(
+        keys::IMAGE_STORE_PATH.to_owned(),
+        request.store_path.to_owned(),
+    )]);
     if request.pin {
         labels.insert(PINNED_LABEL.to_owned(), "pinned".to_owned());
     }

@@ -1,12 +1,10 @@
-//! Scheduling gates for Pods whose image enbi has yet to build: `Pod -> Admission` when a Pod
-//! is created, `(request, NixBuild) -> release?` while it waits.
+//! Scheduling gates for Pods whose image enbi has yet to build: `(request, NixBuild) ->
+//! release?` while a gated Pod waits, and the patch that lets it go; and which Pods waiting in
+//! the kubelet's back-off to recreate.
 //!
-//! A gated Pod (`spec.schedulingGates` holds [`GATE`]) is not scheduled, so no kubelet tries to
+//! A gated Pod (`spec.schedulingGates` holds [`keys::GATE`]) is not scheduled, so no kubelet tries to
 //! pull its image and nothing backs off: when the build succeeds, the gate goes and the Pod
-//! starts at once. The admission webhook adds the gate and the resolved
-//! `enbi.hrzn.ee/nixbuild-system` annotation (a gated Pod has no node to take the architecture
-//! from), and nothing else: it has no side effects. The Pod watcher sees the gated Pod a moment
-//! later and creates its NixBuild. Every gate has a way out: the build succeeds, the NixBuild is
+//! starts at once. The admission webhook adds the gate (`admission`). Every gate has a way out: the build succeeds, the NixBuild is
 //! deleted, or the Pod stops asking for a valid build; a failed build keeps its Pods gated until
 //! it is retried (`enbi.hrzn.ee/retry`) or deleted.
 //!
@@ -23,141 +21,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec};
 use serde_json::{Value, json};
 
-use crate::crd::{ImageNodeState, NixBuild, Phase};
-use crate::podwatch::{self, ANNOTATION_IMAGE_TAG, ANNOTATION_SYSTEM, BuildRequest};
-use crate::{naming, reference, system};
-
-/// The scheduling gate enbi adds and removes.
-pub const GATE: &str = "enbi.hrzn.ee/image";
-
-const ARCH_LABEL: &str = crate::placement::ARCH_LABEL;
-/// The node label the narrowed affinity selects on.
-pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
-
-/// What the admission webhook does with a Pod being created.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Admission {
-    /// Leave it as it is; `warning` (for the client) says why when the Pod asked for enbi.
-    Allow { warning: Option<String> },
-    /// Gate it until NixBuild `build` has loaded its image: apply `patch` (JSON patch ops).
-    Gate { build: String, patch: Vec<Value> },
-}
-
-impl Admission {
-    fn allow() -> Self {
-        Self::Allow { warning: None }
-    }
-    fn warn(warning: String) -> Self {
-        Self::Allow {
-            warning: Some(warning),
-        }
-    }
-}
+use super::request::BuildRequest;
+use crate::crd::{NixBuild, Phase};
+use crate::event::Event;
+use crate::keys;
 
 /// Whether the Pod carries enbi's gate.
 pub fn is_gated(spec: &PodSpec) -> bool {
     spec.scheduling_gates
         .iter()
         .flatten()
-        .any(|g| g.name == GATE)
-}
-
-/// Decides what to do with a Pod being created. `node_archs` maps node names to their
-/// `kubernetes.io/arch`; `phase_of` gives the phase of a NixBuild in the Pod's namespace.
-pub fn admit(
-    pod: &Pod,
-    node_archs: &BTreeMap<String, String>,
-    phase_of: impl Fn(&str) -> Option<Phase>,
-) -> Admission {
-    let empty = BTreeMap::new();
-    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    let (Some(tag), Some(spec)) = (annotations.get(ANNOTATION_IMAGE_TAG), pod.spec.as_ref()) else {
-        return Admission::allow();
-    };
-    if is_gated(spec) {
-        return Admission::allow();
-    }
-    let ours: Vec<_> = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .filter(|c| {
-            c.image
-                .as_deref()
-                .is_some_and(|i| reference::same_image(i, tag))
-        })
-        .collect();
-    if ours.is_empty() {
-        return Admission::allow();
-    }
-    if ours
-        .iter()
-        .all(|c| c.image_pull_policy.as_deref() == Some("Always"))
-    {
-        return Admission::warn(format!(
-            "enbi: imagePullPolicy Always never uses an image enbi loads onto a node; use \
-             IfNotPresent or Never for {tag}"
-        ));
-    }
-    let system = match annotations.get(ANNOTATION_SYSTEM) {
-        Some(s) => Some(s.clone()),
-        None => system_of(spec, node_archs),
-    };
-    let Some(system) = system else {
-        return Admission::warn(format!(
-            "enbi: not gated: the nodes this Pod may run on have several architectures; set \
-             {ANNOTATION_SYSTEM} (or a {ARCH_LABEL} nodeSelector) to build before it is scheduled"
-        ));
-    };
-    let mut with_system = annotations.clone();
-    with_system.insert(ANNOTATION_SYSTEM.into(), system.clone());
-    let spec_of_build = match podwatch::request(&with_system, None) {
-        Ok(s) => s,
-        Err(message) => return Admission::warn(format!("enbi: not gated: {message}")),
-    };
-    let build = naming::nixbuild_name(&spec_of_build);
-    if phase_of(&build) == Some(Phase::Succeeded) {
-        return Admission::allow();
-    }
-    let gate = json!({"name": GATE});
-    let mut patch = vec![if spec.scheduling_gates.is_some() {
-        json!({"op": "add", "path": "/spec/schedulingGates/-", "value": gate})
-    } else {
-        json!({"op": "add", "path": "/spec/schedulingGates", "value": [gate]})
-    }];
-    if !annotations.contains_key(ANNOTATION_SYSTEM) {
-        patch.push(json!({
-            "op": "add",
-            "path": format!("/metadata/annotations/{}", ANNOTATION_SYSTEM.replace('/', "~1")),
-            "value": system,
-        }));
-    }
-    Admission::Gate { build, patch }
-}
-
-/// The Nix system of the nodes the Pod can run on, from its `kubernetes.io/arch` node selector,
-/// else the node it names (`nodeName` or a hostname selector), else the one architecture of
-/// every node; `None` when that leaves more than one (or none).
-fn system_of(spec: &PodSpec, node_archs: &BTreeMap<String, String>) -> Option<String> {
-    let selector = spec.node_selector.as_ref();
-    let arch = selector
-        .and_then(|s| s.get(ARCH_LABEL).cloned())
-        .or_else(|| {
-            let node = spec
-                .node_name
-                .as_ref()
-                .or_else(|| selector.and_then(|s| s.get(HOSTNAME_LABEL)))?;
-            node_archs.get(node).cloned()
-        })
-        .or_else(|| {
-            let archs: BTreeSet<&String> = node_archs.values().collect();
-            match archs.into_iter().collect::<Vec<_>>()[..] {
-                [one] => Some(one.clone()),
-                _ => None,
-            }
-        })?;
-    system::from_arch(&arch).map(|s| s.nix.to_owned())
+        .any(|g| g.name == keys::GATE)
 }
 
 /// Why a gated Pod's gate should go now, or `None` to keep waiting. `request` is what the Pod
@@ -189,36 +63,62 @@ pub fn ungate_patch(spec: &PodSpec) -> Option<Vec<Value>> {
         .scheduling_gates
         .as_ref()?
         .iter()
-        .position(|g| g.name == GATE)?;
+        .position(|g| g.name == keys::GATE)?;
     let path = format!("/spec/schedulingGates/{index}");
     Some(vec![
-        json!({"op": "test", "path": format!("{path}/name"), "value": GATE}),
+        json!({"op": "test", "path": format!("{path}/name"), "value": keys::GATE}),
         json!({"op": "remove", "path": path}),
     ])
 }
 
-/// The nodes that hold the image of NixBuild `build` once it Succeeded: its `status.imageNodes`
-/// in state `Loaded`, and its build node unless `imageNodes` says otherwise of it.
-pub fn image_holders(build: &NixBuild) -> BTreeSet<String> {
-    let Some(status) = build
-        .status
-        .as_ref()
-        .filter(|_| build.phase() == Phase::Succeeded)
-    else {
-        return BTreeSet::new();
-    };
-    let mut nodes: BTreeSet<String> = status
-        .image_nodes
-        .iter()
-        .filter(|n| n.state == ImageNodeState::Loaded)
-        .map(|n| n.node.clone())
-        .collect();
-    if let Some(node) = &status.build_node
-        && !status.image_nodes.iter().any(|n| &n.node == node)
+/// How to let a gated Pod go: JSON patches to try in order, each a fallback for the one before
+/// when the apiserver refuses it as invalid (422).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UngatePlan {
+    pub attempts: Vec<UngateAttempt>,
+}
+
+/// One patch, and the Event to publish on the Pod when it is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UngateAttempt {
+    pub patch: Vec<Value>,
+    pub event: Option<Event>,
+}
+
+/// The plan that removes enbi's gate from a Pod whose spec is `spec` (as it is now), or `None`
+/// when it has none. With `narrow` (the NixBuild whose image the Pod waits for, and the nodes
+/// holding it), the first attempt also narrows the Pod's node affinity to the holders it can
+/// run on ([`narrow_patch`]), and the second removes only the gate: a narrowing the apiserver
+/// refuses (a rule of another version, say) must not keep the Pod gated.
+pub fn ungate_plan(spec: &PodSpec, narrow: Option<(&NixBuild, &[&Node])>) -> Option<UngatePlan> {
+    let ungate = ungate_patch(spec)?;
+    let mut attempts = vec![];
+    if let Some((build, holders)) = narrow
+        && let Some(ops) = narrow_patch(spec, holders)
     {
-        nodes.insert(node.clone());
+        let nodes: Vec<&str> = holders
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        attempts.push(UngateAttempt {
+            patch: ops.into_iter().chain(ungate.clone()).collect(),
+            event: Some(Event::normal(
+                "NodeAffinityNarrowed",
+                format!(
+                    "Node affinity narrowed, as the scheduling gate went, to the nodes among \
+                     those holding the image of NixBuild {} ({}) that the Pod can run on \
+                     (--narrow-gated-pods).",
+                    build.metadata.name.as_deref().unwrap_or_default(),
+                    nodes.join(", ")
+                ),
+            )),
+        });
     }
-    nodes
+    attempts.push(UngateAttempt {
+        patch: ungate,
+        event: None,
+    });
+    Some(UngatePlan { attempts })
 }
 
 /// JSON patch operations that narrow a gated Pod's required node affinity to the nodes among
@@ -261,13 +161,19 @@ pub fn narrow_patch(spec: &PodSpec, holders: &[&Node]) -> Option<Vec<Value>> {
                     .all(|(k, v)| labels.get(k) == Some(v))
                 && (terms.is_empty() || terms.iter().any(|t| term_matches(t, &labels, name)))
         })
-        .filter_map(|node| node.metadata.labels.as_ref()?.get(HOSTNAME_LABEL).cloned())
+        .filter_map(|node| {
+            node.metadata
+                .labels
+                .as_ref()?
+                .get(keys::HOSTNAME_LABEL)
+                .cloned()
+        })
         .collect();
     if hostnames.is_empty() {
         return None;
     }
     let expression = NodeSelectorRequirement {
-        key: HOSTNAME_LABEL.into(),
+        key: keys::HOSTNAME_LABEL.into(),
         operator: "In".into(),
         values: Some(hostnames.into_iter().collect()),
     };
@@ -356,7 +262,7 @@ const RECREATED_BY: [&str; 3] = ["ReplicaSet", "StatefulSet", "DaemonSet"];
 
 /// Whether to delete a Pod that waits in the kubelet's back-off for an image that `build` has
 /// now loaded, so that its controller makes a new one, which starts at once. Only on a node
-/// that holds the image (`status.imageNodes`, or the build node): elsewhere the new Pod might
+/// that holds the image (`NixBuild::image_holders`): elsewhere the new Pod might
 /// land on a node without it again, and be deleted again. Only a Pod made before the image
 /// landed there: one made after it that still waits means the image went away, which a reload
 /// fixes (`spread`), not another Pod.
@@ -364,22 +270,8 @@ pub fn recreate(pod: &Pod, build: Option<&NixBuild>) -> bool {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     // Whether the node holds the image, and since when (if known).
     let holds = build
-        .filter(|b| b.phase() == Phase::Succeeded)
-        .and_then(|b| b.status.as_ref())
         .zip(node)
-        .and_then(
-            |(status, node)| match status.image_nodes.iter().find(|n| n.node == node) {
-                Some(entry) => {
-                    (entry.state == ImageNodeState::Loaded).then(|| Some(entry.since.clone()))
-                }
-                None if status.image_nodes.is_empty()
-                    && status.build_node.as_deref() == Some(node) =>
-                {
-                    Some(status.completion_time.clone())
-                }
-                None => None,
-            },
-        );
+        .and_then(|(build, node)| build.image_holders().remove(node));
     let created = pod.metadata.creation_timestamp.as_ref();
     let succeeded = holds.is_some_and(|since| match (created, since) {
         (Some(created), Some(since)) => created.0 <= since.0,
@@ -400,230 +292,10 @@ pub fn recreate(pod: &Pod, build: Option<&NixBuild>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    use crate::crd::NixBuildStatus;
-    use crate::podwatch::{ANNOTATION_FLAKE_URL, ANNOTATION_PACKAGE_NAME};
-
-    const TAG: &str = "example.test/app:v1";
-
-    fn pod(annotations: Value, spec: Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "apps", "annotations": annotations},
-            "spec": spec,
-        }))
-        .expect("pod")
-    }
-
-    fn annotations() -> Value {
-        json!({
-            ANNOTATION_FLAKE_URL: "github:example/app",
-            ANNOTATION_IMAGE_TAG: TAG,
-            ANNOTATION_PACKAGE_NAME: "app.stream",
-        })
-    }
-
-    fn spec(extra: Value) -> Value {
-        let mut s = json!({"containers": [{"name": "app", "image": TAG, "imagePullPolicy": "IfNotPresent"}]});
-        for (k, v) in extra.as_object().expect("object") {
-            s[k] = v.clone();
-        }
-        s
-    }
-
-    fn archs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(n, a)| ((*n).to_owned(), (*a).to_owned()))
-            .collect()
-    }
-
-    fn build(phase: Option<Phase>) -> NixBuild {
-        let mut b = NixBuild::new(
-            "b",
-            crate::crd::NixBuildSpec {
-                flake_url: "github:example/app".into(),
-                package_name: "app.stream".into(),
-                image_tag: TAG.into(),
-                system: "x86_64-linux".into(),
-            },
-        );
-        b.status = phase.map(|phase| NixBuildStatus {
-            phase: Some(phase),
-            ..Default::default()
-        });
-        b
-    }
-
-    /// What, the Pod, the nodes' archs, and the expected patch (`None`: not gated).
-    type Case<'a> = (
-        &'a str,
-        Pod,
-        &'a BTreeMap<String, String>,
-        Option<Vec<Value>>,
-    );
-
-    #[test]
-    fn admission_table() {
-        let mixed = archs(&[("a1", "arm64"), ("x1", "amd64")]);
-        let amd = archs(&[("x1", "amd64"), ("x2", "amd64")]);
-        let nothing_built = |_: &str| None;
-        let system_patch = json!({"op": "add", "path": "/metadata/annotations/enbi.hrzn.ee~1nixbuild-system", "value": "x86_64-linux"});
-        let gate_patch =
-            json!({"op": "add", "path": "/spec/schedulingGates", "value": [{"name": GATE}]});
-        let mut with_system = annotations();
-        with_system[ANNOTATION_SYSTEM] = json!("aarch64-linux");
-        let mut bad = annotations();
-        bad[ANNOTATION_FLAKE_URL] = json!("not a flake");
-        let cases: Vec<Case<'_>> = vec![
-            ("not annotated", pod(json!({}), spec(json!({}))), &amd, None),
-            (
-                "one arch in the cluster",
-                pod(annotations(), spec(json!({}))),
-                &amd,
-                Some(vec![gate_patch.clone(), system_patch.clone()]),
-            ),
-            (
-                "arch selector",
-                pod(
-                    annotations(),
-                    spec(json!({"nodeSelector": {ARCH_LABEL: "amd64"}})),
-                ),
-                &mixed,
-                Some(vec![gate_patch.clone(), system_patch.clone()]),
-            ),
-            (
-                "hostname selector",
-                pod(
-                    annotations(),
-                    spec(json!({"nodeSelector": {HOSTNAME_LABEL: "x1"}})),
-                ),
-                &mixed,
-                Some(vec![gate_patch.clone(), system_patch.clone()]),
-            ),
-            (
-                "system annotation kept as it is",
-                pod(with_system.clone(), spec(json!({}))),
-                &mixed,
-                Some(vec![gate_patch.clone()]),
-            ),
-            (
-                "other gates are kept",
-                pod(
-                    with_system,
-                    spec(json!({"schedulingGates": [{"name": "other"}]})),
-                ),
-                &mixed,
-                Some(vec![
-                    json!({"op": "add", "path": "/spec/schedulingGates/-", "value": {"name": GATE}}),
-                ]),
-            ),
-            (
-                "several archs, no hint",
-                pod(annotations(), spec(json!({}))),
-                &mixed,
-                None,
-            ),
-            ("bad annotations", pod(bad, spec(json!({}))), &amd, None),
-            (
-                "image is not the tag",
-                pod(
-                    annotations(),
-                    json!({"containers": [{"name": "app", "image": "other:v1"}]}),
-                ),
-                &amd,
-                None,
-            ),
-            (
-                "pull policy Always",
-                pod(
-                    annotations(),
-                    json!({"containers": [{"name": "app", "image": TAG, "imagePullPolicy": "Always"}]}),
-                ),
-                &amd,
-                None,
-            ),
-            (
-                "already gated",
-                pod(
-                    annotations(),
-                    spec(json!({"schedulingGates": [{"name": GATE}]})),
-                ),
-                &amd,
-                None,
-            ),
-            (
-                "init container",
-                pod(
-                    annotations(),
-                    json!({"initContainers": [{"name": "i", "image": TAG}], "containers": [{"name": "app", "image": "busybox"}]}),
-                ),
-                &amd,
-                Some(vec![gate_patch.clone(), system_patch.clone()]),
-            ),
-        ];
-        for (what, pod, nodes, want) in cases {
-            let got = admit(&pod, nodes, nothing_built);
-            match (got, want) {
-                (Admission::Gate { build, patch }, Some(want)) => {
-                    assert_eq!(patch, want, "{what}");
-                    assert!(naming::is_dns_label(&build), "{what}");
-                }
-                (Admission::Allow { .. }, None) => {}
-                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn warnings_say_why_a_pod_asking_for_enbi_is_not_gated() {
-        let amd = archs(&[("x1", "amd64")]);
-        let mut bad = annotations();
-        bad[ANNOTATION_FLAKE_URL] = json!("not a flake");
-        let Admission::Allow { warning: Some(w) } =
-            admit(&pod(bad, spec(json!({}))), &amd, |_| None)
-        else {
-            panic!("a warning")
-        };
-        assert!(
-            w.contains("annotation enbi.hrzn.ee/nixbuild-flakeUrl"),
-            "{w}"
-        );
-        let mixed = archs(&[("a1", "arm64"), ("x1", "amd64")]);
-        let Admission::Allow { warning: Some(w) } =
-            admit(&pod(annotations(), spec(json!({}))), &mixed, |_| None)
-        else {
-            panic!("a warning")
-        };
-        assert!(w.contains(ANNOTATION_SYSTEM), "{w}");
-        assert_eq!(
-            admit(&pod(json!({}), spec(json!({}))), &amd, |_| None),
-            Admission::Allow { warning: None }
-        );
-    }
-
-    #[test]
-    fn a_pod_whose_build_succeeded_is_never_gated() {
-        let amd = archs(&[("x1", "amd64")]);
-        let p = pod(annotations(), spec(json!({})));
-        let Admission::Gate { build, .. } = admit(&p, &amd, |_| None) else {
-            panic!("gated while nothing is built")
-        };
-        for phase in [Phase::Pending, Phase::Building, Phase::Failed] {
-            assert!(
-                matches!(
-                    admit(&p, &amd, |n| (n == build).then_some(phase)),
-                    Admission::Gate { .. }
-                ),
-                "{phase:?}"
-            );
-        }
-        assert_eq!(
-            admit(&p, &amd, |n| (n == build).then_some(Phase::Succeeded)),
-            Admission::Allow { warning: None }
-        );
-    }
+    use super::*;
+    use crate::pod::fixtures::{annotations, build, pod, spec};
 
     #[test]
     fn the_gate_goes_when_the_build_succeeds_or_is_deleted_or_the_pod_asks_for_nothing() {
@@ -677,13 +349,13 @@ mod tests {
     fn ungating_removes_only_our_gate() {
         let p = pod(
             annotations(),
-            spec(json!({"schedulingGates": [{"name": "other"}, {"name": GATE}]})),
+            spec(json!({"schedulingGates": [{"name": "other"}, {"name": keys::GATE}]})),
         );
         let patch = ungate_patch(p.spec.as_ref().expect("spec")).expect("a patch");
         assert_eq!(
             patch,
             [
-                json!({"op": "test", "path": "/spec/schedulingGates/1/name", "value": GATE}),
+                json!({"op": "test", "path": "/spec/schedulingGates/1/name", "value": keys::GATE}),
                 json!({"op": "remove", "path": "/spec/schedulingGates/1"}),
             ]
         );
@@ -787,7 +459,7 @@ mod tests {
         assert!(!recreate(&young, Some(&loaded)), "made after it landed");
         let mut gated = owned("ReplicaSet", true);
         gated.spec.as_mut().expect("spec").scheduling_gates = Some(vec![
-            serde_json::from_value(json!({"name": GATE})).expect("gate"),
+            serde_json::from_value(json!({"name": keys::GATE})).expect("gate"),
         ]);
         assert!(
             !recreate(&gated, Some(&done)),
@@ -797,7 +469,7 @@ mod tests {
 
     fn node(name: &str, extra: Value) -> Node {
         let mut n = json!({
-            "metadata": {"name": name, "labels": {HOSTNAME_LABEL: name, ARCH_LABEL: "amd64"}},
+            "metadata": {"name": name, "labels": {keys::HOSTNAME_LABEL: name, keys::ARCH_LABEL: "amd64"}},
             "status": {"conditions": [{"type": "Ready", "status": "True"}]},
         });
         if let Some(spec) = extra.get("spec") {
@@ -812,7 +484,7 @@ mod tests {
     }
 
     fn hostnames(values: &[&str]) -> Value {
-        json!({"key": HOSTNAME_LABEL, "operator": "In", "values": values})
+        json!({"key": keys::HOSTNAME_LABEL, "operator": "In", "values": values})
     }
 
     const REQUIRED: &str =
@@ -883,7 +555,7 @@ mod tests {
             json!({"spec": {"taints": [{"key": "dedicated", "value": "builds", "effect": "NoSchedule"}]}}),
         );
         let cordoned = node("cordoned", json!({"spec": {"unschedulable": true}}));
-        let arm = node("arm", json!({"labels": {ARCH_LABEL: "arm64"}}));
+        let arm = node("arm", json!({"labels": {keys::ARCH_LABEL: "arm64"}}));
         let ok = node("ok", json!({}));
         let mut not_ready = node("notready", json!({}));
         not_ready.status = None;
@@ -897,7 +569,7 @@ mod tests {
                     {"nodeSelectorTerms": [{"matchExpressions": [hostnames(names)]}]}}}})])
         };
         let all = [&tainted, &cordoned, &arm, &ok, &not_ready];
-        let selector = json!({"nodeSelector": {ARCH_LABEL: "amd64"}});
+        let selector = json!({"nodeSelector": {keys::ARCH_LABEL: "amd64"}});
         assert_eq!(narrow(selector.clone(), &all), only(&["ok"]));
         assert_eq!(narrow(json!({}), &all), only(&["arm", "ok"]));
         let tolerating = json!({"tolerations": [{"key": "dedicated", "operator": "Exists"}]});
@@ -946,35 +618,5 @@ mod tests {
             !term_matches(&NodeSelectorTerm::default(), &labels, "n"),
             "an empty term matches nothing"
         );
-    }
-
-    #[test]
-    fn the_image_is_held_by_loaded_nodes_and_the_build_node() {
-        let since = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
-        let mut b = build(Some(Phase::Succeeded));
-        let status = b.status.as_mut().expect("status");
-        status.build_node = Some("n1".into());
-        assert_eq!(image_holders(&b), BTreeSet::from(["n1".to_owned()]));
-        let status = b.status.as_mut().expect("status");
-        let mut loading = crate::spread::loaded("n3", 1, since.clone());
-        loading.state = ImageNodeState::Loading;
-        status.image_nodes = vec![
-            crate::spread::loaded("n1", 1, since.clone()),
-            crate::spread::loaded("n2", 1, since.clone()),
-            loading,
-        ];
-        assert_eq!(
-            image_holders(&b),
-            BTreeSet::from(["n1".to_owned(), "n2".to_owned()])
-        );
-        let status = b.status.as_mut().expect("status");
-        status.image_nodes[0].state = ImageNodeState::Failed;
-        assert_eq!(
-            image_holders(&b),
-            BTreeSet::from(["n2".to_owned()]),
-            "the build node's image went away"
-        );
-        b.status.as_mut().expect("status").phase = Some(Phase::Failed);
-        assert!(image_holders(&b).is_empty(), "not built");
     }
 }
