@@ -10,29 +10,32 @@ pub struct Limits {
     pub per_node: usize,
 }
 
+/// Which cap keeps a build from starting now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("{running} builds are running, the cluster-wide limit")]
+    Cluster { running: usize },
+    #[error("every eligible node ({}) runs {per_node} build(s), the per-node limit", nodes.join(", "))]
+    Nodes { nodes: Vec<String>, per_node: usize },
+}
+
 /// Checks whether a build may start, given the nodes of the builds running now (`None`: not
 /// scheduled yet) and the nodes eligible for the new one. `Err` says which cap is reached.
-pub fn check(
-    running: &[Option<String>],
-    eligible: &[String],
-    limits: Limits,
-) -> Result<(), String> {
+pub fn check(running: &[Option<String>], eligible: &[String], limits: Limits) -> Result<(), Full> {
     if limits.global > 0 && running.len() >= limits.global {
-        return Err(format!(
-            "{} builds are running, the cluster-wide limit",
-            running.len()
-        ));
+        return Err(Full::Cluster {
+            running: running.len(),
+        });
     }
     if limits.per_node > 0 && !eligible.is_empty() {
         let busy = |node: &String| {
             running.iter().filter(|n| n.as_ref() == Some(node)).count() >= limits.per_node
         };
         if eligible.iter().all(busy) {
-            return Err(format!(
-                "every eligible node ({}) runs {} build(s), the per-node limit",
-                eligible.join(", "),
-                limits.per_node
-            ));
+            return Err(Full::Nodes {
+                nodes: eligible.to_vec(),
+                per_node: limits.per_node,
+            });
         }
     }
     Ok(())
@@ -56,9 +59,20 @@ mod tests {
         assert_eq!(check(&[], &eligible, limits), Ok(()));
         assert_eq!(check(&[n("a")], &eligible, limits), Ok(()));
         let err = check(&[n("a"), n("b")], &eligible, limits).unwrap_err();
-        assert!(err.contains("every eligible node (a, b)"), "{err}");
+        assert_eq!(
+            err,
+            Full::Nodes {
+                nodes: eligible.clone(),
+                per_node: 1
+            }
+        );
+        assert!(
+            err.to_string().contains("every eligible node (a, b)"),
+            "{err}"
+        );
         let err = check(&[n("x"), None, n("y")], &eligible, limits).unwrap_err();
-        assert!(err.contains("3 builds are running"), "{err}");
+        assert_eq!(err, Full::Cluster { running: 3 });
+        assert!(err.to_string().contains("3 builds are running"), "{err}");
     }
 
     #[test]

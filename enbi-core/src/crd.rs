@@ -89,7 +89,7 @@ pub struct NixBuildStatus {
     pub image_size: Option<i64>,
     /// Where the image came from: the locked flake, the derivation and its output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provenance: Option<crate::result::Provenance>,
+    pub provenance: Option<crate::report::Provenance>,
     /// The nodes enbi loaded the image on (the build node first) or is loading it on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]

@@ -30,6 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::crd::NixBuild;
+use crate::defaults;
 use crate::keys;
 use crate::naming;
 use crate::trace::TraceContext;
@@ -41,15 +42,14 @@ pub const BUILD_CONTAINER: &str = "build";
 /// The container that loads the image from the pipe into containerd and writes the report.
 pub const LOAD_CONTAINER: &str = "load";
 /// The `emptyDir` both containers share, and the FIFO in it.
-const HANDOFF_DIR: &str = "/run/enbi";
-const IMAGE_PIPE: &str = "/run/enbi/image";
 /// The build container's home (Nix's caches) in `node-daemon` mode, where it is not root.
 const BUILD_HOME: &str = "/home/build";
 /// The unprivileged user the build container runs as in `node-daemon` mode (`nobody`).
 pub const BUILD_USER: i64 = 65534;
 
-/// Where the builder's Nix store is.
+/// Where the builder's Nix store is (the operator's `--store-mode`, the builder's `--store`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum StoreMode {
     /// The builder image's own store: self-contained, nothing from the node but containerd.
     Pod,
@@ -95,16 +95,15 @@ pub struct BuilderSettings {
 impl Default for BuilderSettings {
     fn default() -> Self {
         Self {
-            // The image the repository's flake builds, loaded onto nodes like any enbi image.
-            image: concat!("localhost/enbi:", env!("CARGO_PKG_VERSION")).into(),
-            namespace: "enbi-builds".into(),
-            service_account: "enbi-builder".into(),
-            containerd_socket: "/run/containerd/containerd.sock".into(),
-            containerd_namespace: "k8s.io".into(),
+            image: defaults::BUILDER_IMAGE.into(),
+            namespace: defaults::BUILD_NAMESPACE.into(),
+            service_account: defaults::BUILDER_SERVICE_ACCOUNT.into(),
+            containerd_socket: defaults::CONTAINERD_SOCKET.into(),
+            containerd_namespace: defaults::CONTAINERD_NAMESPACE.into(),
             store: StoreMode::Pod,
-            nix_daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
-            active_deadline_seconds: 3600,
-            ttl_seconds_after_finished: 3600,
+            nix_daemon_socket: defaults::NIX_DAEMON_SOCKET.into(),
+            active_deadline_seconds: defaults::BUILD_TIMEOUT_SECONDS,
+            ttl_seconds_after_finished: defaults::JOB_TTL_SECONDS,
             pin: true,
             allow_overwrite: false,
             resources: None,
@@ -258,7 +257,7 @@ pub fn render(
     let build_args = strings(&[
         "build",
         "--image-pipe",
-        IMAGE_PIPE,
+        defaults::IMAGE_PIPE,
         "--flake-url",
         flake_url,
         "--package-name",
@@ -273,7 +272,7 @@ pub fn render(
     let load_args = strings(&[
         "load",
         "--image-pipe",
-        IMAGE_PIPE,
+        defaults::IMAGE_PIPE,
         "--image-tag",
         &spec.image_tag,
         "--containerd-address",
@@ -294,7 +293,10 @@ pub fn render(
     )
     .collect();
 
-    let handoff = (empty_dir("handoff"), mount("handoff", HANDOFF_DIR, false));
+    let handoff = (
+        empty_dir("handoff"),
+        mount("handoff", defaults::HANDOFF_DIR, false),
+    );
     let (containerd, containerd_mount) =
         host_path("containerd", &settings.containerd_socket, "Socket");
     let mut volumes = vec![handoff.0, containerd];
@@ -673,7 +675,7 @@ mod tests {
     fn a_load_job_builds_the_locked_flake() {
         let mut b = build();
         b.status = Some(crate::crd::NixBuildStatus {
-            provenance: Some(crate::result::Provenance {
+            provenance: Some(crate::report::Provenance {
                 locked_flake: Some(
                     "git+https://nossa.ee/~talya/chog?narHash=sha256-x&rev=f5d5".into(),
                 ),

@@ -1,9 +1,11 @@
 //! enbi's API and decisions. Everything here is a pure function of what the operator observed
 //! (and `now`, passed in): no client, no clock, no I/O, so every decision is tested in isolation.
 
+pub mod backoff;
 pub mod capacity;
 pub mod conditions;
 pub mod crd;
+pub mod defaults;
 pub mod event;
 pub mod fault;
 pub mod gc;
@@ -17,7 +19,7 @@ pub mod pod;
 pub mod policy;
 pub mod reason;
 pub mod reference;
-pub mod result;
+pub mod report;
 pub mod servingcert;
 pub mod spread;
 pub mod system;

@@ -1,4 +1,4 @@
-//! The build state machine: `(NixBuild, Job of the current attempt, gates, now) -> Decision`;
+//! The build state machine: `(NixBuild, Job of the current attempt, checks, now) -> Decision`;
 //! once Succeeded, `spread` takes the image to the nodes where Pods wait for it.
 //!
 //! A [`Decision`] is data: the status to write, the Job to create (if any), the Events to emit
@@ -28,8 +28,9 @@ use crate::job::{self, JobState, JobView};
 use crate::keys::{self, RETRY};
 use crate::placement::{NoEligibleNode, Placement};
 use crate::reason::{FailureReason, WaitReason};
-use crate::result::BuildReport;
+use crate::report::BuildReport;
 use crate::spread;
+use crate::{backoff, capacity, policy};
 
 /// Retry behaviour, and how images spread to other nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,14 +57,15 @@ impl Default for Settings {
 impl Settings {
     /// Wait after `failed_attempts` failures: base, 2×base, 4×base, … up to the cap.
     pub fn backoff(&self, failed_attempts: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failed_attempts.saturating_sub(1));
-        self.backoff_base
-            .saturating_mul(factor)
-            .min(self.backoff_cap)
+        backoff::doubling(
+            self.backoff_base,
+            failed_attempts.saturating_sub(1),
+            self.backoff_cap,
+        )
     }
 }
 
-/// What the operator observed, and the gates it evaluated with the pure policy, placement and
+/// What the operator observed, and the checks it evaluated with the pure policy, placement and
 /// capacity functions.
 #[derive(Debug)]
 pub struct Observation<'a> {
@@ -71,10 +73,10 @@ pub struct Observation<'a> {
     /// The Job of attempt `status.attempts`, read back with [`job::observe`], if it exists.
     pub job: Option<&'a JobView>,
     /// `Err(rule)` when policy forbids the build.
-    pub policy: Result<(), String>,
+    pub policy: Result<(), policy::Denial>,
     pub placement: Result<Placement, NoEligibleNode>,
     /// `Err(why)` when a concurrency limit is reached.
-    pub capacity: Result<(), String>,
+    pub capacity: Result<(), capacity::Full>,
     /// Once Succeeded: the nodes where Pods wait for the image, and their load Jobs.
     pub spread: spread::Observation<'a>,
     /// A fault of the operator's installation that keeps any builder Job from being created.
@@ -255,7 +257,7 @@ impl Step<'_> {
 
     fn start_attempt(&mut self) {
         if let Err(rule) = self.obs.policy.clone() {
-            return self.finish_failed(FailureReason::PolicyDenied, rule);
+            return self.finish_failed(FailureReason::PolicyDenied, rule.to_string());
         }
         if let Some(fault) = self.obs.fault {
             self.status.phase = Some(Phase::Pending);
@@ -266,7 +268,7 @@ impl Step<'_> {
             Err(e) => return self.wait(WaitReason::NoEligibleNode, e.to_string()),
         };
         if let Err(why) = self.obs.capacity.clone() {
-            return self.wait(WaitReason::Queued, why);
+            return self.wait(WaitReason::Queued, why.to_string());
         }
         let attempt = self.status.attempts + 1;
         let job_name = job::name(self.obs.build, attempt);

@@ -9,8 +9,9 @@
 use crate::keys::{self, POD_BUILDS, POD_BUILDS_ENABLED};
 use std::collections::BTreeMap;
 
-/// Which namespaces the Pod-annotation path serves.
+/// Which namespaces the Pod-annotation path serves (`--pod-builds-namespaces`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PodBuildNamespaces {
     /// Only namespaces labelled `enbi.hrzn.ee/pod-builds=enabled` (the default).
     #[default]

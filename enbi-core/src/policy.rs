@@ -22,15 +22,33 @@ pub struct Policy {
     pub tag_rules: Vec<TagRule>,
 }
 
+/// Why the policy refuses a build; its message names the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("namespace {namespace} is not in the allowed namespaces ({})", allowed.join(", "))]
+    Namespace {
+        namespace: String,
+        allowed: Vec<String>,
+    },
+    #[error("flake URL {url} does not start with an allowed prefix ({})", prefixes.join(", "))]
+    FlakeUrl { url: String, prefixes: Vec<String> },
+    #[error("image tag {tag} matches no allowed pattern for namespace {namespace} ({})", patterns.join(", "))]
+    ImageTag {
+        tag: String,
+        namespace: String,
+        patterns: Vec<String>,
+    },
+}
+
 /// Checks a build; `Err` names the rule it breaks.
-pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<(), String> {
+pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<(), Denial> {
     if !policy.allowed_namespaces.is_empty()
         && !policy.allowed_namespaces.iter().any(|n| n == namespace)
     {
-        return Err(format!(
-            "namespace {namespace} is not in the allowed namespaces ({})",
-            policy.allowed_namespaces.join(", ")
-        ));
+        return Err(Denial::Namespace {
+            namespace: namespace.to_owned(),
+            allowed: policy.allowed_namespaces.clone(),
+        });
     }
     if !policy.flake_url_prefixes.is_empty()
         && !policy
@@ -38,11 +56,10 @@ pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<()
             .iter()
             .any(|p| spec.flake_url.starts_with(p.as_str()))
     {
-        return Err(format!(
-            "flake URL {} does not start with an allowed prefix ({})",
-            spec.flake_url,
-            policy.flake_url_prefixes.join(", ")
-        ));
+        return Err(Denial::FlakeUrl {
+            url: spec.flake_url.clone(),
+            prefixes: policy.flake_url_prefixes.clone(),
+        });
     }
     let rules: Vec<&TagRule> = policy
         .tag_rules
@@ -51,11 +68,11 @@ pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<()
         .collect();
     let tag = reference::normalise(&spec.image_tag);
     if !rules.is_empty() && !rules.iter().any(|r| glob(&r.pattern, &tag)) {
-        let patterns: Vec<&str> = rules.iter().map(|r| r.pattern.as_str()).collect();
-        return Err(format!(
-            "image tag {tag} matches no allowed pattern for namespace {namespace} ({})",
-            patterns.join(", ")
-        ));
+        return Err(Denial::ImageTag {
+            tag,
+            namespace: namespace.to_owned(),
+            patterns: rules.iter().map(|r| r.pattern.clone()).collect(),
+        });
     }
     Ok(())
 }
@@ -122,11 +139,15 @@ mod tests {
         assert!(
             check(&policy, "other", &ok)
                 .unwrap_err()
+                .to_string()
                 .contains("namespace other is not in the allowed namespaces")
         );
         let err = check(&policy, "apps", &spec("github:evil/r", "nossa.ee/x:1")).unwrap_err();
         assert!(
-            err.contains("does not start with an allowed prefix"),
+            matches!(&err, Denial::FlakeUrl { url, .. } if url == "github:evil/r")
+                && err
+                    .to_string()
+                    .contains("does not start with an allowed prefix"),
             "{err}"
         );
         let err = check(
@@ -136,7 +157,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.contains("docker.io/library/nginx:latest matches no allowed pattern"),
+            matches!(&err, Denial::ImageTag { .. })
+                && err
+                    .to_string()
+                    .contains("docker.io/library/nginx:latest matches no allowed pattern"),
             "{err}"
         );
         assert_eq!(

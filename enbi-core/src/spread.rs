@@ -33,10 +33,13 @@ use k8s_openapi::api::core::v1::Affinity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use crate::backoff;
+use crate::capacity::{self, Full};
 use crate::crd::{ImageNode, ImageNodeState, NixBuildStatus};
 use crate::event::{Event, EventType};
 use crate::job::{JobState, JobView};
-use crate::result::BuildReport;
+use crate::placement::{self, NoEligibleNode, NodeView};
+use crate::report::BuildReport;
 
 /// How enbi spreads images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,20 +62,40 @@ impl Default for Settings {
 
 /// Whether a load may start on a node now, as the operator's placement and capacity say.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Gate {
+pub enum Slot {
     /// It may, with this affinity (the node itself).
     Open(Affinity),
     /// Not now: a cap on concurrent builds is reached.
-    Queued(String),
+    Queued(Full),
     /// Never: the node cannot build this system (architecture, repelled, ...).
-    Closed(String),
+    Impossible(NoEligibleNode),
+}
+
+/// Whether a load of an image for `system` may start on `node` now: the node must be one enbi
+/// would build on (`placement::place_on`), and the caps on running builds (`running`: their
+/// nodes) must allow one more there.
+pub fn slot(
+    system: &str,
+    nodes: &[NodeView],
+    repelled: &[String],
+    node: &str,
+    running: &[Option<String>],
+    limits: capacity::Limits,
+) -> Slot {
+    match placement::place_on(system, nodes, repelled, node) {
+        Err(e) => Slot::Impossible(e),
+        Ok(p) => match capacity::check(running, &p.eligible, limits) {
+            Err(full) => Slot::Queued(full),
+            Ok(()) => Slot::Open(p.affinity),
+        },
+    }
 }
 
 /// What the operator observed for spreading a Succeeded build.
 #[derive(Debug, Default)]
 pub struct Observation<'a> {
     /// Nodes where Pods wait for the image, each with whether a load may start there.
-    pub waiting: BTreeMap<String, Gate>,
+    pub waiting: BTreeMap<String, Slot>,
     /// The current load Job of each node being loaded, if it exists.
     pub jobs: BTreeMap<String, &'a JobView>,
 }
@@ -137,14 +160,14 @@ pub fn decide(
             }
         };
         let affinity = match gate {
-            Gate::Open(affinity) => affinity.clone(),
-            Gate::Queued(_) => {
+            Slot::Open(affinity) => affinity.clone(),
+            Slot::Queued(_) => {
                 // Nothing wakes a Succeeded build when a slot frees up: look again.
                 let wait = Duration::from_secs(10);
                 out.requeue_after = Some(out.requeue_after.map_or(wait, |w| w.min(wait)));
                 continue;
             }
-            Gate::Closed(why) => {
+            Slot::Impossible(why) => {
                 let message = format!(
                     "Pods wait for the image on node {node}, but enbi cannot load it there: {why}"
                 );
@@ -214,7 +237,7 @@ pub fn decide(
         if entry.state == ImageNodeState::Loading
             && !planned
             && !obs.jobs.contains_key(&entry.node)
-            && let Some(Gate::Open(affinity)) = obs.waiting.get(&entry.node)
+            && let Some(Slot::Open(affinity)) = obs.waiting.get(&entry.node)
         {
             out.loads.push(LoadPlan {
                 node: entry.node.clone(),
@@ -239,7 +262,7 @@ fn reloads(status: &NixBuildStatus, entry: &ImageNode) -> u32 {
 /// How long Pods may wait on a node before its next reload, after `reloads` reloads: `base`,
 /// doubled by each reload, at most 64 times `base`.
 fn reload_wait(base: Duration, reloads: u32) -> Duration {
-    base.saturating_mul(1 << reloads.min(6))
+    backoff::doubling(base, reloads, base.saturating_mul(64))
 }
 
 /// The node holds the image since `since`.
@@ -351,11 +374,11 @@ mod tests {
         }
     }
 
-    fn open() -> Gate {
-        Gate::Open(Affinity::default())
+    fn open() -> Slot {
+        Slot::Open(Affinity::default())
     }
 
-    fn waiting(nodes: &[(&str, Gate)]) -> Observation<'static> {
+    fn waiting(nodes: &[(&str, Slot)]) -> Observation<'static> {
         Observation {
             waiting: nodes
                 .iter()
@@ -566,8 +589,8 @@ mod tests {
     fn queued_loads_wait_and_impossible_ones_say_why_once() {
         let mut status = succeeded();
         let obs = waiting(&[
-            ("b", Gate::Queued("cap".into())),
-            ("c", Gate::Closed("arm64".into())),
+            ("b", Slot::Queued(Full::Cluster { running: 4 })),
+            ("c", Slot::Impossible(NoEligibleNode("arm64".into()))),
         ]);
         let out = decide(&mut status, &obs, &Settings::default(), at(5));
         assert!(out.loads.is_empty());

@@ -4,10 +4,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+use enbi_core::defaults;
 use enbi_core::job::{BuilderSettings, StoreMode};
+use enbi_core::optin::PodBuildNamespaces;
 use enbi_core::policy::{Policy, TagRule};
-use enbi_core::{gc, machine, optin, spread};
+use enbi_core::{gc, machine, spread};
 use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 
 /// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
@@ -51,37 +53,20 @@ fn parse_toleration(text: &str) -> Result<Toleration, String> {
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Store {
-    /// The builder image's own Nix store.
-    Pod,
-    /// The node's Nix daemon, through its socket.
-    NodeDaemon,
-}
-
-/// Which namespaces the Pod-annotation path (Pod watcher and webhook) serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PodBuildNamespaces {
-    /// Only namespaces labelled enbi.hrzn.ee/pod-builds=enabled.
-    Labelled,
-    /// Every namespace.
-    All,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Namespace the builder Jobs run in (must allow privileged Pods).
-    #[arg(long, env = "ENBI_BUILD_NAMESPACE", default_value = "enbi-builds")]
+    #[arg(long, env = "ENBI_BUILD_NAMESPACE", default_value = defaults::BUILD_NAMESPACE)]
     pub build_namespace: String,
     /// ServiceAccount of the builder Pods (no API token is mounted).
     #[arg(
         long,
         env = "ENBI_BUILDER_SERVICE_ACCOUNT",
-        default_value = "enbi-builder"
+        default_value = defaults::BUILDER_SERVICE_ACCOUNT
     )]
     pub builder_service_account: String,
     /// Image of the builder (this binary plus Nix).
-    #[arg(long, env = "ENBI_BUILDER_IMAGE", default_value = concat!("localhost/enbi:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "ENBI_BUILDER_IMAGE", default_value = defaults::BUILDER_IMAGE)]
     pub builder_image: String,
     /// Nodes never to build on (comma-separated); the label enbi.hrzn.ee/repel does the same.
     #[arg(long, env = "ENBI_NODE_REPEL", value_delimiter = ',')]
@@ -91,20 +76,20 @@ pub struct RunArgs {
     #[arg(long, env = "ENBI_BUILDER_TOLERATIONS", value_delimiter = ',', value_parser = check_toleration)]
     pub builder_tolerations: Vec<String>,
     /// Where builders keep their Nix store.
-    #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = Store::Pod)]
-    pub store_mode: Store,
+    #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = StoreMode::Pod)]
+    pub store_mode: StoreMode,
     /// containerd socket on the nodes.
     #[arg(
         long,
         env = "ENBI_CONTAINERD_SOCKET",
-        default_value = "/run/containerd/containerd.sock"
+        default_value = defaults::CONTAINERD_SOCKET
     )]
     pub containerd_socket: String,
     /// containerd namespace of the kubelet's images.
-    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = defaults::CONTAINERD_NAMESPACE)]
     pub containerd_namespace: String,
     /// Seconds a builder may run.
-    #[arg(long, env = "ENBI_BUILD_TIMEOUT_SECONDS", default_value_t = 3600)]
+    #[arg(long, env = "ENBI_BUILD_TIMEOUT_SECONDS", default_value_t = defaults::BUILD_TIMEOUT_SECONDS)]
     pub build_timeout_seconds: i64,
     /// Attempts per build for retryable failures.
     #[arg(long, env = "ENBI_MAX_ATTEMPTS", default_value_t = 3)]
@@ -223,10 +208,7 @@ impl RunArgs {
             service_account: self.builder_service_account.clone(),
             containerd_socket: self.containerd_socket.clone(),
             containerd_namespace: self.containerd_namespace.clone(),
-            store: match self.store_mode {
-                Store::Pod => StoreMode::Pod,
-                Store::NodeDaemon => StoreMode::NodeDaemon,
-            },
+            store: self.store_mode,
             active_deadline_seconds: self.build_timeout_seconds,
             pin: !self.no_pin,
             allow_overwrite: self.allow_tag_overwrite,
@@ -262,13 +244,6 @@ impl RunArgs {
     /// Whether gated Pods get their node affinity narrowed: asked for, and no mirror.
     pub fn narrow(&self) -> bool {
         self.narrow_gated_pods && !self.image_mirror
-    }
-
-    pub fn pod_builds(&self) -> optin::PodBuildNamespaces {
-        match self.pod_builds_namespaces {
-            PodBuildNamespaces::Labelled => optin::PodBuildNamespaces::Labelled,
-            PodBuildNamespaces::All => optin::PodBuildNamespaces::All,
-        }
     }
 
     /// The admission webhook's settings, if it is served.

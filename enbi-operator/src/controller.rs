@@ -1,4 +1,4 @@
-//! The NixBuild controller: read -> gates (policy, placement, capacity) -> `machine::decide` ->
+//! The NixBuild controller: read -> checks (policy, placement, capacity) -> `machine::decide` ->
 //! apply the Job -> write status -> publish Events. All decisions are enbi-core's; this module
 //! only gathers what they need and carries them out.
 
@@ -14,7 +14,7 @@ use enbi_core::keys;
 use enbi_core::machine::{self, Decision, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::trace::TraceContext;
-use enbi_core::{capacity, conditions, policy, spread};
+use enbi_core::{backoff, capacity, conditions, policy, spread};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -107,7 +107,7 @@ impl Context {
     }
 
     /// Whether a load may start on each node where Pods wait for the build's image.
-    fn load_gates(&self, build: &NixBuild, nodes: &[NodeView]) -> BTreeMap<String, spread::Gate> {
+    fn load_slots(&self, build: &NixBuild, nodes: &[NodeView]) -> BTreeMap<String, spread::Slot> {
         let waiting = waiting::waiting_nodes(
             &self.pod_stores,
             &self.nodes,
@@ -118,15 +118,15 @@ impl Context {
         waiting
             .into_iter()
             .map(|node| {
-                let gate =
-                    match placement::place_on(&build.spec.system, nodes, &self.node_repel, &node) {
-                        Err(e) => spread::Gate::Closed(e.to_string()),
-                        Ok(p) => match capacity::check(&running, &p.eligible, self.capacity) {
-                            Err(why) => spread::Gate::Queued(why),
-                            Ok(()) => spread::Gate::Open(p.affinity),
-                        },
-                    };
-                (node, gate)
+                let slot = spread::slot(
+                    &build.spec.system,
+                    nodes,
+                    &self.node_repel,
+                    &node,
+                    &running,
+                    self.capacity,
+                );
+                (node, slot)
             })
             .collect()
     }
@@ -280,7 +280,7 @@ fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault
     };
     let spread = spread::Observation {
         waiting: if succeeded {
-            ctx.load_gates(build, &nodes)
+            ctx.load_slots(build, &nodes)
         } else {
             BTreeMap::new()
         },
@@ -516,8 +516,11 @@ pub fn error_policy(build: Arc<NixBuild>, error: &Error, ctx: Arc<Context>) -> A
             *n
         })
         .unwrap_or(1);
-    let wait = Duration::from_secs(1u64 << failures.saturating_sub(1).min(8))
-        .min(Duration::from_secs(300));
+    let wait = backoff::doubling(
+        Duration::from_secs(1),
+        failures.saturating_sub(1),
+        Duration::from_secs(300),
+    );
     warn!(build = %build.name_any(), error = %error, category = error.category(), retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }

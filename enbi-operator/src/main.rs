@@ -16,8 +16,8 @@ mod gc;
 mod http;
 mod leader;
 mod metrics;
-mod namespaces;
 mod operator;
+mod optin;
 mod patch;
 mod pods;
 mod telemetry;
@@ -103,5 +103,94 @@ fn main() -> ExitCode {
                 }
             }
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use enbi_core::crd::NixBuildSpec;
+    use enbi_core::job::{self, BuilderSettings, Purpose, StoreMode};
+    use k8s_openapi::api::core::v1::{Affinity, Container};
+
+    use super::*;
+
+    /// Parses a rendered container's arguments as the builder binary does.
+    fn parse(container: &Container) -> Command {
+        let args = container.args.clone().unwrap_or_default();
+        let argv = std::iter::once("enbi-operator".to_owned()).chain(args);
+        Cli::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{}: {e}", container.name))
+            .command
+    }
+
+    /// The Job enbi-core renders and the flags this binary parses are one contract: every
+    /// argument the Job passes is a flag of `build`/`load`, with the value the build asked for.
+    #[test]
+    fn the_jobs_arguments_are_the_builders_flags() {
+        let build = NixBuild::new(
+            "app",
+            NixBuildSpec {
+                flake_url: "git+https://example.test/app?rev=1".into(),
+                package_name: "app.stream".into(),
+                image_tag: "example.test/app:v1".into(),
+                system: "aarch64-linux".into(),
+            },
+        );
+        for (store, pin, overwrite) in [
+            (StoreMode::Pod, true, false),
+            (StoreMode::NodeDaemon, false, true),
+        ] {
+            let settings = BuilderSettings {
+                store,
+                pin,
+                allow_overwrite: overwrite,
+                containerd_socket: "/run/k3s/containerd/containerd.sock".into(),
+                ..BuilderSettings::default()
+            };
+            for purpose in [
+                Purpose::Build(1),
+                Purpose::Load {
+                    node: "n1".into(),
+                    round: 2,
+                },
+            ] {
+                let job = job::render(&build, &purpose, Affinity::default(), None, &settings);
+                let containers = job
+                    .spec
+                    .and_then(|s| s.template.spec)
+                    .map(|s| s.containers)
+                    .unwrap_or_default();
+                let of = |name: &str| {
+                    containers
+                        .iter()
+                        .find(|c| c.name == name)
+                        .unwrap_or_else(|| panic!("container {name}"))
+                };
+                let Command::Build(b) = parse(of(job::BUILD_CONTAINER)) else {
+                    panic!("the build container runs `build`")
+                };
+                assert_eq!(b.flake_url, build.spec.flake_url);
+                assert_eq!(b.package_name, build.spec.package_name);
+                assert_eq!(b.system, build.spec.system);
+                assert_eq!(b.store, store);
+                let Command::Load(l) = parse(of(job::LOAD_CONTAINER)) else {
+                    panic!("the load container runs `load`")
+                };
+                assert_eq!(l.image_tag, build.spec.image_tag);
+                assert_eq!(l.image_pipe, b.image_pipe, "one pipe for both");
+                assert_eq!(
+                    l.containerd_address.to_str(),
+                    Some(settings.containerd_socket.as_str())
+                );
+                assert_eq!(l.containerd_namespace, settings.containerd_namespace);
+                assert_eq!((l.pin, l.allow_overwrite), (pin, overwrite));
+                assert_eq!(l.build_timeout, b.build_timeout);
+                let deadline = u64::try_from(settings.active_deadline_seconds).unwrap_or(0);
+                assert!(
+                    b.build_timeout + l.import_timeout < deadline,
+                    "the builder stops itself before the Job's deadline"
+                );
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::controller::{self, Context};
 use crate::http::Health;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
-use crate::namespaces::OptIn;
+use crate::optin::OptIn;
 use crate::pods::PodWatcher;
 use crate::watch::{list_config, notify, owner_of, spawn_cache, strip_managed_fields, strip_node};
 use crate::{gc, http, webhook};
@@ -88,7 +88,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     jobs.wait_until_ready().await?;
     builder_pods.wait_until_ready().await?;
     nodes.wait_until_ready().await?;
-    let opt_in = OptIn::new(client.clone(), args.pod_builds());
+    let opt_in = OptIn::new(client.clone(), args.pod_builds_namespaces);
     if let Some(settings) = args.webhook() {
         // Every replica answers admission requests, so each keeps its own NixBuild cache.
         let builds = spawn_cache(

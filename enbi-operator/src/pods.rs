@@ -36,7 +36,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics::Metrics;
-use crate::namespaces::OptIn;
+use crate::optin::OptIn;
 use crate::patch::json_patch;
 use crate::watch::{Trigger, list_config};
 use crate::{telemetry, waiting};

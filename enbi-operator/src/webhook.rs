@@ -42,7 +42,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Decision, Metrics};
-use crate::namespaces::OptIn;
+use crate::optin::OptIn;
 use crate::patch;
 
 /// Path the MutatingWebhookConfiguration calls.

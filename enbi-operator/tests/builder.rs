@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use enbi_core::reason::FailureReason;
-use enbi_core::result::{BuildReport, FailureReport, ImageReport};
+use enbi_core::report::{BuildReport, FailureReport, ImageReport};
 use enbi_tests::host::{Containerd, Fixture, NIX_CONFIG, run_builder};
 
 macro_rules! require_tools {

@@ -339,12 +339,12 @@ pub fn nixbuild_spec(tag: &str) -> enbi_core::crd::NixBuildSpec {
 
 /// The report a builder writes after loading `tag`.
 pub fn success_report(tag: &str) -> String {
-    use enbi_core::result::{BuildReport, ImageReport, Timings};
+    use enbi_core::report::{BuildReport, ImageReport, Timings};
     BuildReport::Succeeded(ImageReport {
         image_tag: tag.into(),
         digest: format!("sha256:{}", "d".repeat(64)),
         size: 4_194_304,
-        provenance: enbi_core::result::Provenance {
+        provenance: enbi_core::report::Provenance {
             store_path: "/nix/store/x-app".into(),
             ..Default::default()
         },

@@ -9,7 +9,7 @@ use enbi_core::job::{self, BuilderSettings, JobState};
 use enbi_core::machine::{self, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::reason::FailureReason;
-use enbi_core::result::{BuildReport, FailureReport, ImageReport, Timings};
+use enbi_core::report::{BuildReport, FailureReport, ImageReport, Timings};
 use enbi_tests::{TestNamespace, eventually, install_crd, require_cluster};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
@@ -198,7 +198,7 @@ async fn builder_job_succeeds_on_an_arm64_node_and_its_report_is_read() {
         image_tag: b.spec.image_tag.clone(),
         digest: format!("sha256:{}", "c".repeat(64)),
         size: 112_199_680,
-        provenance: enbi_core::result::Provenance {
+        provenance: enbi_core::report::Provenance {
             store_path: "/nix/store/x-chog".into(),
             ..Default::default()
         },

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
-use enbi_core::result::{BuildReport, FailureReport};
+use enbi_core::report::{BuildReport, FailureReport};
 use enbi_tests::{
     OPERATOR_LOCK, Operator, TestNamespace, Webhook, build_namespace, eventually, finish_builder,
     is_gated, jobs_for, require_cluster, set_node_images, success_report, wait_phase,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use enbi_core::crd::{ImageNodeState, NixBuild, NixBuildSpec, Phase};
 use enbi_core::reason::FailureReason;
-use enbi_core::result::{BuildReport, FailureReport};
+use enbi_core::report::{BuildReport, FailureReport};
 use enbi_tests::{
     OPERATOR_LOCK, Operator, TestNamespace, build_annotations, build_namespace, eventually,
     finish_builder, jobs_for, kwok_pod, kwok_pod_spec, require_cluster, set_node_images,

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use enbi_core::crd::{NixBuild, NixBuildSpec, Phase};
 use enbi_core::keys;
 use enbi_core::reason::FailureReason;
-use enbi_core::result::{BuildReport, FailureReport};
+use enbi_core::report::{BuildReport, FailureReport};
 use enbi_core::trace::TraceContext;
 use enbi_tests::host::{Containerd, Fixture};
 use enbi_tests::{

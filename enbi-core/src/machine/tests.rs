@@ -5,7 +5,7 @@ use super::*;
 use crate::crd::{ImageNodeState, NixBuildSpec};
 use crate::keys;
 use crate::placement::{NodeView, place};
-use crate::result::{FailureReport, ImageReport, Timings};
+use crate::report::{FailureReport, ImageReport, Timings};
 
 const TAG: &str = "registry.example/app:v1";
 
@@ -72,7 +72,7 @@ fn success_report(tag: &str) -> String {
         image_tag: tag.into(),
         digest: format!("sha256:{}", "b".repeat(64)),
         size: 4096,
-        provenance: crate::result::Provenance {
+        provenance: crate::report::Provenance {
             store_path: "/nix/store/x-app".into(),
             ..Default::default()
         },
@@ -181,7 +181,7 @@ fn success_path_records_digest_size_and_node() {
     let mut obs = observe(&b, Some(&done), 62);
     obs.spread.waiting.insert(
         "arm-1".into(),
-        crate::spread::Gate::Open(Default::default()),
+        crate::spread::Slot::Open(Default::default()),
     );
     let d = decide(obs, &settings());
     assert!(d.create_job.is_none());
@@ -398,7 +398,10 @@ fn crash_message_carries_the_log_end() {
 fn policy_denial_fails_without_a_job() {
     let b = build();
     let mut obs = observe(&b, None, 0);
-    obs.policy = Err("namespace apps is not in the allowed namespaces".into());
+    obs.policy = Err(crate::policy::Denial::Namespace {
+        namespace: "apps".into(),
+        allowed: vec!["builds".into()],
+    });
     let d = decide(obs, &settings());
     assert!(d.create_job.is_none());
     assert_eq!(d.status.phase, Some(Phase::Failed));
@@ -426,7 +429,7 @@ fn no_node_and_queue_wait_and_say_so_once() {
     assert!(decide(obs, &settings()).events.is_empty());
 
     let mut obs = observe(&b, None, 6);
-    obs.capacity = Err("2 builds running, the global limit".into());
+    obs.capacity = Err(crate::capacity::Full::Cluster { running: 2 });
     let d = decide(obs, &settings());
     assert_eq!(condition(&d, READY).reason, "Queued");
     assert!(is_queued(&d.status));

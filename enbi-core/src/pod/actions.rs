@@ -145,7 +145,8 @@ pub fn plan(
                 }
                 actions.extend(notices.into_iter().map(PodAction::Announce));
             }
-            Finding::InvalidAnnotations(message) => {
+            Finding::InvalidAnnotations(error) => {
+                let message = error.to_string();
                 actions.push(PodAction::Announce(Notice::keyed(
                     &message,
                     Event::warning("InvalidBuildAnnotations", message.clone()),

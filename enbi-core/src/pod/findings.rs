@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodSpec, PodStatus};
 
 use super::gate::is_gated;
-use super::request::{self, BuildRequest};
+use super::request::{self, AnnotationError, BuildRequest};
 use super::using_tag;
 use crate::keys;
 use crate::naming;
@@ -22,8 +22,8 @@ const MISSING_IMAGE: [&str; 3] = ["ErrImagePull", "ImagePullBackOff", "ErrImageN
 pub enum Finding {
     /// Build this (or find the NixBuild already building it).
     Build(BuildRequest),
-    /// The annotations are present but unusable; the message names the annotation. No build.
-    InvalidAnnotations(String),
+    /// The annotations are present but unusable. No build.
+    InvalidAnnotations(AnnotationError),
     /// A container waits for the annotated image with `imagePullPolicy: Always`: the kubelet
     /// will always pull from the registry and never use a node-loaded image. No build.
     PullAlways { container: String },
@@ -360,9 +360,10 @@ mod tests {
             &pod(a, TAG, "IfNotPresent", "ErrImagePull", false),
             Some("arm64"),
         );
-        let [Finding::InvalidAnnotations(m)] = &f[..] else {
+        let [Finding::InvalidAnnotations(e)] = &f[..] else {
             panic!("{f:?}")
         };
+        let m = e.to_string();
         assert!(
             m.contains("annotation enbi.hrzn.ee/nixbuild-flakeUrl must be"),
             "{m}"
@@ -378,8 +379,8 @@ mod tests {
         );
         assert_eq!(
             f,
-            [Finding::InvalidAnnotations(format!(
-                "annotation {POD_PACKAGE_NAME} is missing"
+            [Finding::InvalidAnnotations(AnnotationError::Missing(
+                POD_PACKAGE_NAME
             ))]
         );
 
@@ -387,6 +388,16 @@ mod tests {
             &pod(annotations(), TAG, "IfNotPresent", "ErrImagePull", false),
             Some("sparc"),
         );
-        assert!(matches!(&f[..], [Finding::InvalidAnnotations(m)] if m.contains(keys::POD_SYSTEM)));
+        assert_eq!(
+            f,
+            [Finding::InvalidAnnotations(
+                AnnotationError::UnknownArchitecture
+            )]
+        );
+        assert!(
+            AnnotationError::UnknownArchitecture
+                .to_string()
+                .contains(keys::POD_SYSTEM)
+        );
     }
 }

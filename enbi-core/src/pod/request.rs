@@ -32,25 +32,35 @@ pub fn annotated(pod: &Pod) -> bool {
         .is_some_and(|a| a.contains_key(keys::POD_IMAGE_TAG))
 }
 
+/// Why a Pod's annotations describe no build enbi can make; the message names the annotation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationError {
+    #[error("annotation {0} is missing")]
+    Missing(&'static str),
+    #[error("the node's architecture is unknown to enbi; set {POD_SYSTEM}")]
+    UnknownArchitecture,
+    /// Values the CRD's own rules refuse: each annotation with what is wrong with it.
+    #[error("{}", .0.iter().map(|(key, problem)| format!("annotation {key} {problem}")).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<(&'static str, String)>),
+}
+
 /// The NixBuild spec the annotations describe, checked with the CRD's own rules.
 pub fn spec(
     annotations: &BTreeMap<String, String>,
     node_arch: Option<&str>,
-) -> Result<NixBuildSpec, String> {
-    let get = |key: &str| {
+) -> Result<NixBuildSpec, AnnotationError> {
+    let get = |key: &'static str| {
         annotations
             .get(key)
             .cloned()
-            .ok_or_else(|| format!("annotation {key} is missing"))
+            .ok_or(AnnotationError::Missing(key))
     };
-    let system = match annotations.get(keys::POD_SYSTEM) {
+    let system = match annotations.get(POD_SYSTEM) {
         Some(s) => s.clone(),
         None => node_arch
             .and_then(system::from_arch)
             .map(|s| s.nix.to_owned())
-            .ok_or_else(|| {
-                format!("the node's architecture is unknown to enbi; set {POD_SYSTEM}")
-            })?,
+            .ok_or(AnnotationError::UnknownArchitecture)?,
     };
     let spec = NixBuildSpec {
         flake_url: get(keys::POD_FLAKE_URL)?,
@@ -59,19 +69,20 @@ pub fn spec(
         system,
     };
     spec.validate().map_err(|report| {
-        let messages: Vec<String> = report
-            .iter()
-            .map(|(path, e)| {
-                let key = match path.to_string().as_str() {
-                    "flake_url" => keys::POD_FLAKE_URL,
-                    "package_name" => keys::POD_PACKAGE_NAME,
-                    "image_tag" => keys::POD_IMAGE_TAG,
-                    _ => keys::POD_SYSTEM,
-                };
-                format!("annotation {key} {}", e.message())
-            })
-            .collect();
-        messages.join("; ")
+        AnnotationError::Invalid(
+            report
+                .iter()
+                .map(|(path, e)| {
+                    let key = match path.to_string().as_str() {
+                        "flake_url" => keys::POD_FLAKE_URL,
+                        "package_name" => keys::POD_PACKAGE_NAME,
+                        "image_tag" => keys::POD_IMAGE_TAG,
+                        _ => POD_SYSTEM,
+                    };
+                    (key, e.message().to_string())
+                })
+                .collect(),
+        )
     })?;
     Ok(spec)
 }

@@ -8,14 +8,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use enbi_core::crd::NixBuildSpec;
-use enbi_core::result::{Built, FailureReport, Handoff, Provenance};
+use enbi_core::report::{Built, FailureReport, Handoff, Provenance};
 use enbi_core::validation::{FLAKE_URL, PACKAGE_NAME, check_system};
 use tracing::field::Empty;
 use tracing::info_span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::log::LogTail;
-use super::nix::{self, NixError, Store};
+use enbi_core::defaults;
+use enbi_core::job::StoreMode;
+
+use super::nix::{self, NixError};
 use super::output::{self, OutputError};
 use super::pipe::{self, Watch};
 use super::{join_trace, millis, step};
@@ -35,12 +38,12 @@ pub struct BuildArgs {
     pub system: String,
     /// Nix store: the Pod's own, or the node's daemon through its socket.
     #[arg(long, env = "ENBI_STORE", value_enum, default_value = "pod")]
-    pub store: Store,
+    pub store: StoreMode,
     /// Seconds locking, evaluating and building may take.
-    #[arg(long, env = "ENBI_BUILD_TIMEOUT", default_value_t = 3000)]
+    #[arg(long, env = "ENBI_BUILD_TIMEOUT", default_value_t = defaults::BUILDER_BUILD_TIMEOUT_SECONDS)]
     pub build_timeout: u64,
     /// The FIFO the load container reads the image from.
-    #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = "/run/enbi/image")]
+    #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = defaults::IMAGE_PIPE)]
     pub image_pipe: PathBuf,
     /// Node the build runs on, for the trace (the Job sets it from `spec.nodeName`).
     #[arg(long, env = "ENBI_NODE_NAME")]

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use enbi_core::defaults;
 use enbi_core::reason::FailureReason;
 use enbi_core::reference::normalise;
-use enbi_core::result::{BuildReport, FailureReport, Handoff, ImageReport, Timings};
+use enbi_core::report::{BuildReport, FailureReport, Handoff, ImageReport, Timings};
 use enbi_core::validation::IMAGE_TAG;
 use opentelemetry::trace::Status;
 use tracing::field::Empty;
@@ -32,17 +33,17 @@ pub struct LoadArgs {
     #[arg(long, env = "ENBI_IMAGE_TAG")]
     pub image_tag: String,
     /// The FIFO the build container writes the image into.
-    #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = "/run/enbi/image")]
+    #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = defaults::IMAGE_PIPE)]
     pub image_pipe: PathBuf,
     /// containerd's socket.
     #[arg(
         long,
         env = "ENBI_CONTAINERD_ADDRESS",
-        default_value = "/run/containerd/containerd.sock"
+        default_value = defaults::CONTAINERD_SOCKET
     )]
     pub containerd_address: PathBuf,
     /// containerd namespace of the kubelet's CRI.
-    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = defaults::CONTAINERD_NAMESPACE)]
     pub containerd_namespace: String,
     /// Snapshotter to unpack into: the one the CRI uses.
     #[arg(long, env = "ENBI_SNAPSHOTTER", default_value = "overlayfs")]
@@ -54,10 +55,10 @@ pub struct LoadArgs {
     #[arg(long, env = "ENBI_ALLOW_OVERWRITE")]
     pub allow_overwrite: bool,
     /// Seconds to wait for the build container's result.
-    #[arg(long, env = "ENBI_BUILD_TIMEOUT", default_value_t = 3000)]
+    #[arg(long, env = "ENBI_BUILD_TIMEOUT", default_value_t = defaults::BUILDER_BUILD_TIMEOUT_SECONDS)]
     pub build_timeout: u64,
     /// Seconds streaming, importing and tagging may take.
-    #[arg(long, env = "ENBI_IMPORT_TIMEOUT", default_value_t = 900)]
+    #[arg(long, env = "ENBI_IMPORT_TIMEOUT", default_value_t = defaults::BUILDER_IMPORT_TIMEOUT_SECONDS)]
     pub import_timeout: u64,
     /// The largest image stream accepted, in bytes (uncompressed).
     #[arg(long, env = "ENBI_MAX_IMAGE_BYTES", default_value_t = 64 << 30)]

@@ -13,19 +13,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use enbi_core::job::StoreMode;
 use enbi_core::reason::FailureReason;
 
 use super::log::LogTail;
 use super::process::wait_until;
-
-/// How nix reaches its store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Store {
-    /// The builder image's own store (`/nix` in the Pod).
-    Pod,
-    /// The node's Nix daemon through its socket (`NIX_REMOTE=daemon`).
-    NodeDaemon,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
@@ -129,7 +121,7 @@ impl Verdict {
 /// revision or a NAR hash, to evaluate and to report as the image's provenance.
 pub fn lock(
     flake_url: &str,
-    store: Store,
+    store: StoreMode,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<Locked, NixError> {
@@ -165,7 +157,7 @@ fn parse_metadata(json: &str) -> Option<Locked> {
 /// step of its own, so the trace shows evaluation apart from building.
 pub fn evaluate(
     installable: &str,
-    store: Store,
+    store: StoreMode,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<String, NixError> {
@@ -189,7 +181,7 @@ pub fn evaluate(
 pub fn build(
     drv: &str,
     installable: &str,
-    store: Store,
+    store: StoreMode,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<PathBuf, NixError> {
@@ -208,7 +200,7 @@ pub fn build(
 fn run(
     args: &[&str],
     installable: &str,
-    store: Store,
+    store: StoreMode,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<String, NixError> {
@@ -219,8 +211,8 @@ fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     match store {
-        Store::NodeDaemon => command.env("NIX_REMOTE", "daemon"),
-        Store::Pod => command.env_remove("NIX_REMOTE"),
+        StoreMode::NodeDaemon => command.env("NIX_REMOTE", "daemon"),
+        StoreMode::Pod => command.env_remove("NIX_REMOTE"),
     };
     log.line("enbi", &format!("nix {}", args.join(" ")));
     let mut child = command.spawn().map_err(NixError::Spawn)?;

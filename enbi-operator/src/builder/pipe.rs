@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use enbi_core::result::{Handoff, HandoffError, MAX_HANDOFF_BYTES};
+use enbi_core::report::{Handoff, HandoffError, MAX_HANDOFF_BYTES};
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::fs::{CWD, FileType, Mode, mknodat};
 

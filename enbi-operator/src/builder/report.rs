@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use enbi_core::result::BuildReport;
+use enbi_core::report::BuildReport;
 
 use super::log::LogTail;
 
