@@ -20,10 +20,18 @@ pub enum PodBuildNamespaces {
     All,
 }
 
-/// Whether Pods in a namespace with these labels may ask for builds.
-pub fn allows(mode: PodBuildNamespaces, labels: &BTreeMap<String, String>) -> bool {
-    mode == PodBuildNamespaces::All
-        || labels.get(keys::POD_BUILDS).map(String::as_str) == Some(keys::POD_BUILDS_ENABLED)
+/// Whether Pods in `namespace`, with these labels, may ask for builds. `watched`: the
+/// namespaces the Pod watcher watches (empty: all). A namespace it does not watch never opts
+/// in, whatever its labels: the webhook would gate its Pods and no one would let them go.
+pub fn allows(
+    mode: PodBuildNamespaces,
+    watched: &[String],
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    (watched.is_empty() || watched.iter().any(|w| w == namespace))
+        && (mode == PodBuildNamespaces::All
+            || labels.get(keys::POD_BUILDS).map(String::as_str) == Some(keys::POD_BUILDS_ENABLED))
 }
 
 /// The Warning an annotated Pod gets in a namespace that has not opted in.
@@ -77,7 +85,17 @@ mod tests {
             ),
         ];
         for (mode, labels, want) in cases {
-            assert_eq!(allows(mode, &labels), want, "{mode:?} {labels:?}");
+            assert_eq!(
+                allows(mode, &[], "apps", &labels),
+                want,
+                "{mode:?} {labels:?}"
+            );
+            let watched = ["apps".to_owned()];
+            assert_eq!(allows(mode, &watched, "apps", &labels), want);
+            assert!(
+                !allows(mode, &watched, "other", &labels),
+                "a namespace the watcher does not watch never opts in"
+            );
         }
     }
 

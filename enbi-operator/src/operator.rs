@@ -88,7 +88,11 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     jobs.wait_until_ready().await?;
     builder_pods.wait_until_ready().await?;
     nodes.wait_until_ready().await?;
-    let opt_in = OptIn::new(client.clone(), args.pod_builds_namespaces);
+    let opt_in = OptIn::new(
+        client.clone(),
+        args.pod_builds_namespaces,
+        args.watch_namespaces.clone(),
+    );
     if let Some(settings) = args.webhook() {
         // Every replica answers admission requests, so each keeps its own NixBuild cache.
         let builds = spawn_cache(

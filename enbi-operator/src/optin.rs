@@ -14,6 +14,8 @@ use tracing::warn;
 #[derive(Clone)]
 pub struct OptIn {
     mode: PodBuildNamespaces,
+    /// The namespaces the Pod watcher watches (empty: all).
+    watched: Vec<String>,
     client: Client,
     /// Namespace labels; no watch at all when every namespace is served.
     namespaces: Option<Store<PartialObjectMeta<Namespace>>>,
@@ -29,7 +31,7 @@ impl std::fmt::Debug for OptIn {
 
 impl OptIn {
     /// Starts the namespace watch if `mode` needs one.
-    pub fn new(client: Client, mode: PodBuildNamespaces) -> Self {
+    pub fn new(client: Client, mode: PodBuildNamespaces, watched: Vec<String>) -> Self {
         let namespaces = (mode == PodBuildNamespaces::Labelled).then(|| {
             let (store, writer) = reflector::store();
             let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
@@ -52,6 +54,7 @@ impl OptIn {
         });
         Self {
             mode,
+            watched,
             client,
             namespaces,
         }
@@ -61,7 +64,7 @@ impl OptIn {
     /// (created a moment ago) is read from the API.
     pub async fn allows(&self, namespace: &str) -> bool {
         let Some(store) = &self.namespaces else {
-            return optin::allows(self.mode, &Default::default());
+            return optin::allows(self.mode, &self.watched, namespace, &Default::default());
         };
         let labels = match store.get(&ObjectRef::new(namespace)) {
             Some(ns) => ns.labels().clone(),
@@ -76,6 +79,6 @@ impl OptIn {
                 }
             },
         };
-        optin::allows(self.mode, &labels)
+        optin::allows(self.mode, &self.watched, namespace, &labels)
     }
 }
