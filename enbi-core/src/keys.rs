@@ -40,6 +40,8 @@ pub const RETRY: &str = key!("retry");
 pub const TRACEPARENT: &str = key!("traceparent");
 /// Set by the Pod watcher: the node whose Pod needs the image (placement prefers it).
 pub const WANTED_ON_NODE: &str = key!("wanted-on-node");
+/// Set by garbage collection: when the last Pod using the build's image was gone (RFC 3339).
+pub const LAST_USED: &str = key!("last-used");
 /// Set by the Pod watcher: the first Pod that asked for the build.
 pub const REQUESTED_BY_POD: &str = key!("requested-by-pod");
 

@@ -24,9 +24,11 @@
 //! waits twice as long (up to 64 times `reload_after`) and says so in a Warning: Pods that still
 //! wait after the image was loaded again are refused it by something enbi cannot change (e.g. a
 //! kubelet that insists on verifying a pull), and a load every minute would not help them. With
-//! a mirror (`mirror`), enbi loads only on the build node, where the mirror gets the image from.
+//! a mirror (`mirror`), enbi loads only on the build node, where the mirror gets the image from,
+//! unless no node in the cluster holds the image any more (the build node was replaced, say):
+//! then a mirror has nothing to serve, and enbi loads where Pods wait, as without one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Affinity;
@@ -98,6 +100,8 @@ pub struct Observation<'a> {
     pub waiting: BTreeMap<String, Slot>,
     /// The current load Job of each node being loaded, if it exists.
     pub jobs: BTreeMap<String, &'a JobView>,
+    /// The names of the cluster's nodes now.
+    pub nodes: BTreeSet<String>,
 }
 
 /// A load Job to create (or re-apply).
@@ -141,8 +145,18 @@ pub fn decide(
             finish_load(entry, obs, build_digest.as_deref(), now, &mut out);
         }
     }
+    // With a mirror, a node that holds the image serves every other; with none left, enbi
+    // loads wherever Pods wait.
+    let mirrored = settings.mirror
+        && status.image_nodes.iter().any(|e| {
+            e.state == ImageNodeState::Loaded && e.digest.is_none() && obs.nodes.contains(&e.node)
+        });
     for (node, gate) in &obs.waiting {
-        if settings.mirror && status.build_node.as_ref() != Some(node) {
+        let held = status
+            .image_nodes
+            .iter()
+            .any(|e| &e.node == node && e.state != ImageNodeState::Failed);
+        if mirrored && !held {
             continue;
         }
         let index = status.image_nodes.iter().position(|e| &e.node == node);
@@ -385,6 +399,7 @@ mod tests {
                 .map(|(n, g)| ((*n).to_owned(), g.clone()))
                 .collect(),
             jobs: BTreeMap::new(),
+            nodes: ["a", "b", "c"].map(String::from).into(),
         }
     }
 
@@ -583,6 +598,27 @@ mod tests {
         );
         let nodes: Vec<&str> = out.loads.iter().map(|l| l.node.as_str()).collect();
         assert_eq!(nodes, ["a"]);
+    }
+
+    #[test]
+    fn with_a_mirror_but_no_node_holding_the_image_enbi_loads_where_pods_wait() {
+        let settings = Settings {
+            mirror: true,
+            reload_after: Duration::ZERO,
+        };
+        let mut status = succeeded();
+        let mut obs = waiting(&[("b", open()), ("c", open())]);
+        // The build node "a" is gone (replaced by the autoscaler, say).
+        obs.nodes.remove("a");
+        let out = decide(&mut status, &obs, &settings, at(5));
+        let nodes: Vec<&str> = out.loads.iter().map(|l| l.node.as_str()).collect();
+        assert_eq!(nodes, ["b", "c"]);
+        assert!(out.events.iter().all(|e| e.reason == "Loading"));
+
+        // While "a" is there, the mirror serves "b" and "c".
+        let mut status = succeeded();
+        let obs = waiting(&[("b", open()), ("c", open())]);
+        assert!(decide(&mut status, &obs, &settings, at(5)).loads.is_empty());
     }
 
     #[test]

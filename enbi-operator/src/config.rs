@@ -109,6 +109,14 @@ pub struct RunArgs {
     /// Delete finished NixBuilds older than this many seconds (0: no age limit).
     #[arg(long, env = "ENBI_MAX_AGE_SECONDS", default_value_t = 0)]
     pub max_age_seconds: u64,
+    /// Keep a Succeeded NixBuild whose image a Pod uses, whatever the history limits, until this
+    /// many seconds after the last such Pod is gone.
+    #[arg(
+        long,
+        env = "ENBI_RETAIN_AFTER_LAST_USE_SECONDS",
+        default_value_t = 86400
+    )]
+    pub retain_after_last_use_seconds: u64,
     /// Namespaces whose Pods are watched (comma-separated; empty: all).
     #[arg(long, env = "ENBI_WATCH_NAMESPACES", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
@@ -274,6 +282,7 @@ impl RunArgs {
             keep_succeeded: self.keep_succeeded,
             keep_failed: self.keep_failed,
             max_age: (self.max_age_seconds > 0).then(|| Duration::from_secs(self.max_age_seconds)),
+            retain_after_last_use: Duration::from_secs(self.retain_after_last_use_seconds),
         }
     }
 

@@ -288,6 +288,7 @@ fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault
             .iter()
             .map(|(node, view)| (node.clone(), view))
             .collect(),
+        nodes: nodes.iter().map(|n| n.name.clone()).collect(),
     };
     machine::decide(
         Observation {

@@ -187,8 +187,11 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         builds,
         pod_stores,
         nodes,
-        args.gc(),
-        gc_period,
+        gc::Settings {
+            limits: args.gc(),
+            period: gc_period,
+            namespaces: args.watch_namespaces.clone(),
+        },
     ));
 
     info!("running");

@@ -577,6 +577,69 @@ async fn garbage_collection_keeps_the_newest() {
     assert_eq!(left, BTreeSet::from(["gc2".to_owned()]));
 }
 
+/// Day 2: history limits never collect a Succeeded build whose image a Pod runs (the next
+/// replica would wait for a rebuild); it goes a retention period after the last such Pod.
+#[tokio::test]
+async fn history_limits_keep_a_build_whose_image_a_pod_uses_until_after_its_last_use() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, operator) = setup(
+        &client,
+        "gc-use",
+        &[
+            "--keep-succeeded",
+            "0",
+            "--gc-interval-seconds",
+            "1",
+            "--retain-after-last-use-seconds",
+            "3",
+        ],
+    )
+    .await;
+    let app = TestNamespace::new(&client, "gc-use-app").await;
+    let tag = "example.test/used:1";
+    // A Pod without enbi annotations that runs the image, in another namespace.
+    let other = TestNamespace::new(&client, "gc-use-pods").await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &other.name);
+    pods.create(
+        &PostParams::default(),
+        &enbi_tests::kwok_pod("user", tag, json!({}), None),
+    )
+    .await
+    .expect("pod");
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    api.create(
+        &PostParams::default(),
+        &NixBuild::new("used", spec(tag, "x86_64-linux")),
+    )
+    .await
+    .expect("create");
+    finish_builder(&client, &builds.name, "used", 0, &success_report(tag)).await;
+    wait_phase(&client, &app.name, "used", Phase::Succeeded).await;
+    // keep-succeeded 0 would delete it at the next tick; the Pod keeps it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let kept = api.get_opt("used").await.expect("get");
+    assert!(
+        kept.is_some(),
+        "in use, so kept; operator log:\n{}",
+        operator.logs()
+    );
+
+    let kept = kept.expect("kept");
+    assert!(
+        kept.annotations().contains_key(enbi_core::keys::LAST_USED),
+        "its use is recorded on it"
+    );
+
+    pods.delete("user", &Default::default())
+        .await
+        .expect("delete");
+    eventually("collected after the retention", WAIT, || async {
+        api.get_opt("used").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn policy_denies_before_anything_runs() {
     let client = require_cluster!();
