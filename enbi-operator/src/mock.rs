@@ -27,6 +27,8 @@ use tower_test::mock::{self, Handle};
 
 /// The content type of a JSON patch (RFC 6902).
 const JSON_PATCH: &str = "application/json-patch+json";
+/// The content type of a server-side apply.
+const APPLY_PATCH: &str = "application/apply-patch+yaml";
 
 /// A client whose requests go to the returned [`ApiServer`].
 pub fn client() -> (Client, ApiServer) {
@@ -157,6 +159,12 @@ impl Exchange {
         self.body(ops)
     }
 
+    /// A server-side apply whose body has at least what `body` has.
+    pub fn apply(mut self, body: Value) -> Self {
+        self.content_type = Some(APPLY_PATCH);
+        self.includes(body)
+    }
+
     /// Answers `200` with `object`.
     pub fn ok(mut self, object: impl serde::Serialize) -> Self {
         let object = serde_json::to_value(object).expect("a response body");
@@ -170,6 +178,11 @@ impl Exchange {
         self
     }
 
+    /// Answers `200` with the request's body, as the apiserver does to an apply.
+    pub fn echo(mut self) -> Self {
+        self.answer = Answer::Echo(StatusCode::OK);
+        self
+    }
 
     /// Answers `code` with a failure `Status` of `reason`, as the apiserver does.
     pub fn fails(mut self, code: u16, reason: &str) -> Self {
