@@ -33,6 +33,9 @@ use crate::http::Health;
 use crate::metrics::{Finished, Metrics, Outcome};
 use crate::{telemetry, waiting};
 
+#[cfg(test)]
+mod tests;
+
 /// The resource of the Events enbi publishes, as API errors name it.
 const EVENTS: &str = "events.events.k8s.io";
 

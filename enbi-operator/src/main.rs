@@ -16,6 +16,8 @@ mod gc;
 mod http;
 mod leader;
 mod metrics;
+#[cfg(test)]
+mod mock;
 mod operator;
 mod optin;
 mod patch;

@@ -41,6 +41,9 @@ use crate::patch::json_patch;
 use crate::watch::{Trigger, list_config};
 use crate::{telemetry, waiting};
 
+#[cfg(test)]
+mod tests;
+
 /// How the Pod watcher acts.
 #[derive(Debug)]
 pub struct Settings {
