@@ -193,7 +193,7 @@ impl PodWatcher {
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
-                    self.handle(&pod).await
+                    self.handle(&pod, None).await
                 }
                 Ok(watcher::Event::Delete(pod)) => {
                     let uid = pod.uid().unwrap_or_default();
@@ -208,7 +208,9 @@ impl PodWatcher {
     }
 
     /// Carries out the core's plan for the Pod (`enbi_core::pod::actions::plan`), in order.
-    async fn handle(&self, pod: &Pod) {
+    /// `reconciling`: the NixBuild whose reconcile asks (see `build_changed`), which is not
+    /// woken again.
+    async fn handle(&self, pod: &Pod, reconciling: Option<&str>) {
         let namespace = pod.namespace().unwrap_or_default();
         let node_arch = waiting::node_arch(pod, &self.nodes);
         if !podactions::asks(pod, node_arch.as_deref()) {
@@ -220,6 +222,7 @@ impl PodWatcher {
         for action in plan {
             match action {
                 PodAction::EnsureBuild(request) => self.ensure_build(pod, &request).await,
+                PodAction::Wake { build } if reconciling == Some(build.as_str()) => {}
                 PodAction::Wake { build } => {
                     let _ = self
                         .trigger
@@ -248,7 +251,7 @@ impl PodWatcher {
                 .iter()
                 .any(|f| matches!(f, Finding::Build(r) if r.name == name));
             if waits {
-                self.handle(&pod).await;
+                self.handle(&pod, Some(&name)).await;
             }
         }
     }

@@ -133,17 +133,23 @@ pub fn plan(
                         build: name.clone(),
                     });
                 }
+                // A Pod let go or replaced now waits no more: it is told nothing.
+                let mut goes = false;
                 if gated {
                     if let Some(why) = gate::release(Some(&request), build) {
+                        goes = true;
                         actions.push(PodAction::Ungate {
                             why,
                             narrow_for: (settings.narrow && succeeded).then(|| name.clone()),
                         });
                     }
                 } else if settings.recreate && gate::recreate(pod, build) {
+                    goes = true;
                     actions.push(PodAction::Recreate { build: name });
                 }
-                actions.extend(notices.into_iter().map(PodAction::Announce));
+                if !goes {
+                    actions.extend(notices.into_iter().map(PodAction::Announce));
+                }
             }
             Finding::InvalidAnnotations(error) => {
                 let message = error.to_string();
@@ -301,19 +307,13 @@ mod tests {
             |_| Some(Arc::new(succeeded.clone())),
             settings(),
         );
-        assert_eq!(
-            names(&done),
-            ["ensure", "wake", "ungate+narrow", "WaitingForBuild"]
-        );
+        assert_eq!(names(&done), ["ensure", "wake", "ungate+narrow"]);
         let plain = Settings {
             narrow: false,
             ..settings()
         };
         let done = plan(&p, None, true, |_| Some(Arc::new(succeeded.clone())), plain);
-        assert_eq!(
-            names(&done),
-            ["ensure", "wake", "ungate", "WaitingForBuild"]
-        );
+        assert_eq!(names(&done), ["ensure", "wake", "ungate"]);
     }
 
     #[test]
@@ -354,10 +354,7 @@ mod tests {
             |_| Some(Arc::new(succeeded.clone())),
             settings(),
         );
-        assert_eq!(
-            names(&actions),
-            ["ensure", "wake", "recreate", "WaitingForBuild"]
-        );
+        assert_eq!(names(&actions), ["ensure", "wake", "recreate"]);
         let off = Settings {
             recreate: false,
             ..settings()

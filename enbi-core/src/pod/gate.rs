@@ -96,18 +96,15 @@ pub fn ungate_plan(spec: &PodSpec, narrow: Option<(&NixBuild, &[&Node])>) -> Opt
     if let Some((build, holders)) = narrow
         && let Some(ops) = narrow_patch(spec, holders)
     {
-        let nodes: Vec<&str> = holders
-            .iter()
-            .filter_map(|n| n.metadata.name.as_deref())
-            .collect();
+        let nodes: Vec<String> = fitting(spec, holders).into_iter().collect();
         attempts.push(UngateAttempt {
             patch: ops.into_iter().chain(ungate.clone()).collect(),
             event: Some(Event::normal(
                 "NodeAffinityNarrowed",
                 format!(
-                    "Node affinity narrowed, as the scheduling gate went, to the nodes among \
-                     those holding the image of NixBuild {} ({}) that the Pod can run on \
-                     (--narrow-gated-pods).",
+                    "Node affinity narrowed, as the scheduling gate went, to the nodes that \
+                     hold the image of NixBuild {} and that the Pod can run on ({}; \
+                     --narrow-gated-pods).",
                     build.metadata.name.as_deref().unwrap_or_default(),
                     nodes.join(", ")
                 ),
@@ -121,32 +118,26 @@ pub fn ungate_plan(spec: &PodSpec, narrow: Option<(&NixBuild, &[&Node])>) -> Opt
     Some(UngatePlan { attempts })
 }
 
-/// JSON patch operations that narrow a gated Pod's required node affinity to the nodes among
-/// `holders` (those that hold its image) that it could run on: Ready, not cordoned, no
-/// `NoSchedule`/`NoExecute` taint the Pod does not tolerate, its `nodeSelector` and one of its
-/// required node selector terms matched. Only additions, as Kubernetes allows on a gated Pod:
-/// without required node affinity, one term `kubernetes.io/hostname In [holders]`; with it, that
-/// expression added to each term (terms are ORed, expressions ANDed), after a test that the
-/// terms are still those read. `None` when no holder fits (the Pod is left to go anywhere, and
-/// enbi loads the image where it lands) or the Pod is already narrowed to them.
-///
-/// The Pod's preferences, anti-affinity and topology spread are not weighed: a Pod whose
-/// required anti-affinity allows one replica per node can stay Pending once more replicas than
-/// holders exist. That is why narrowing is a setting, off by default.
-pub fn narrow_patch(spec: &PodSpec, holders: &[&Node]) -> Option<Vec<Value>> {
-    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
-    let required = spec
-        .affinity
+/// The Pod's required node selector terms (none: it may go anywhere).
+fn required_terms(spec: &PodSpec) -> &[NodeSelectorTerm] {
+    spec.affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
         .and_then(|n| {
             n.required_during_scheduling_ignored_during_execution
                 .as_ref()
-        });
-    let terms = required
+        })
         .map(|r| r.node_selector_terms.as_slice())
-        .unwrap_or_default();
-    let hostnames: BTreeSet<String> = holders
+        .unwrap_or_default()
+}
+
+/// The `kubernetes.io/hostname` of each node among `holders` that the Pod could run on: Ready,
+/// not cordoned, no taint it does not tolerate, its `nodeSelector` and one of its required
+/// node selector terms matched.
+fn fitting(spec: &PodSpec, holders: &[&Node]) -> BTreeSet<String> {
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    let terms = required_terms(spec);
+    holders
         .iter()
         .filter(|node| {
             let view = crate::placement::NodeView::new(node, tolerations);
@@ -168,7 +159,32 @@ pub fn narrow_patch(spec: &PodSpec, holders: &[&Node]) -> Option<Vec<Value>> {
                 .get(keys::HOSTNAME_LABEL)
                 .cloned()
         })
-        .collect();
+        .collect()
+}
+
+/// JSON patch operations that narrow a gated Pod's required node affinity to the nodes among
+/// `holders` (those that hold its image) that it could run on: Ready, not cordoned, no
+/// `NoSchedule`/`NoExecute` taint the Pod does not tolerate, its `nodeSelector` and one of its
+/// required node selector terms matched. Only additions, as Kubernetes allows on a gated Pod:
+/// without required node affinity, one term `kubernetes.io/hostname In [holders]`; with it, that
+/// expression added to each term (terms are ORed, expressions ANDed), after a test that the
+/// terms are still those read. `None` when no holder fits (the Pod is left to go anywhere, and
+/// enbi loads the image where it lands) or the Pod is already narrowed to them.
+///
+/// The Pod's preferences, anti-affinity and topology spread are not weighed: a Pod whose
+/// required anti-affinity allows one replica per node can stay Pending once more replicas than
+/// holders exist. That is why narrowing is a setting, off by default.
+pub fn narrow_patch(spec: &PodSpec, holders: &[&Node]) -> Option<Vec<Value>> {
+    let hostnames = fitting(spec, holders);
+    let terms = required_terms(spec);
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
     if hostnames.is_empty() {
         return None;
     }

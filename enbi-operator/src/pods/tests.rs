@@ -197,14 +197,14 @@ fn woken(receiver: &mut mpsc::UnboundedReceiver<ObjectRef<NixBuild>>) -> Vec<Obj
 }
 
 #[tokio::test]
-async fn a_gated_pod_whose_build_succeeded_is_ungated_then_told_it_waited() {
+async fn a_gated_pod_whose_build_succeeded_is_ungated_and_wakes_the_build() {
     let nodes = nodes();
     let p = cached(gated_pod());
     let request = request_of(&p, &nodes);
     let (client, server) = mock::client();
+    // Let go, it waits no more: no WaitingForBuild.
     let scenario = server.expect(vec![
         Exchange::patch(POD).json_patch(json!(ungate_ops())).ok(&p),
-        event("WaitingForBuild", &request.name),
     ]);
     let (watcher, mut wake) = pod_watcher(
         client,
@@ -212,10 +212,31 @@ async fn a_gated_pod_whose_build_succeeded_is_ungated_then_told_it_waited() {
         [build(&request, "Succeeded")],
         narrowing(false),
     );
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
     drop(watcher);
     scenario.verify().await;
     assert_eq!(woken(&mut wake), [ObjectRef::new(&request.name).within(NS)]);
+}
+
+#[tokio::test]
+async fn a_reconcile_that_looks_at_its_pods_does_not_wake_itself_again() {
+    let nodes = nodes();
+    let p = cached(gated_pod());
+    let request = request_of(&p, &nodes);
+    let (client, server) = mock::client();
+    let scenario = server.expect(vec![
+        Exchange::patch(POD).json_patch(json!(ungate_ops())).ok(&p),
+    ]);
+    let (watcher, mut wake) = pod_watcher(
+        client,
+        nodes,
+        [build(&request, "Succeeded")],
+        narrowing(false),
+    );
+    watcher.handle(&p, Some(&request.name)).await;
+    drop(watcher);
+    scenario.verify().await;
+    assert!(woken(&mut wake).is_empty(), "no reconcile loop");
 }
 
 #[tokio::test]
@@ -225,12 +246,11 @@ async fn narrowing_reads_the_pod_then_narrows_and_ungates_in_one_patch() {
     let request = request_of(&p, &nodes);
     let mut ops = vec![narrow_ops()];
     ops.extend(ungate_ops());
-    // The note lists the holders the Node cache knows (n1, n2), not only those the Pod was
-    // narrowed to (n1).
+    // The note names the nodes the Pod was narrowed to (n1), not every holder (n1, n2).
     let mut narrowed = event_body("NodeAffinityNarrowed", &request.name);
     narrowed["note"] = json!(format!(
-        "Node affinity narrowed, as the scheduling gate went, to the nodes among those holding \
-         the image of NixBuild {} (n1, n2) that the Pod can run on (--narrow-gated-pods).",
+        "Node affinity narrowed, as the scheduling gate went, to the nodes that hold the image \
+         of NixBuild {} and that the Pod can run on (n1; --narrow-gated-pods).",
         request.name
     ));
     let (client, server) = mock::client();
@@ -238,7 +258,6 @@ async fn narrowing_reads_the_pod_then_narrows_and_ungates_in_one_patch() {
         Exchange::get(POD).ok(gated_pod_in_full()),
         Exchange::patch(POD).json_patch(json!(ops)).ok(&p),
         Exchange::post(EVENTS).includes(narrowed).created(),
-        event("WaitingForBuild", &request.name),
     ]);
     let (watcher, _wake) = pod_watcher(
         client,
@@ -246,7 +265,7 @@ async fn narrowing_reads_the_pod_then_narrows_and_ungates_in_one_patch() {
         [build(&request, "Succeeded")],
         narrowing(true),
     );
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
     drop(watcher);
     scenario.verify().await;
 }
@@ -266,7 +285,6 @@ async fn a_narrowing_the_apiserver_refuses_falls_back_to_the_plain_ungate() {
             .fails(422, "Invalid"),
         Exchange::patch(POD).json_patch(json!(ungate_ops())).ok(&p),
         // No NodeAffinityNarrowed.
-        event("WaitingForBuild", &request.name),
     ]);
     let (watcher, _wake) = pod_watcher(
         client,
@@ -274,7 +292,7 @@ async fn a_narrowing_the_apiserver_refuses_falls_back_to_the_plain_ungate() {
         [build(&request, "Succeeded")],
         narrowing(true),
     );
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
     drop(watcher);
     scenario.verify().await;
 }
@@ -302,14 +320,13 @@ async fn a_controlled_pod_in_back_off_where_the_image_is_is_deleted_for_its_uid(
         Exchange::delete(POD)
             .body(json!({"preconditions": {"uid": UID}}))
             .ok(&p),
-        event("WaitingForBuild", &request.name),
     ]);
     let settings = podactions::Settings {
         recreate: true,
         narrow: false,
     };
     let (watcher, mut wake) = pod_watcher(client, nodes, [build(&request, "Succeeded")], settings);
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
     drop(watcher);
     scenario.verify().await;
     assert_eq!(woken(&mut wake).len(), 1);
@@ -328,7 +345,7 @@ async fn without_recreation_a_pod_in_back_off_is_left_to_the_kubelet() {
         [build(&request, "Succeeded")],
         narrowing(false),
     );
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
     drop(watcher);
     scenario.verify().await;
     assert_eq!(woken(&mut wake).len(), 1, "its node may still need a load");
@@ -362,8 +379,8 @@ async fn a_pod_whose_build_does_not_exist_creates_it_once() {
         // The second look at the Pod, before the cache shows the NixBuild: nothing.
     ]);
     let (watcher, mut wake) = pod_watcher(client, nodes, [], narrowing(false));
-    watcher.handle(&p).await;
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
+    watcher.handle(&p, None).await;
     assert_eq!(watcher.metrics.pod_triggered_builds.get(), 1);
     drop(watcher);
     scenario.verify().await;
@@ -382,8 +399,8 @@ async fn a_build_whose_creation_failed_is_asked_for_again() {
         new_build(&request).created(),
     ]);
     let (watcher, _wake) = pod_watcher(client, nodes, [], narrowing(false));
-    watcher.handle(&p).await;
-    watcher.handle(&p).await;
+    watcher.handle(&p, None).await;
+    watcher.handle(&p, None).await;
     assert_eq!(watcher.metrics.pod_triggered_builds.get(), 1);
     drop(watcher);
     scenario.verify().await;
