@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests the Timoni module (timoni/) with the real Timoni CLI against the local cluster of real
 # Kubernetes components and its local OCI registry:
-#   mod vet, build (values, bad values), server-side dry run;
+#   mod vet, build (values, bad values, examples/values-*.cue), server-side dry run;
 #   mod push of two releases to the registry, apply (install) from OCI, status, list, inspect;
 #   RBAC of the operator (kubectl auth can-i);
 #   apply --diff, upgrade (a resource pruned through Timoni's inventory, a new image), rollback
@@ -154,6 +154,14 @@ check "OTel endpoint and extra env reach the operator" sh -c \
    grep -A1 'name: OTEL_EXPORTER_OTLP_ENDPOINT' '$work/otel.yaml' | grep -q 'value: http://otel-collector.observability:4317' &&
    grep -A1 'name: OTEL_EXPORTER_OTLP_HEADERS' '$work/otel.yaml' | grep -q 'value: x-team=builds'"
 check "no OTLP endpoint by default" sh -c "! grep -q OTEL_EXPORTER_OTLP_ENDPOINT '$work/build.yaml'"
+check "examples/values-k3s.cue: k3s's containerd socket, a mirror" sh -c \
+  "timoni build '$instance' '$module' -n '$ns' -f '$root/examples/values-k3s.cue' > '$work/k3s.yaml' &&
+   grep -A1 'name: ENBI_CONTAINERD_SOCKET' '$work/k3s.yaml' | grep -q 'value: /run/k3s/containerd/containerd.sock' &&
+   grep -A1 'name: ENBI_IMAGE_MIRROR' '$work/k3s.yaml' | grep -q 'value: \"true\"'"
+check "examples/values-eks.cue: the default socket, no mirror" sh -c \
+  "timoni build '$instance' '$module' -n '$ns' -f '$root/examples/values-eks.cue' > '$work/eks.yaml' &&
+   grep -A1 'name: ENBI_CONTAINERD_SOCKET' '$work/eks.yaml' | grep -q 'value: /run/containerd/containerd.sock' &&
+   grep -A1 'name: ENBI_IMAGE_MIRROR' '$work/eks.yaml' | grep -q 'value: \"false\"'"
 check "one replica without leader election: Recreate, never two operators" \
   sh -c "grep -A1 '^  strategy:' '$work/build.yaml' | grep -q 'type: Recreate'"
 
