@@ -81,7 +81,26 @@ pub struct Observation<'a> {
     pub spread: spread::Observation<'a>,
     /// A fault of the operator's installation that keeps any builder Job from being created.
     pub fault: Option<&'a Fault>,
+    /// The systems of other NixBuilds that name the same image tag for another system.
+    pub other_systems: Vec<String>,
     pub now: Timestamp,
+}
+
+/// The systems of the NixBuilds among `others` (any namespace) that name `build`'s image tag
+/// for another system, sorted, once each.
+pub fn other_systems<'b>(
+    build: &NixBuild,
+    others: impl IntoIterator<Item = &'b NixBuild>,
+) -> Vec<String> {
+    let mut systems: Vec<String> = others
+        .into_iter()
+        .filter(|o| o.spec.system != build.spec.system)
+        .filter(|o| crate::reference::same_image(&o.spec.image_tag, &build.spec.image_tag))
+        .map(|o| o.spec.system.clone())
+        .collect();
+    systems.sort();
+    systems.dedup();
+    systems
 }
 
 /// A Job to create (or re-apply) for one attempt.
@@ -295,6 +314,21 @@ impl Step<'_> {
                 placement.eligible.join(", ")
             ),
         );
+        if self.settings.spread.mirror && !self.obs.other_systems.is_empty() {
+            self.event(
+                EventType::Warning,
+                "TagSharedAcrossSystems",
+                format!(
+                    "Other NixBuilds build {} for {}: with a mirror, a node can be served the \
+                     image of another architecture under this one tag. Use a tag per system \
+                     (e.g. ending in -{}), or keep the Pods of this tag on one architecture \
+                     (docs/nodes.md)",
+                    self.obs.build.spec.image_tag,
+                    self.obs.other_systems.join(", "),
+                    self.obs.build.spec.system,
+                ),
+            );
+        }
         self.create_job = Some(JobPlan {
             attempt,
             affinity: placement.affinity,

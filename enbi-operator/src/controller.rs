@@ -47,6 +47,8 @@ pub struct Context {
     pub policy: policy::Policy,
     pub capacity: capacity::Limits,
     pub node_repel: Vec<String>,
+    /// Every NixBuild (the controller's own cache).
+    pub builds: Store<NixBuild>,
     pub jobs: Store<Job>,
     pub builder_pods: Store<Pod>,
     pub nodes: Store<Node>,
@@ -302,6 +304,10 @@ fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault
             capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
             spread,
             fault,
+            other_systems: machine::other_systems(
+                build,
+                ctx.builds.state().iter().map(|b| b.as_ref()),
+            ),
             now: k8s_openapi::jiff::Timestamp::now(),
         },
         &ctx.machine,

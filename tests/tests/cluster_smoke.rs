@@ -176,6 +176,7 @@ async fn run_attempt(
         capacity: Ok(()),
         spread: Default::default(),
         fault: None,
+        other_systems: vec![],
         now: k8s_openapi::jiff::Timestamp::now(),
     };
     machine::decide(obs, &machine::Settings::default())

@@ -49,6 +49,7 @@ fn observe<'a>(b: &'a NixBuild, job: Option<&'a JobView>, now: i64) -> Observati
         capacity: Ok(()),
         spread: Default::default(),
         fault: None,
+        other_systems: vec![],
         now: at(now),
     }
 }
@@ -637,4 +638,36 @@ fn a_report_with_the_normalised_tag_succeeds() {
     let v = view(&b, JobState::Succeeded, Some(success_report(&tag)), true);
     let d = decide(observe(&b, Some(&v), 1), &settings());
     assert_eq!(d.status.phase, Some(Phase::Succeeded), "{:?}", d.status);
+}
+
+#[test]
+fn with_a_mirror_one_tag_for_two_systems_is_a_warning_naming_the_fix() {
+    let b = build();
+    let mut mirrored = settings();
+    mirrored.spread.mirror = true;
+    let mut obs = observe(&b, None, 0);
+    obs.other_systems = vec!["aarch64-linux".into()];
+    let d = decide(obs, &mirrored);
+    let warning = d
+        .events
+        .iter()
+        .find(|e| e.reason == "TagSharedAcrossSystems")
+        .expect("a warning");
+    assert_eq!(warning.type_, EventType::Warning);
+    assert!(warning.note.contains("aarch64-linux"), "{}", warning.note);
+    assert!(
+        warning.note.contains("a tag per system"),
+        "{}",
+        warning.note
+    );
+
+    // Without a mirror each node only gets the image enbi loads there: no warning.
+    let mut obs = observe(&b, None, 0);
+    obs.other_systems = vec!["aarch64-linux".into()];
+    let d = decide(obs, &settings());
+    assert!(
+        d.events
+            .iter()
+            .all(|e| e.reason != "TagSharedAcrossSystems")
+    );
 }

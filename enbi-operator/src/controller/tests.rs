@@ -58,6 +58,7 @@ fn context(client: Client, nodes: Vec<Node>) -> Context {
         policy: policy::Policy::default(),
         capacity: capacity::Limits::default(),
         node_repel: vec![],
+        builds: store([]),
         jobs: store([]),
         builder_pods: store([]),
         nodes,
