@@ -53,6 +53,14 @@ pub struct Request {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListMode {
+    /// The resource's plural (`pods`, `jobs`, ...): bounded by the types the operator watches.
+    pub resource: String,
+    /// `streaming` (a watch that sends the initial objects) or `paginated` (list pages first).
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub result: &'static str,
 }
@@ -69,6 +77,8 @@ pub struct Metrics {
     pub build_duration: Family<Outcome, Histogram>,
     /// Time the webhook takes from a request's body to its answer (TLS and HTTP not included).
     pub webhook_admission: Family<Decision, Histogram>,
+    /// Watches by resource and how they list (`crate::watch::watch`).
+    pub watch_list_mode: Family<ListMode, Gauge>,
     builds_queued: Gauge,
     /// Builds counted in `builds_queued`.
     queued: Mutex<HashSet<ObjectRef<NixBuild>>>,
@@ -87,6 +97,7 @@ impl Default for Metrics {
             pod_triggered_builds: Counter::default(),
             build_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
             webhook_admission: Family::new_with_constructor(|| Histogram::new(ADMISSION_BUCKETS)),
+            watch_list_mode: Family::default(),
             builds_queued: Gauge::default(),
             queued: Mutex::default(),
             registry: Registry::default(),
@@ -144,6 +155,11 @@ impl Metrics {
             m.webhook_admission.clone(),
         );
         registry.register(
+            "watch_list_mode",
+            "Watches by resource and how they list: streaming (WatchList) or paginated (where the apiserver refuses streaming lists)",
+            m.watch_list_mode.clone(),
+        );
+        registry.register(
             "builds_queued",
             "NixBuilds waiting for a free build slot",
             m.builds_queued.clone(),
@@ -168,10 +184,59 @@ impl Metrics {
         }
     }
 
+    /// The sample of one watch of `resource` in `enbi_watch_list_mode`, none until it is set.
+    pub fn watch_mode(&self, resource: String) -> WatchMode {
+        WatchMode {
+            family: self.watch_list_mode.clone(),
+            resource,
+            mode: None,
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One watch in `enbi_watch_list_mode`: it counts 1 in its current mode, and 0 once dropped,
+/// so each sample is the number of watches of a resource that list that way.
+#[derive(Debug)]
+pub struct WatchMode {
+    family: Family<ListMode, Gauge>,
+    resource: String,
+    mode: Option<&'static str>,
+}
+
+impl WatchMode {
+    /// The watch lists as `mode` (`streaming` or `paginated`) from now on.
+    pub fn set(&mut self, mode: &'static str) {
+        if self.mode != Some(mode) {
+            self.release();
+            self.sample(mode).inc();
+            self.mode = Some(mode);
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(mode) = self.mode.take() {
+            self.sample(mode).dec();
+        }
+    }
+
+    fn sample(&self, mode: &'static str) -> Gauge {
+        let labels = ListMode {
+            resource: self.resource.clone(),
+            mode,
+        };
+        self.family.get_or_create(&labels).clone()
+    }
+}
+
+impl Drop for WatchMode {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -220,7 +285,31 @@ pub fn verb_of(method: &::http::Method, path: &str, query: Option<&str>) -> &'st
 
 #[cfg(test)]
 mod tests {
-    use super::{resource_of, verb_of};
+    use super::{Metrics, resource_of, verb_of};
+
+    #[test]
+    fn watch_modes_count_each_watch_once_in_its_current_mode() {
+        let metrics = Metrics::new();
+        let line =
+            |mode: &str| format!("enbi_watch_list_mode{{resource=\"pods\",mode=\"{mode}\"}}");
+        let value = |mode: &str| {
+            let text = metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line(mode))?.trim().parse::<i64>().ok())
+        };
+        let mut a = metrics.watch_mode("pods".into());
+        let mut b = metrics.watch_mode("pods".into());
+        a.set("streaming");
+        b.set("streaming");
+        b.set("streaming");
+        assert_eq!(value("streaming"), Some(2));
+        b.set("paginated");
+        assert_eq!((value("streaming"), value("paginated")), (Some(1), Some(1)));
+        drop(b);
+        assert_eq!((value("streaming"), value("paginated")), (Some(1), Some(0)));
+        drop(a);
+        assert_eq!(value("streaming"), Some(0));
+    }
 
     #[test]
     fn resources_from_paths() {

@@ -11,10 +11,11 @@ use futures::{StreamExt, future};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::runtime::Controller;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self};
 use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::watcher::Config;
+use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Api, Client, CustomResourceExt};
 use tracing::{debug, info, warn};
 
@@ -25,7 +26,7 @@ use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::optin::OptIn;
 use crate::pods::PodWatcher;
-use crate::watch::{list_config, notify, owner_of, spawn_cache, strip_managed_fields, strip_node};
+use crate::watch::{notify, owner_of, spawn_cache, strip_managed_fields, strip_node, watch};
 use crate::{gc, http, webhook};
 
 /// Runs the operator until a signal stops it; `tracing`: spans are exported, so builds get a
@@ -54,13 +55,23 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     let builder_selector = format!("{}={}", keys::NAME, job::BUILDER_NAME);
     let build_ns = args.build_namespace.clone();
     let (trigger, triggers) = mpsc::unbounded();
-    let controller = Controller::new(Api::<NixBuild>::all(client.clone()), list_config());
-    let builds = controller.store();
+    let (builds, writer) = reflector::store();
+    let controller = Controller::for_stream(
+        watch(
+            Api::<NixBuild>::all(client.clone()),
+            Config::default(),
+            &metrics,
+        )
+        .reflect(writer)
+        .applied_objects(),
+        builds.clone(),
+    );
 
-    let builder_config = list_config().labels(&builder_selector);
+    let builder_config = Config::default().labels(&builder_selector);
     let jobs = spawn_cache(
         Api::<Job>::namespaced(client.clone(), &build_ns),
         builder_config.clone(),
+        &metrics,
         strip_managed_fields,
         {
             let (trigger, builds) = (trigger.clone(), builds.clone());
@@ -70,6 +81,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     let builder_pods = spawn_cache(
         Api::<Pod>::namespaced(client.clone(), &build_ns),
         builder_config,
+        &metrics,
         strip_managed_fields,
         {
             let (trigger, builds) = (trigger.clone(), builds.clone());
@@ -78,7 +90,8 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     );
     let nodes = spawn_cache(
         Api::<Node>::all(client.clone()),
-        list_config(),
+        Config::default(),
+        &metrics,
         strip_node,
         {
             let (trigger, builds) = (trigger.clone(), builds.clone());
@@ -92,12 +105,14 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         client.clone(),
         args.pod_builds_namespaces,
         args.watch_namespaces.clone(),
+        &metrics,
     );
     if let Some(settings) = args.webhook() {
         // Every replica answers admission requests, so each keeps its own NixBuild cache.
         let builds = spawn_cache(
             Api::<NixBuild>::all(client.clone()),
-            list_config(),
+            Config::default(),
+            &metrics,
             strip_managed_fields,
             |_: &NixBuild| {},
         );

@@ -10,6 +10,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::warn;
 
+use crate::metrics::Metrics;
+use crate::watch::watch;
+
 /// Whether a namespace's Pods may ask for builds.
 #[derive(Clone)]
 pub struct OptIn {
@@ -31,11 +34,16 @@ impl std::fmt::Debug for OptIn {
 
 impl OptIn {
     /// Starts the namespace watch if `mode` needs one.
-    pub fn new(client: Client, mode: PodBuildNamespaces, watched: Vec<String>) -> Self {
+    pub fn new(
+        client: Client,
+        mode: PodBuildNamespaces,
+        watched: Vec<String>,
+        metrics: &Metrics,
+    ) -> Self {
         let namespaces = (mode == PodBuildNamespaces::Labelled).then(|| {
             let (store, writer) = reflector::store();
             let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
-            let stream = watcher(api, watcher::Config::default())
+            let stream = watch(api, watcher::Config::default(), metrics)
                 .default_backoff()
                 .modify(|ns| {
                     ns.metadata.managed_fields = None;

@@ -38,7 +38,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::metrics::Metrics;
 use crate::optin::OptIn;
 use crate::patch::json_patch;
-use crate::watch::{Trigger, list_config};
+use crate::watch::{Trigger, watch};
 use crate::{telemetry, waiting};
 
 #[cfg(test)]
@@ -182,7 +182,7 @@ impl PodWatcher {
             None => Api::all(self.client.clone()),
         };
         let cached = writer.as_reader();
-        let stream = watcher(api, list_config())
+        let stream = watch(api, watcher::Config::default(), &self.metrics)
             .default_backoff()
             .filter_map(move |event| {
                 std::future::ready(event.map(|e| annotated_only(e, &cached)).transpose())

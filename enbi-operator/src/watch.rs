@@ -1,16 +1,22 @@
-//! The watch plumbing under the controllers: how every watch lists, the caches the operator
+//! The watch plumbing under the controllers: the one watch every cache and controller uses
+//! (streaming lists where the apiserver serves them, else pages), the caches the operator
 //! keeps (each object stripped to what enbi reads before it is stored), and the trigger that
 //! wakes a NixBuild's reconcile when something it depends on changes.
 
 use enbi_core::crd::{NixBuild, Phase};
 use enbi_core::keys;
-use futures::StreamExt;
 use futures::channel::mpsc;
+use futures::stream::{self, BoxStream};
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus};
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::InitialListStrategy;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
-use tracing::warn;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use crate::metrics::{Metrics, WatchMode};
 
 /// Wakes the reconcile of a NixBuild.
 pub type Trigger = mpsc::UnboundedSender<ObjectRef<NixBuild>>;
@@ -36,17 +42,77 @@ pub fn notify(trigger: &Trigger, builds: &Store<NixBuild>, owner: Option<ObjectR
     }
 }
 
-/// How every watch lists: as a stream of single objects (a watch with `sendInitialEvents`,
-/// Kubernetes' WatchList), so that neither a start nor a relist holds a page of full objects.
-pub fn list_config() -> watcher::Config {
-    watcher::Config::default().streaming_lists()
+/// Objects per page where a watch lists in pages (client-go's and kube's default): a start or
+/// a relist then holds one page of full objects at a time besides the cache.
+const PAGE_SIZE: u32 = 500;
+
+/// The watch of `api` (filtered by `config`) under every cache and controller of the operator.
+///
+/// It lists as a stream of single objects (a watch with `sendInitialEvents`, Kubernetes'
+/// WatchList), so that neither a start nor a relist holds a page of full objects. Kubernetes
+/// 1.33 ships the WatchList feature gate off, and such an apiserver refuses that watch (422
+/// Invalid), which kube-runtime would retry for ever: the first refusal switches this watch,
+/// for the rest of the process, to kube's default list then watch, in pages of [`PAGE_SIZE`].
+/// The switch is logged once, and `enbi_watch_list_mode` says how each watch lists.
+pub fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    metrics: &Metrics,
+) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let state = Watch {
+        inner: watcher(api.clone(), config.clone().streaming_lists()).boxed(),
+        mode: metrics.watch_mode(K::plural(&()).into_owned()),
+        fallback: Some((api, config)),
+    };
+    stream::unfold(state, |mut w| async move {
+        loop {
+            let item = w.inner.next().await?;
+            if let Some((api, config)) = w.fallback.take_if(|_| refuses_streaming(&item)) {
+                info!(
+                    resource = %K::plural(&()),
+                    namespace = api.namespace(),
+                    "the apiserver refuses streaming lists (its WatchList feature gate is off): listing in pages"
+                );
+                w.mode.set("paginated");
+                let config = watcher::Config {
+                    initial_list_strategy: InitialListStrategy::ListWatch,
+                    ..config
+                };
+                w.inner = watcher(api, config.page_size(PAGE_SIZE)).boxed();
+                continue;
+            }
+            if w.fallback.is_some() && matches!(item, Ok(watcher::Event::Init)) {
+                // A streaming watch emits `Init` once the apiserver has accepted it.
+                w.mode.set("streaming");
+            }
+            return Some((item, w));
+        }
+    })
 }
 
-/// A cache of `api` (filtered by `config`) kept by a background watch, each object passed
+/// The state of one [`watch`].
+struct Watch<K> {
+    inner: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
+    mode: WatchMode,
+    /// What a paginated watch needs, until the watch has fallen back to one.
+    fallback: Option<(Api<K>, watcher::Config)>,
+}
+
+/// The apiserver refused a streaming list: `sendInitialEvents is forbidden for watch unless the
+/// WatchList feature gate is enabled` (422 Invalid, before the watch starts).
+fn refuses_streaming<K>(item: &watcher::Result<watcher::Event<K>>) -> bool {
+    matches!(item, Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) if status.is_invalid())
+}
+
+/// A cache of `api` (filtered by `config`) kept by a background [`watch`], each object passed
 /// through `strip` before it is stored; `on_change` runs for every object that changes.
 pub fn spawn_cache<K, F>(
     api: Api<K>,
     config: watcher::Config,
+    metrics: &Metrics,
     strip: fn(&mut K),
     on_change: F,
 ) -> Store<K>
@@ -61,7 +127,7 @@ where
     F: Fn(&K) + Send + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, config)
+    let stream = watch(api, config, metrics)
         .default_backoff()
         .modify(strip)
         .reflect(writer)

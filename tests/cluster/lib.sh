@@ -102,6 +102,12 @@ node_pod_subnet() { echo "$NODE_NET_PREFIX.$(($1 + 1)).0/24"; }
 node_run_dir() { echo "$NODE_RUN_DIR/$1"; }
 node_cgroup_root() { echo "$NODE_CGROUP_ROOT/$(node_name "$1")"; }
 
+# kube-apiserver's --feature-gates (ENBI_APISERVER_FEATURE_GATES, e.g. WatchList=false, as
+# Kubernetes 1.33 ships); none by default. `up` restarts the apiserver when it changes.
+APISERVER_EXTRA_ARGS=()
+[[ -z "${ENBI_APISERVER_FEATURE_GATES:-}" ]] ||
+  APISERVER_EXTRA_ARGS+=(--feature-gates="$ENBI_APISERVER_FEATURE_GATES")
+
 # etcd: "system" (Debian's etcd-server, /usr/bin/etcd) or "build" ($ETCD_VERSION
 # built from go.etcd.io/etcd/server/v3 into the cache).
 ETCD_SOURCE="${ENBI_ETCD:-build}"

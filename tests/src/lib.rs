@@ -268,6 +268,19 @@ impl Drop for Operator {
     }
 }
 
+/// `GET http://127.0.0.1:<port><path>` (an operator's `/readyz` or `/metrics`): status code and
+/// body, `None` while nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
 /// Serialises tests that run an operator: each watches every namespace, so two at once would
 /// both act on every NixBuild.
 pub static OPERATOR_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -295,20 +308,32 @@ pub async fn set_node_images(client: &Client, images: Option<&str>) {
 /// Kills a control-plane component of the local cluster (SIGKILL) and starts it again with
 /// `tests/cluster/up`, as a crash and a restart would.
 pub fn restart_component(name: &str) {
+    restart_components(&[name], &[]);
+}
+
+/// Kills control-plane components of the local cluster (SIGKILL) and starts them again with
+/// `tests/cluster/up`, run with `env` added to its environment (e.g.
+/// `ENBI_APISERVER_FEATURE_GATES`).
+pub fn restart_components(names: &[&str], env: &[(&str, &str)]) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cluster");
-    let pid = std::fs::read_to_string(dir.join(format!(".state/pids/{name}.pid")))
-        .expect("component pid file");
-    let status = std::process::Command::new("kill")
-        .args(["-9", pid.trim()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {name}");
+    let state =
+        std::env::var_os("ENBI_CLUSTER_STATE").map_or_else(|| dir.join(".state"), PathBuf::from);
+    for name in names {
+        let pid = std::fs::read_to_string(state.join(format!("pids/{name}.pid")))
+            .expect("component pid file");
+        let status = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {name}");
+    }
     std::thread::sleep(Duration::from_secs(2));
     let up = std::process::Command::new(dir.join("up"))
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .status()
         .expect("up");
-    assert!(up.success(), "tests/cluster/up restarts {name}");
+    assert!(up.success(), "tests/cluster/up restarts {names:?}");
 }
 
 /// A namespace for builder Jobs, with the builder ServiceAccount the Jobs name, after making sure

@@ -46,7 +46,12 @@ fn context(client: Client, nodes: Vec<Node>) -> Context {
         reporter.clone(),
         metrics.clone(),
         pods::Settings {
-            opt_in: OptIn::new(client.clone(), PodBuildNamespaces::All, vec![]),
+            opt_in: OptIn::new(
+                client.clone(),
+                PodBuildNamespaces::All,
+                vec![],
+                &Metrics::new(),
+            ),
             actions: Default::default(),
             tracing: false,
         },

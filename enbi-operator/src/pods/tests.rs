@@ -120,7 +120,12 @@ fn pod_watcher(
 ) -> (PodWatcher, mpsc::UnboundedReceiver<ObjectRef<NixBuild>>) {
     let (trigger, woken) = mpsc::unbounded();
     let settings = Settings {
-        opt_in: OptIn::new(client.clone(), PodBuildNamespaces::All, vec![]),
+        opt_in: OptIn::new(
+            client.clone(),
+            PodBuildNamespaces::All,
+            vec![],
+            &Metrics::new(),
+        ),
         actions,
         tracing: false,
     };
