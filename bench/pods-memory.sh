@@ -9,6 +9,8 @@
 #      BENCH_REST seconds, default 60).
 # Usage: bench/pods-memory.sh PODS ANNOTATED [OPERATOR_BINARY]
 #   (default binary: this checkout's release build; give another, e.g. an older build, to compare)
+#   ENBI_APISERVER_FEATURE_GATES=WatchList=false: against an apiserver without streaming lists
+#   (`up` restarts it so), where the operator's watches list in pages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/cluster/lib.sh
@@ -33,6 +35,8 @@ for nb in $("$KUBECTL" -n "$NS" get nixbuilds -o name 2>/dev/null); do
 done
 "$KUBECTL" delete ns "$NS" "$BNS" --ignore-not-found --wait --timeout=600s >/dev/null
 "$KUBECTL" create ns "$NS" >/dev/null
+# Opted in to builds from Pod annotations (without it the probe Pod gets no NixBuild).
+"$KUBECTL" label ns "$NS" enbi.hrzn.ee/pod-builds=enabled >/dev/null
 "$KUBECTL" create ns "$BNS" >/dev/null
 "$KUBECTL" -n "$BNS" create serviceaccount enbi-builder >/dev/null
 nodes=$("$KUBECTL" get nodes -l type=kwok -o name)
@@ -129,7 +133,11 @@ spec:
   tolerations: [{key: kwok.x-k8s.io/node, operator: Exists}]
   containers: [{name: app, image: bench.example/probe:v1, imagePullPolicy: IfNotPresent}]
 YAML
-until "$KUBECTL" -n "$NS" get nixbuilds -o name 2>/dev/null | grep -q .; do sleep 0.1; done
+deadline=$((SECONDS + 120))
+until "$KUBECTL" -n "$NS" get nixbuilds -o name 2>/dev/null | grep -q .; do
+  ((SECONDS < deadline)) || { echo "no NixBuild for the probe Pod after 120 s" >&2; exit 1; }
+  sleep 0.1
+done
 probe_done=$(date +%s.%N)
 pulled=$("$KUBECTL" -n "$NS" get events --field-selector involvedObject.name=probe,reason=Failed \
   -o jsonpath='{.items[0].firstTimestamp}')
@@ -142,7 +150,13 @@ r0=$(metric enbi_api_requests_total) l0=$(metric 'enbi_api_requests_total\\{verb
 sleep "$REST"
 r1=$(metric enbi_api_requests_total) l1=$(metric 'enbi_api_requests_total\\{verb="list"') w1=$(metric enbi_api_writes_total)
 
-echo "pods=$PODS annotated=$ANNOTATED images=$IMAGES binary=$BIN"
+# How the operator's watches list (enbi_watch_list_mode; nothing from a binary without it).
+modes=$(curl -s "127.0.0.1:$PORT/metrics" | awk -F'mode="' '/^enbi_watch_list_mode/ {
+  split($2, a, "\"} "); n[a[1]] += a[2]
+} END {for (m in n) if (n[m]) {printf "%s%d %s", s, n[m], m; s = ", "}}')
+
+echo "pods=$PODS annotated=$ANNOTATED images=$IMAGES binary=$BIN apiserver feature gates: ${ENBI_APISERVER_FEATURE_GATES:-none}"
+[[ -z "$modes" ]] || echo "watches: $modes"
 echo "operator RSS: idle $(mib "$RSS_IDLE"), steady $(mib "$RSS_STEADY") (+$(mib $((RSS_STEADY - RSS_IDLE))) over idle), peak $(mib "$RSS_PEAK")"
 echo "operator restarted with the Pods: steady $(mib "$RSS_RESTART_STEADY"), peak $(mib "$RSS_RESTART_PEAK") ($(awk -v p="$RSS_RESTART_PEAK" -v s="$RSS_STEADY" 'BEGIN {printf "%.2f", p/s}')x the steady RSS before the restart)"
 awk -v a="$probe_start" -v b="$probe_done" 'BEGIN {printf "last annotated Pod to its NixBuild: %.1f s", b - a}'
