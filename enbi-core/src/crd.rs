@@ -211,6 +211,8 @@ mod tests {
     use kube::CustomResourceExt;
 
     use super::*;
+    use crate::pod::fixtures::build;
+    use crate::spread::loaded;
 
     #[test]
     fn crd_yaml() {
@@ -294,33 +296,5 @@ mod tests {
                 .is_empty(),
             "not built"
         );
-    }
-
-    fn build(phase: Option<Phase>) -> NixBuild {
-        let mut b = NixBuild::new(
-            "b",
-            NixBuildSpec {
-                flake_url: "github:example/app".into(),
-                package_name: "app.stream".into(),
-                image_tag: "example.test/app:v1".into(),
-                system: "x86_64-linux".into(),
-            },
-        );
-        b.status = phase.map(|phase| NixBuildStatus {
-            phase: Some(phase),
-            ..Default::default()
-        });
-        b
-    }
-
-    fn loaded(node: &str, loads: u32, since: Time) -> ImageNode {
-        ImageNode {
-            node: node.to_owned(),
-            state: ImageNodeState::Loaded,
-            loads,
-            since,
-            digest: None,
-            message: None,
-        }
     }
 }

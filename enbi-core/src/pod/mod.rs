@@ -15,7 +15,7 @@ pub mod gate;
 pub mod request;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 
