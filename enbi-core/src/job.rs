@@ -33,6 +33,7 @@ use crate::crd::NixBuild;
 use crate::defaults;
 use crate::keys;
 use crate::naming;
+use crate::release::Plan;
 use crate::trace::TraceContext;
 
 /// `app.kubernetes.io/name` of every builder Job and Pod.
@@ -41,6 +42,8 @@ pub const BUILDER_NAME: &str = "enbi-builder";
 pub const BUILD_CONTAINER: &str = "build";
 /// The container that loads the image from the pipe into containerd and writes the report.
 pub const LOAD_CONTAINER: &str = "load";
+/// The one container of a release Job.
+pub const RELEASE_CONTAINER: &str = "release";
 /// The `emptyDir` both containers share, and the FIFO in it.
 /// The build container's home (Nix's caches) in `node-daemon` mode, where it is not root.
 const BUILD_HOME: &str = "/home/build";
@@ -129,6 +132,13 @@ pub fn labels(build: &NixBuild, purpose: &Purpose) -> BTreeMap<String, String> {
         Purpose::Build(attempt) => (keys::ATTEMPT, attempt.to_string()),
         Purpose::Load { round, .. } => (keys::LOAD_ROUND, round.to_string()),
     };
+    let mut labels = owner_labels(build);
+    labels.insert(key.into(), value);
+    labels
+}
+
+/// The labels that tie any Job of enbi's (and its Pod) to its NixBuild.
+fn owner_labels(build: &NixBuild) -> BTreeMap<String, String> {
     BTreeMap::from([
         (keys::NAME.into(), BUILDER_NAME.into()),
         (keys::MANAGED_BY.into(), "enbi".into()),
@@ -138,7 +148,6 @@ pub fn labels(build: &NixBuild, purpose: &Purpose) -> BTreeMap<String, String> {
         ),
         (keys::BUILD_NAME.into(), build.name_any()),
         (keys::BUILD_UID.into(), build.uid().unwrap_or_default()),
-        (key.into(), value),
     ])
 }
 
@@ -161,6 +170,21 @@ pub fn load_name(build: &NixBuild, node: &str, round: u32) -> String {
         node,
         round,
     )
+}
+
+/// The Job name for the release of `build`'s image on `node`.
+pub fn release_name(build: &NixBuild, node: &str) -> String {
+    naming::release_job_name(
+        &build.namespace().unwrap_or_default(),
+        &build.name_any(),
+        &build.uid().unwrap_or_default(),
+        node,
+    )
+}
+
+/// Whether a Job is a release Job (which is no build: it takes no build slot).
+pub fn is_release(job: &Job) -> bool {
+    job.labels().contains_key(keys::RELEASE)
 }
 
 impl Purpose {
@@ -359,30 +383,118 @@ pub fn render(
         ..Default::default()
     };
 
-    Job {
-        metadata: ObjectMeta {
-            name: Some(purpose.job_name(build)),
-            namespace: Some(settings.namespace.clone()),
-            labels: Some(labels.clone()),
-            annotations: match purpose {
-                Purpose::Build(_) => None,
-                Purpose::Load { node, .. } => {
-                    Some(BTreeMap::from([(keys::LOAD_NODE.into(), node.clone())]))
-                }
-            },
-            ..Default::default()
+    let metadata = ObjectMeta {
+        name: Some(purpose.job_name(build)),
+        namespace: Some(settings.namespace.clone()),
+        labels: Some(labels),
+        annotations: match purpose {
+            Purpose::Build(_) => None,
+            Purpose::Load { node, .. } => {
+                Some(BTreeMap::from([(keys::LOAD_NODE.into(), node.clone())]))
+            }
         },
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        affinity: Some(affinity),
+        containers: vec![build_container, load_container],
+        volumes: Some(volumes),
+        ..Default::default()
+    };
+    // `kubectl logs job/<name>` shows the build's log (nix's output).
+    job(
+        metadata,
+        settings.active_deadline_seconds,
+        BUILD_CONTAINER,
+        pod,
+        settings,
+    )
+}
+
+/// The release Job of `build`'s image on `node`, whose image there is `digest` (see `release`):
+/// one container, enbi's own code, with the containerd socket; placed on the node by name,
+/// past the scheduler, so that it also runs on a cordoned node being drained.
+pub fn render_release(
+    build: &NixBuild,
+    node: &str,
+    plan: &Plan,
+    deadline_seconds: i64,
+    settings: &BuilderSettings,
+) -> Job {
+    let digest = plan.nodes.get(node).map_or("", String::as_str);
+    let args: Vec<String> = [
+        "release",
+        "--image-tag",
+        &plan.tag,
+        "--image-digest",
+        digest,
+        "--containerd-address",
+        &settings.containerd_socket,
+        "--containerd-namespace",
+        &settings.containerd_namespace,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(
+        plan.keeps_digest_reference(digest)
+            .then(|| "--keep-digest-reference".to_owned()),
+    )
+    .collect();
+    let (containerd, containerd_mount) =
+        host_path("containerd", &settings.containerd_socket, "Socket");
+    let container = Container {
+        name: RELEASE_CONTAINER.into(),
+        image: Some(settings.image.clone()),
+        args: Some(args),
+        volume_mounts: Some(vec![containerd_mount]),
+        resources: settings.resources.clone(),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // Root only to reach the root-owned containerd socket.
+        security_context: Some(security_context(Some(0), true)),
+        ..Default::default()
+    };
+    let mut labels = owner_labels(build);
+    labels.insert(keys::RELEASE.into(), "true".into());
+    let metadata = ObjectMeta {
+        name: Some(release_name(build, node)),
+        namespace: Some(settings.namespace.clone()),
+        labels: Some(labels),
+        annotations: Some(BTreeMap::from([(
+            keys::RELEASE_NODE.into(),
+            node.to_owned(),
+        )])),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        node_name: Some(node.to_owned()),
+        containers: vec![container],
+        volumes: Some(vec![containerd]),
+        ..Default::default()
+    };
+    job(metadata, deadline_seconds, RELEASE_CONTAINER, pod, settings)
+}
+
+/// A Job of enbi's around `pod`: run once, never restarted (the operator retries), its Pod
+/// with no API token, no service links, the default seccomp profile and the builders'
+/// tolerations, `kubectl logs` showing `log_container`.
+fn job(
+    metadata: ObjectMeta,
+    deadline_seconds: i64,
+    log_container: &str,
+    pod: PodSpec,
+    settings: &BuilderSettings,
+) -> Job {
+    Job {
         spec: Some(JobSpec {
             backoff_limit: Some(0),
-            active_deadline_seconds: Some(settings.active_deadline_seconds),
+            active_deadline_seconds: Some(deadline_seconds),
             ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    // `kubectl logs job/<name>` shows the build's log (nix's output).
+                    labels: metadata.labels.clone(),
                     annotations: Some(BTreeMap::from([(
                         "kubectl.kubernetes.io/default-container".into(),
-                        BUILD_CONTAINER.into(),
+                        log_container.into(),
                     )])),
                     ..Default::default()
                 }),
@@ -391,7 +503,6 @@ pub fn render(
                     service_account_name: Some(settings.service_account.clone()),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    affinity: Some(affinity),
                     tolerations: (!settings.tolerations.is_empty())
                         .then(|| settings.tolerations.clone()),
                     security_context: Some(PodSecurityContext {
@@ -401,13 +512,12 @@ pub fn render(
                         }),
                         ..Default::default()
                     }),
-                    containers: vec![build_container, load_container],
-                    volumes: Some(volumes),
-                    ..Default::default()
+                    ..pod
                 }),
             },
             ..Default::default()
         }),
+        metadata,
         status: None,
     }
 }
@@ -449,7 +559,11 @@ pub fn observe(job: &Job, pod: Option<&Pod>) -> JobView {
     let terminated = pod
         .and_then(|p| p.status.as_ref())
         .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == LOAD_CONTAINER))
+        // The container that reports: a builder's `load`, a release Job's `release`.
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.name == LOAD_CONTAINER || c.name == RELEASE_CONTAINER)
+        })
         .and_then(|c| c.state.as_ref())
         .and_then(|s| s.terminated.as_ref());
     let pod_running = pod

@@ -70,6 +70,10 @@ pub const LOAD_ROUND: &str = key!("load-round");
 /// On load Jobs: the node they load the image on (an annotation: node names may be too long for
 /// a label value).
 pub const LOAD_NODE: &str = key!("load-node");
+/// On release Jobs (value `true`): they release a deleted NixBuild's image (see `release`).
+pub const RELEASE: &str = key!("release");
+/// On release Jobs: the node they release the image on (an annotation, as [`LOAD_NODE`]).
+pub const RELEASE_NODE: &str = key!("release-node");
 /// On NixBuilds the Pod watcher made (value `enbi-pod-watcher`).
 pub const CREATED_BY: &str = "app.kubernetes.io/created-by";
 pub const NAME: &str = "app.kubernetes.io/name";

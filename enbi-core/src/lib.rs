@@ -19,6 +19,7 @@ pub mod pod;
 pub mod policy;
 pub mod reason;
 pub mod reference;
+pub mod release;
 pub mod report;
 pub mod servingcert;
 pub mod spread;

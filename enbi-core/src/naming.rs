@@ -41,6 +41,13 @@ pub fn load_job_name(namespace: &str, name: &str, uid: &str, node: &str, round: 
     join(name, &format!("{hash}-l{round}"), 40)
 }
 
+/// The Job name for the release of a deleted build's image on `node` (see `release`): one per
+/// node, `r` tells it from a load.
+pub fn release_job_name(namespace: &str, name: &str, uid: &str, node: &str) -> String {
+    let hash = short_hash(&[namespace, name, uid, node]);
+    join(name, &format!("{hash}-r"), 40)
+}
+
 /// `<sanitised stem, at most max_stem chars>-<suffix>`, a valid DNS-1123 label.
 fn join(stem: &str, suffix: &str, max_stem: usize) -> String {
     let stem = sanitise(stem, max_stem);

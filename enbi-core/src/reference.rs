@@ -4,6 +4,8 @@
 //! annotations and NixBuilds compare and store references in this normalised form, so the image
 //! the builder imports is the very one the kubelet looks for.
 
+use sha2::{Digest, Sha256};
+
 /// Registry implied by a reference without a domain.
 const DEFAULT_DOMAIN: &str = "docker.io";
 
@@ -75,11 +77,58 @@ pub fn registry_and_repository(reference: &str) -> (String, String) {
     }
 }
 
+/// `<registry>/<repository>@<digest>`: the digest reference a pull through the CRI leaves next
+/// to the tag, which the loader creates and a release removes.
+pub fn digest_reference(tag: &str, digest: &str) -> String {
+    let (registry, repository) = registry_and_repository(tag);
+    format!("{registry}/{repository}@{digest}")
+}
+
+/// The chain ID of an image's layers (its config's `rootfs.diff_ids`), as the OCI image spec
+/// defines it: the key of the top layer's snapshot, which every container of the image has as
+/// its snapshot's parent.
+pub fn chain_id<S: AsRef<str>>(diff_ids: &[S]) -> Option<String> {
+    let (first, rest) = diff_ids.split_first()?;
+    Some(rest.iter().fold(first.as_ref().to_owned(), |chain, diff| {
+        let hash = Sha256::digest(format!("{chain} {}", diff.as_ref()).as_bytes());
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn digest_references_use_the_normalised_repository() {
+        assert_eq!(
+            digest_reference("x:1", "sha256:ab"),
+            "docker.io/library/x@sha256:ab"
+        );
+        assert_eq!(
+            digest_reference("localhost:5000/a/b:t", "sha256:ab"),
+            "localhost:5000/a/b@sha256:ab"
+        );
+    }
+
+    #[test]
+    fn chain_ids_chain_the_diff_ids() {
+        let [a, b, c] = ["a", "b", "c"].map(|x| format!("sha256:{}", x.repeat(64)));
+        assert_eq!(chain_id::<String>(&[]), None);
+        assert_eq!(chain_id(std::slice::from_ref(&a)), Some(a.clone()));
+        // sha256("<a> <b>"), then sha256("<that> <c>"), computed outside Rust.
+        assert_eq!(
+            chain_id(&[&a, &b]).as_deref(),
+            Some("sha256:ccd722928bd92476ba1745586fed6e45a102504185ad88cd89e01ff116fd146c")
+        );
+        assert_eq!(
+            chain_id(&[a, b, c]).as_deref(),
+            Some("sha256:c1377126441fb2f5ec2c21ae2a60255331d639e830f0ee1b40a36e52d4c40588")
+        );
+    }
 
     const D: &str = "sha256:707b2b90f3f21c5cccad07429f51e1a37b9833d4ff87b323786d7cb246b8360c";
 

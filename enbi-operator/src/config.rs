@@ -159,6 +159,14 @@ pub struct RunArgs {
     /// the same node waits twice as long (at most 64 times).
     #[arg(long, env = "ENBI_RELOAD_AFTER_SECONDS", default_value_t = 60)]
     pub reload_after_seconds: u64,
+    /// Leave a deleted NixBuild's image on the nodes, pinned (otherwise enbi releases it: see
+    /// README, "Images after their NixBuild").
+    #[arg(long, env = "ENBI_KEEP_IMAGES_ON_DELETE")]
+    pub keep_images_on_delete: bool,
+    /// Seconds a deleted NixBuild waits for its image's release on every node before its
+    /// finalizer goes anyway (a node that is gone or never answers; a Warning says which).
+    #[arg(long, env = "ENBI_RELEASE_TIMEOUT_SECONDS", default_value_t = 120)]
+    pub release_timeout_seconds: u64,
     /// Elect a leader through a Lease so that only one replica writes.
     #[arg(long, env = "ENBI_LEADER_ELECTION")]
     pub leader_election: bool,
@@ -247,6 +255,12 @@ impl RunArgs {
             },
             ..machine::Settings::default()
         }
+    }
+
+    /// How long a release may take, or `None` when images are kept on delete.
+    pub fn release_timeout(&self) -> Option<Duration> {
+        (!self.keep_images_on_delete)
+            .then(|| Duration::from_secs(self.release_timeout_seconds.max(1)))
     }
 
     /// Whether gated Pods get their node affinity narrowed: asked for, and no mirror.

@@ -14,7 +14,7 @@ use enbi_core::keys;
 use enbi_core::machine::{self, Decision, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::trace::TraceContext;
-use enbi_core::{backoff, capacity, conditions, policy, spread};
+use enbi_core::{backoff, capacity, conditions, policy, release, spread};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -47,6 +47,8 @@ pub struct Context {
     pub policy: policy::Policy,
     pub capacity: capacity::Limits,
     pub node_repel: Vec<String>,
+    /// How long a deleted build's image release may take; `None`: images are kept on delete.
+    pub release_timeout: Option<Duration>,
     /// Every NixBuild (the controller's own cache).
     pub builds: Store<NixBuild>,
     pub jobs: Store<Job>,
@@ -142,10 +144,11 @@ impl Context {
             .state()
             .into_iter()
             .filter(|j| {
-                matches!(
-                    job::observe(j, None).state,
-                    job::JobState::Pending | job::JobState::Running
-                )
+                !job::is_release(j)
+                    && matches!(
+                        job::observe(j, None).state,
+                        job::JobState::Pending | job::JobState::Running
+                    )
             })
             .map(|j| {
                 self.builder_pod(&j.name_any())
@@ -186,6 +189,15 @@ pub async fn reconcile(build: Arc<NixBuild>, ctx: Arc<Context>) -> Result<Action
     );
     telemetry::join(&span, trace.as_ref());
     let key = ObjectRef::from(build.as_ref());
+    // kube's finalizer helper removes the finalizer as soon as cleanup returns: the release,
+    // which may take several reconciles, comes first.
+    if build.meta().deletion_timestamp.is_some()
+        && build.finalizers().iter().any(|f| f == keys::FINALIZER)
+        && let Some(action) = releasing(&build, &ctx).instrument(span.clone()).await?
+    {
+        ctx.failures.lock().map(|mut f| f.remove(&key)).ok();
+        return Ok(action);
+    }
     let action = finalizer(&api, keys::FINALIZER, build, |event| async {
         match event {
             Finalizer::Apply(build) => apply(&build, &namespace, trace.as_ref(), &ctx).await,
@@ -381,8 +393,15 @@ async fn execute(
             finish(build, namespace, &decision.status, trace, ctx);
         }
     }
+    publish(build, &decision.events, ctx).await;
+    Ok(())
+}
+
+/// Publishes Events about `build`. A failure is logged (and an RBAC fault raised), never
+/// returned: an Event lost must not repeat the work it reports.
+async fn publish(build: &NixBuild, events: &[enbi_core::event::Event], ctx: &Context) {
     let reference = build.object_ref(&());
-    for event in &decision.events {
+    for event in events {
         let event = Event {
             type_: match event.type_ {
                 EventType::Normal => KubeEventType::Normal,
@@ -405,7 +424,6 @@ async fn execute(
             }
         }
     }
-    Ok(())
 }
 
 /// Counts a build that just finished and ends its trace's root span.
@@ -478,11 +496,30 @@ fn finish(
     });
 }
 
-/// Deletes every builder Job of the NixBuild (all attempts), found by its UID label.
-async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
+/// While a deleted build's image is being released on its nodes (see `enbi_core::release`),
+/// the action that brings the reconcile back; `None` once every node has an outcome (or there
+/// is nothing to release), when the finalizer's cleanup may run.
+async fn releasing(build: &NixBuild, ctx: &Context) -> Result<Option<Action>, Error> {
     ctx.metrics.set_queued(ObjectRef::from(build), false);
     // Gated Pods go back to the kubelet's path rather than wait for a build that is gone.
     ctx.pods.build_changed(build, &ctx.pod_stores).await;
+    let Some(timeout) = ctx.release_timeout else {
+        return Ok(None);
+    };
+    let Some(plan) = release::plan(build, ctx.builds.state().iter().map(AsRef::as_ref)) else {
+        return Ok(None);
+    };
+    let progress = release(build, &plan, timeout, ctx).await?;
+    Ok((!progress.done).then(|| {
+        progress
+            .requeue_after
+            .map_or_else(Action::await_change, Action::requeue)
+    }))
+}
+
+/// Deletes every Job of the NixBuild (attempts, loads, releases), found by its UID label, once
+/// its image is released.
+async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
     let uid = build.uid().unwrap_or_default();
     let api = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     for job in ctx
@@ -501,6 +538,57 @@ async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
         }
     }
     Ok(Action::await_change())
+}
+
+/// One step of the release: starts the release Jobs that are due, publishes the Events.
+async fn release(
+    build: &NixBuild,
+    plan: &release::Plan,
+    timeout: Duration,
+    ctx: &Context,
+) -> Result<release::Progress, Error> {
+    let views: BTreeMap<String, JobView> = plan
+        .nodes
+        .keys()
+        .filter_map(|node| {
+            Some((
+                node.clone(),
+                ctx.observe_job(&job::release_name(build, node))?,
+            ))
+        })
+        .collect();
+    let nodes = ctx.nodes.state().iter().map(|n| n.name_any()).collect();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let progress = release::progress(&release::Observation {
+        plan,
+        jobs: views.iter().map(|(n, v)| (n.clone(), v)).collect(),
+        nodes: &nodes,
+        deleted: build
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map_or(now, |t| t.0),
+        now,
+        timeout,
+    });
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
+    let deadline = i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX);
+    for node in &progress.start {
+        let manifest = job::render_release(build, node, plan, deadline, &ctx.builder);
+        jobs.patch(
+            &manifest.name_any(),
+            &PatchParams::apply(keys::MANAGER).force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .map_err(Error::Job)?;
+        info!(build = %build.name_any(), %node, tag = %plan.tag, "release Job applied");
+    }
+    if progress.done {
+        info!(build = %build.name_any(), tag = %plan.tag, outcome = ?progress.nodes, "image released");
+    }
+    publish(build, &progress.events, ctx).await;
+    Ok(progress)
 }
 
 /// Retries a failed reconcile with per-object exponential backoff: 1 s, 2 s, 4 s, … 5 min.

@@ -52,6 +52,9 @@ enum Command {
     /// Load the image from the image pipe into the node's containerd (a builder Pod's `load`
     /// container).
     Load(Box<builder::LoadArgs>),
+    /// Release a deleted NixBuild's image on this node: unpin it and remove its references,
+    /// unless a container uses it (a release Job's container).
+    Release(Box<builder::ReleaseArgs>),
 }
 
 /// Runs `work` with logs and span export set up, then flushes the spans. The runtime carries
@@ -85,6 +88,9 @@ fn main() -> ExitCode {
         }),
         Command::Load(args) => traced(cli.log_format, "enbi-loader", |_, _| {
             builder::run_load(*args)
+        }),
+        Command::Release(args) => traced(cli.log_format, "enbi-releaser", |_, _| {
+            builder::run_release(*args)
         }),
         Command::Crd => match serde_yaml::to_string(&NixBuild::crd()) {
             Ok(yaml) => {

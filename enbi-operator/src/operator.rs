@@ -183,6 +183,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
             per_node: args.max_builds_per_node,
         },
         node_repel: args.node_repel.clone(),
+        release_timeout: args.release_timeout(),
         builds: builds.clone(),
         jobs,
         builder_pods,

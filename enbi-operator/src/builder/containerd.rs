@@ -17,7 +17,7 @@
 //! `images ls` (name, digest, labels columns), `content ls` (labels), `content get` (JSON) and
 //! `events` (topic and JSON, see `advertise`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
@@ -224,6 +224,13 @@ impl Ctr {
         self.label("content", digest, labels)
     }
 
+    /// The parents of the snapshotter's active snapshots and views: a container's root
+    /// filesystem is an active snapshot whose parent is its image's chain ID.
+    pub fn active_snapshot_parents(&self) -> Result<BTreeSet<String>, CtrError> {
+        let out = self.run(&["snapshots", "--snapshotter", &self.snapshotter, "ls"])?;
+        Ok(parse_active_parents(&out))
+    }
+
     /// `ctr <store> label <target> k=v…`, for images and content alike.
     fn label(
         &self,
@@ -236,6 +243,19 @@ impl Ctr {
         args.extend(pairs.iter().map(String::as_str));
         self.run(&args).map(drop)
     }
+}
+
+/// `ctr snapshots ls`: `KEY PARENT KIND`, the parent empty for a base layer.
+fn parse_active_parents(out: &str) -> BTreeSet<String> {
+    out.lines()
+        .skip(1)
+        .filter_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [_, parent, "Active" | "View"] => Some(parent.to_owned()),
+                _ => None,
+            },
+        )
+        .collect()
 }
 
 /// A filter value in containerd's filter syntax.
@@ -309,6 +329,20 @@ docker.io/library/y:1 application/vnd.docker.distribution.manifest.v2+json sha25
         );
         assert_eq!(images[0].labels["io.cri-containerd.pinned"], "pinned");
         assert!(images[1].labels.is_empty());
+    }
+
+    #[test]
+    fn parses_the_parents_of_active_snapshots() {
+        let out = "KEY                                                                     PARENT                                                                  KIND      \n\
+sha256:aa sha256:bb Committed \n\
+sha256:bb  Committed \n\
+5f0c3e1b sha256:aa Active \n\
+prepare-x  Active \n\
+view-1 sha256:cc View \n";
+        assert_eq!(
+            parse_active_parents(out),
+            BTreeSet::from(["sha256:aa".to_owned(), "sha256:cc".to_owned()])
+        );
     }
 
     #[test]

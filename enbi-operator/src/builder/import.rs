@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use enbi_core::keys;
 use enbi_core::reason::FailureReason;
-use enbi_core::reference::registry_and_repository;
+use enbi_core::reference::{digest_reference, registry_and_repository};
 use serde_json::Value;
 
 use super::advertise::LabelOnCreate;
@@ -276,12 +276,6 @@ fn image_labels(request: &Request) -> BTreeMap<String, String> {
     labels
 }
 
-/// `<registry>/<repository>@<digest>`.
-fn digest_reference(tag: &str, digest: &str) -> String {
-    let (registry, repository) = registry_and_repository(tag);
-    format!("{registry}/{repository}@{digest}")
-}
-
 /// Streams the image into `ctr images import`; returns the bytes streamed and the temporary
 /// image name.
 fn import(
@@ -475,18 +469,6 @@ fn descriptors(manifest: &Value) -> Result<Vec<(String, u64)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digest_references_use_the_normalised_repository() {
-        assert_eq!(
-            digest_reference("docker.io/library/x:1", "sha256:ab"),
-            "docker.io/library/x@sha256:ab"
-        );
-        assert_eq!(
-            digest_reference("localhost:5000/a/b:t", "sha256:ab"),
-            "localhost:5000/a/b@sha256:ab"
-        );
-    }
 
     #[test]
     fn reads_manifest_descriptors() {

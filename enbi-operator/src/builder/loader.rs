@@ -151,7 +151,8 @@ pub fn run(args: LoadArgs) -> ExitCode {
         }
     });
     span.in_scope(|| {
-        info_span!("report").in_scope(|| report::write(&report, &args.termination_log, &log));
+        info_span!("report")
+            .in_scope(|| report::write(&report.encode(), &args.termination_log, &log));
     });
     match report {
         BuildReport::Succeeded(_) => ExitCode::SUCCESS,

@@ -8,6 +8,9 @@
 //!   into the node's containerd under the NixBuild's tag (`import`, `containerd`) and reports the
 //!   result as JSON in its termination message (`report`). It runs only enbi's code.
 //!
+//! A release Job's one container runs `enbi-operator release` (`release`): it unpins and
+//! removes a deleted NixBuild's image on its node, unless a container there uses it.
+//!
 //! Both are synchronous: child processes, with threads for the pipes.
 
 mod advertise;
@@ -21,6 +24,7 @@ mod nix;
 mod output;
 mod pipe;
 mod process;
+mod release;
 mod report;
 
 use std::time::Duration;
@@ -33,6 +37,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub use self::build::{BuildArgs, run as run_build};
 pub use self::loader::{LoadArgs, run as run_load};
 use self::log::LogTail;
+pub use self::release::{ReleaseArgs, run as run_release};
 use crate::telemetry;
 
 /// Joins `span` to the build's trace (`TRACEPARENT`, set by the operator) and logs its id.

@@ -1,0 +1,174 @@
+//! `enbi-operator release`: a release Job's container. It releases a deleted NixBuild's image
+//! on its node (`enbi_core::release` says when and where): the tag and the digest reference the
+//! loader created lose their pin and are removed, so containerd collects the image. A reference
+//! that names another image now (a tag overwritten since) is left alone.
+//!
+//! **Never what a container uses.** A container's root filesystem is an active snapshot whose
+//! parent is its image's chain ID. If one exists for this image, any container's (running,
+//! stopped or about to restart, Kubernetes' or not), the references stay and only their pins
+//! go: the kubelet's image GC takes the image once nothing uses it, and a container that
+//! restarts still finds it under its name.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use enbi_core::defaults;
+use enbi_core::reference::{chain_id, digest_reference, normalise};
+use enbi_core::release::ReleaseReport;
+use enbi_core::validation::IMAGE_TAG;
+use serde_json::Value;
+
+use super::containerd::{Ctr, CtrError};
+use super::import::PINNED_LABEL;
+use super::log::LogTail;
+use super::report;
+
+/// Release an image enbi loaded into the node's containerd (a release Job's container).
+#[derive(Debug, clap::Args)]
+pub struct ReleaseArgs {
+    /// The image's tag, as the NixBuild names it.
+    #[arg(long, env = "ENBI_IMAGE_TAG")]
+    pub image_tag: String,
+    /// The manifest digest enbi loaded under it on this node: references that name another
+    /// image are left alone.
+    #[arg(long, env = "ENBI_IMAGE_DIGEST")]
+    pub image_digest: String,
+    /// Keep `<repository>@<digest>` (another NixBuild's image has it), and only unpin it.
+    #[arg(long, env = "ENBI_KEEP_DIGEST_REFERENCE")]
+    pub keep_digest_reference: bool,
+    /// containerd's socket.
+    #[arg(
+        long,
+        env = "ENBI_CONTAINERD_ADDRESS",
+        default_value = defaults::CONTAINERD_SOCKET
+    )]
+    pub containerd_address: PathBuf,
+    /// containerd namespace of the kubelet's CRI.
+    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = defaults::CONTAINERD_NAMESPACE)]
+    pub containerd_namespace: String,
+    /// Snapshotter the CRI unpacks into (where containers' snapshots are).
+    #[arg(long, env = "ENBI_SNAPSHOTTER", default_value = "overlayfs")]
+    pub snapshotter: String,
+    /// Where the JSON report goes (the container's termination message).
+    #[arg(
+        long,
+        env = "ENBI_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReleaseError {
+    #[error("invalid image tag: {0}")]
+    Tag(String),
+    #[error("invalid image digest {0:?}: expected sha256:<64 hex digits>")]
+    Digest(String),
+    #[error(transparent)]
+    Ctr(#[from] CtrError),
+}
+
+/// Releases the image and writes the report; the exit code says whether it worked.
+pub fn run(args: ReleaseArgs) -> ExitCode {
+    let log = LogTail::stdout();
+    match release(&args, &log) {
+        Ok(done) => {
+            report::write(&done.encode(), &args.termination_log, &log);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report::write(&format!("error: {e}"), &args.termination_log, &log);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseError> {
+    IMAGE_TAG
+        .check(&args.image_tag)
+        .map_err(ReleaseError::Tag)?;
+    let digest = &args.image_digest;
+    let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ReleaseError::Digest(digest.clone()));
+    }
+    let ctr = Ctr {
+        address: args.containerd_address.clone(),
+        namespace: args.containerd_namespace.clone(),
+        snapshotter: args.snapshotter.clone(),
+    };
+    ctr.check_socket()?;
+    let tag = normalise(&args.image_tag);
+    let by_digest = digest_reference(&tag, digest);
+    let mut ours = vec![];
+    for name in [&tag, &by_digest] {
+        match ctr.image(name)? {
+            Some(image) if &image.digest == digest => ours.push(image),
+            Some(image) => log.line(
+                "enbi",
+                &format!("{name} names another image ({}): left alone", image.digest),
+            ),
+            None => {}
+        }
+    }
+    let mut done = ReleaseReport::default();
+    if ours.is_empty() {
+        log.line("enbi", &format!("{tag} ({digest}) is not here"));
+        return Ok(done);
+    }
+    done.in_use = in_use(&ctr, digest, log)?;
+    let (keep, remove): (Vec<_>, Vec<_>) = ours
+        .into_iter()
+        .partition(|i| done.in_use || (args.keep_digest_reference && i.name == by_digest));
+    let unpin = BTreeMap::from([(PINNED_LABEL.to_owned(), String::new())]);
+    for image in keep.iter().filter(|i| i.labels.contains_key(PINNED_LABEL)) {
+        ctr.label_image(&image.name, &unpin)?;
+        done.unpinned.push(image.name.clone());
+    }
+    done.removed = remove.into_iter().map(|i| i.name).collect();
+    ctr.remove(&done.removed)?;
+    log.line(
+        "enbi",
+        &format!(
+            "released {tag}: removed {:?}, unpinned {:?}{}",
+            done.removed,
+            done.unpinned,
+            if done.in_use {
+                " (a container uses it)"
+            } else {
+                ""
+            }
+        ),
+    );
+    Ok(done)
+}
+
+/// Whether a container on the node uses the image of manifest `digest`. Unsure (an index, an
+/// unreadable manifest or config) counts as in use: a release never removes what it cannot
+/// rule out.
+fn in_use(ctr: &Ctr, digest: &str, log: &LogTail) -> Result<bool, CtrError> {
+    let Some(chain) = chain_of(ctr, digest) else {
+        log.line(
+            "enbi",
+            &format!("cannot read the layers of {digest}; treating it as in use"),
+        );
+        return Ok(true);
+    };
+    Ok(ctr.active_snapshot_parents()?.contains(&chain))
+}
+
+/// The chain ID of the image of manifest `digest`, from its config's `rootfs.diff_ids`.
+fn chain_of(ctr: &Ctr, digest: &str) -> Option<String> {
+    let json =
+        |digest: &str| -> Option<Value> { serde_json::from_slice(&ctr.content(digest).ok()?).ok() };
+    let manifest = json(digest)?;
+    let config = json(manifest.pointer("/config/digest")?.as_str()?)?;
+    let diff_ids: Vec<&str> = config
+        .pointer("/rootfs/diff_ids")?
+        .as_array()?
+        .iter()
+        .map(Value::as_str)
+        .collect::<Option<_>>()?;
+    chain_id(&diff_ids)
+}
