@@ -509,7 +509,9 @@ async fn releasing(build: &NixBuild, ctx: &Context) -> Result<Option<Action>, Er
     let Some(plan) = release::plan(build, ctx.builds.state().iter().map(AsRef::as_ref)) else {
         return Ok(None);
     };
-    let progress = release(build, &plan, timeout, ctx).await?;
+    let Some(progress) = release(build, &plan, timeout, ctx).await? else {
+        return Ok(Some(Action::await_change()));
+    };
     Ok((!progress.done).then(|| {
         progress
             .requeue_after
@@ -540,13 +542,14 @@ async fn cleanup(build: &NixBuild, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// One step of the release: starts the release Jobs that are due, publishes the Events.
+/// One step of the release: starts the release Jobs that are due, publishes the Events;
+/// `None` if the NixBuild is already gone.
 async fn release(
     build: &NixBuild,
     plan: &release::Plan,
     timeout: Duration,
     ctx: &Context,
-) -> Result<release::Progress, Error> {
+) -> Result<Option<release::Progress>, Error> {
     let views: BTreeMap<String, JobView> = plan
         .nodes
         .keys()
@@ -571,6 +574,11 @@ async fn release(
         now,
         timeout,
     });
+    // A reconcile of a cached copy, after the finalizer went (woken by its Jobs' deletion),
+    // would start the release again: starting is confirmed against the API first.
+    if !progress.start.is_empty() && !finalizer_still_on(build, ctx).await? {
+        return Ok(None);
+    }
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     let deadline = i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX);
     for node in &progress.start {
@@ -588,7 +596,17 @@ async fn release(
         info!(build = %build.name_any(), tag = %plan.tag, outcome = ?progress.nodes, "image released");
     }
     publish(build, &progress.events, ctx).await;
-    Ok(progress)
+    Ok(Some(progress))
+}
+
+/// Whether the API still has the NixBuild with enbi's finalizer.
+async fn finalizer_still_on(build: &NixBuild, ctx: &Context) -> Result<bool, Error> {
+    let api =
+        Api::<NixBuild>::namespaced(ctx.client.clone(), &build.namespace().unwrap_or_default());
+    let current = api.get_opt(&build.name_any()).await?;
+    Ok(current.is_some_and(|b| {
+        b.uid() == build.uid() && b.finalizers().iter().any(|f| f == keys::FINALIZER)
+    }))
 }
 
 /// Retries a failed reconcile with per-object exponential backoff: 1 s, 2 s, 4 s, … 5 min.

@@ -13,7 +13,8 @@
 //!
 //! On two real nodes, a Deployment with one Pod per node gets one build: through Spegel, the
 //! second node pulls the image from the first; without a mirror, enbi loads it on the second
-//! node itself, and again after it was removed there.
+//! node itself, and again after it was removed there. A deleted NixBuild's image is released on
+//! both nodes, except where a container still uses it.
 //!
 //! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
 //! prints a loud `SKIPPED` line and returns.
@@ -541,6 +542,199 @@ async fn without_a_mirror_enbi_loads_the_image_on_the_other_node_and_again_after
     for node in &nodes {
         remove_images(&socket(node), "enbi.test/e2e-load");
     }
+}
+
+/// A deleted NixBuild's image is released on each node enbi put it on: removed where nothing
+/// uses it, only unpinned where a container does (which keeps running and finds it on restart).
+#[tokio::test]
+async fn a_deleted_nixbuild_releases_its_image_except_where_a_container_uses_it() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let nodes = real_nodes();
+    assert!(nodes.len() >= 2, "two real nodes needed, found {nodes:?}");
+    builder_image_on_real_nodes();
+    // Without a mirror, enbi loads the second node itself: both nodes hold its image.
+    let _no_mirror = NoMirror::new(&client).await;
+    let repository = "enbi.test/e2e-release";
+    for node in &nodes {
+        remove_images(&socket(node), repository);
+    }
+    let tag = fresh_tag("e2e-release");
+    let flake_url = fixture_for(&tag);
+    let builds = build_namespace(&client, "e2e-release-b").await;
+    let repel = kwok_nodes(&client).await.join(",");
+    let operator = start_operator("e2e-release", &builds.name, &repel);
+    let app = TestNamespace::opted_in(&client, "e2e-release-app").await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &app.name);
+    deployments
+        .create(
+            &PostParams::default(),
+            &one_pod_per_real_node(&flake_url, &tag),
+        )
+        .await
+        .expect("create the Deployment");
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let name = build.name_any();
+    let node_a = build
+        .status
+        .as_ref()
+        .and_then(|s| s.build_node.clone())
+        .expect("a build node");
+    let node_b = nodes
+        .iter()
+        .find(|n| **n != node_a)
+        .expect("another real node")
+        .clone();
+    node_loaded(&nixbuilds, &name, &node_b, 1).await;
+    let digest_reference = format!(
+        "{repository}@{}",
+        build
+            .status
+            .as_ref()
+            .and_then(|s| s.image_digest.clone())
+            .expect("a digest")
+    );
+    for node in [&node_a, &node_b] {
+        let labels = image_labels(&socket(node), &tag).expect("the image on the node");
+        assert!(
+            labels.contains("io.cri-containerd.pinned=pinned"),
+            "{node}: {labels}"
+        );
+    }
+
+    // The Deployment goes; one Pod of the image stays, on A only, not asking enbi for anything.
+    deployments
+        .delete("spread", &DeleteParams::foreground())
+        .await
+        .expect("delete the Deployment");
+    for node in [&node_a, &node_b] {
+        let socket = socket(node);
+        eventually(
+            &format!("no container of the Deployment on {node}"),
+            Duration::from_secs(120),
+            || async { containers_of(&socket, repository).is_empty().then_some(()) },
+        )
+        .await;
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let user: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "user"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node_a},
+            "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": tag, "command":
+                ["/bin/sh", "-c", format!("echo {MESSAGE}; exec /bin/busybox sleep 3600")]}],
+        },
+    }))
+    .expect("a pod");
+    pods.create(&PostParams::default(), &user)
+        .await
+        .expect("create the Pod");
+    running_pods(&pods, 1).await;
+
+    nixbuilds
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the NixBuild");
+    eventually("the NixBuild gone", Duration::from_secs(90), || async {
+        nixbuilds.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    // A: a container uses it: still there under both names, unpinned.
+    let on_a = socket(&node_a);
+    for reference in [&tag, &digest_reference] {
+        let labels = image_labels(&on_a, reference)
+            .unwrap_or_else(|| panic!("{reference} gone from {node_a}, where a Pod uses it"));
+        assert!(
+            !labels.contains("io.cri-containerd.pinned"),
+            "{node_a}: {labels}"
+        );
+    }
+    // B: nothing uses it: both names gone (containerd then collects the content).
+    let on_b = node_images(&socket(&node_b));
+    assert!(
+        !on_b.iter().any(|n| *n == tag || *n == digest_reference),
+        "{node_b} still holds {tag}"
+    );
+    let notes: Vec<(String, String)> = events_about(&client, &app.name, &name)
+        .await
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect();
+    let released = notes
+        .iter()
+        .find(|(reason, _)| reason == "Released")
+        .unwrap_or_else(|| panic!("a Released Event in {notes:?}"));
+    assert!(
+        released
+            .1
+            .contains(&format!("{node_a}: in use by a container, unpinned only"))
+            && released
+                .1
+                .contains(&format!("{node_b}: removed (2 references)")),
+        "{released:?}"
+    );
+    assert!(notes.iter().any(|(r, _)| r == "Releasing"), "{notes:?}");
+    // Its Jobs (build, load, releases) went with it.
+    let jobs = Api::<Job>::namespaced(client.clone(), &builds.name)
+        .list(&ListParams::default().labels(&format!("{}={}", keys::BUILD_NAME, name)))
+        .await
+        .expect("jobs");
+    assert!(
+        jobs.items.is_empty(),
+        "{:?}",
+        jobs.items.iter().map(|j| j.name_any()).collect::<Vec<_>>()
+    );
+    // The Pod on A keeps running.
+    let log = pods.logs("user", &LogParams::default()).await.expect("log");
+    assert!(log.contains(MESSAGE), "{log:?}");
+
+    drop(operator);
+    for node in &nodes {
+        remove_images(&socket(node), repository);
+    }
+}
+
+/// The labels of image `name` in a node's containerd (`k8s.io`), as `ctr` prints them.
+fn image_labels(socket: &str, name: &str) -> Option<String> {
+    let filter = format!("name=={name}");
+    let out = Command::new("ctr")
+        .args(["--address", socket, "-n", "k8s.io", "images", "ls", &filter])
+        .output()
+        .expect("ctr runs");
+    assert!(out.status.success(), "ctr images ls");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().nth(1)?;
+    Some(
+        line.split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// The containers in a node's containerd (`k8s.io`) whose image is named `repository...`.
+fn containers_of(socket: &str, repository: &str) -> Vec<String> {
+    let out = Command::new("ctr")
+        .args(["--address", socket, "-n", "k8s.io", "containers", "ls"])
+        .output()
+        .expect("ctr runs");
+    assert!(out.status.success(), "ctr containers ls");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|i| i.starts_with(repository))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Spegel taken off the real nodes while it lives (if it runs), so that pulls nobody serves

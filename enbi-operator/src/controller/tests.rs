@@ -161,6 +161,10 @@ async fn a_deleted_build_releases_its_image_on_each_node_before_its_finalizer_go
         .echo()
     };
     let scenario = server.expect(vec![
+        Exchange::get(&format!(
+            "/apis/enbi.hrzn.ee/v1alpha1/namespaces/{NS}/nixbuilds/app"
+        ))
+        .ok(&build),
         release_job("n1"),
         release_job("n2"),
         Exchange::post(&format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"))
@@ -177,7 +181,32 @@ async fn a_deleted_build_releases_its_image_on_each_node_before_its_finalizer_go
         .expect("reconciled");
     drop(ctx);
     scenario.verify().await;
-    assert_ne!(action, Action::await_change(), "back at the timeout at the latest");
+    assert_ne!(
+        action,
+        Action::await_change(),
+        "back at the timeout at the latest"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_copy_of_a_released_build_starts_nothing() {
+    let build = deleted_build();
+    let (client, server) = mock::client();
+    // The finalizer went (and the Jobs with it) since the cache read the NixBuild.
+    let scenario = server.expect(vec![
+        Exchange::get(&format!(
+            "/apis/enbi.hrzn.ee/v1alpha1/namespaces/{NS}/nixbuilds/app"
+        ))
+        .fails(404, "NotFound"),
+    ]);
+    let nodes = vec![ready_amd64_node("n1"), ready_amd64_node("n2")];
+    let ctx = Arc::new(context(client, nodes));
+    let action = reconcile(Arc::new(build), ctx.clone())
+        .await
+        .expect("reconciled");
+    drop(ctx);
+    scenario.verify().await;
+    assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
@@ -191,7 +220,10 @@ async fn once_every_node_has_an_outcome_the_jobs_go_then_the_finalizer() {
     let mut job: Job = serde_json::from_value(json!({
         "status": {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1},
     }))
-    .map(|status: Job| Job { status: status.status, ..job })
+    .map(|status: Job| Job {
+        status: status.status,
+        ..job
+    })
     .expect("a job");
     job.metadata.namespace = Some(builds_ns.clone());
     let report = release::ReleaseReport {
