@@ -501,14 +501,17 @@ CUE
     -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' > "$work/pulled-events" 2>&1 || true
   has "the kubelet's Event: Pulled" "^Successfully pulled image \"$pulled_image\"" "$work/pulled-events"
 
-  # Uninstall as README says: the NixBuilds first, while enbi runs (its finalizer must not hold
-  # them), then enbi.
+  # Uninstall as README says: the NixBuilds first, while enbi runs (its finalizer releases their
+  # images and must not hold them), then enbi, then the CRD.
   check "the running operator holds the NixBuild with its finalizer" sh -c \
     "for _ in \$(seq 60); do '$kubectl' get nixbuild -n '$app_ns' timoni-upgrade -o jsonpath='{.metadata.finalizers}' | grep -q enbi.hrzn.ee/cleanup && exit 0; sleep 1; done; exit 1"
-  check "uninstall: kubectl delete nixbuilds --all finishes within a minute while enbi runs" \
-    "$kubectl" delete nixbuilds --all -n "$app_ns" --timeout=60s
-  equals "no NixBuild is left" "" "$kubectl" get nixbuilds -n "$app_ns" -o name
+  # In every namespace, as README says: the other tests' NixBuilds too.
+  check "uninstall: kubectl delete nixbuilds --all -A finishes within a minute while enbi runs" \
+    "$kubectl" delete nixbuilds --all -A --timeout=60s
+  equals "no NixBuild is left" "" "$kubectl" get nixbuilds -A -o name
   check "timoni delete $instance" tm delete "$instance" -n "$ns" --timeout 3m
+  check "uninstall: kubectl delete crd finishes within a minute" \
+    "$kubectl" delete crd "$crd" --timeout=60s
 fi
 
 echo "$passed passed, $failed failed"

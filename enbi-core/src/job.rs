@@ -831,6 +831,55 @@ mod tests {
     }
 
     #[test]
+    fn a_release_job_runs_enbis_own_code_on_its_node_by_name() {
+        let mut b = build();
+        b.status = Some(crate::crd::NixBuildStatus {
+            image_digest: Some("sha256:d".into()),
+            build_node: Some("cass".into()),
+            ..Default::default()
+        });
+        let mut plan = crate::release::plan(&b, []).expect("a plan");
+        let settings = BuilderSettings::default();
+        let job = render_release(&b, "cass", &plan, 120, &settings);
+        assert!(is_release(&job));
+        assert_eq!(job.metadata.name, Some(release_name(&b, "cass")));
+        let spec = job.spec.expect("spec");
+        assert_eq!(spec.active_deadline_seconds, Some(120));
+        let pod = spec.template.spec.expect("pod spec");
+        assert_eq!(pod.node_name.as_deref(), Some("cass"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let [container] = &pod.containers[..] else {
+            panic!("one container")
+        };
+        assert_eq!(container.image.as_deref(), Some(settings.image.as_str()));
+        let args = container.args.clone().expect("args");
+        assert_eq!(
+            &args[..5],
+            [
+                "release",
+                "--image-tag",
+                &plan.tag,
+                "--image-digest",
+                "sha256:d"
+            ]
+        );
+        assert!(!args.contains(&"--keep-digest-reference".to_owned()));
+        // Another NixBuild's image has the digest reference: kept.
+        plan.kept
+            .insert(crate::reference::digest_reference(&plan.tag, "sha256:d"));
+        let job = render_release(&b, "cass", &plan, 120, &settings);
+        let args = job
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|p| p.containers[0].args.clone());
+        assert!(
+            args.flatten()
+                .expect("args")
+                .contains(&"--keep-digest-reference".to_owned())
+        );
+    }
+
+    #[test]
     fn job_names_are_per_attempt_and_within_limits() {
         let b = build();
         assert_ne!(name(&b, 1), name(&b, 2));

@@ -199,6 +199,30 @@ mod tests {
                     "the builder stops itself before the Job's deadline"
                 );
             }
+            let mut built = build.clone();
+            built.status = Some(enbi_core::crd::NixBuildStatus {
+                image_digest: Some(format!("sha256:{}", "d".repeat(64))),
+                build_node: Some("n1".into()),
+                ..Default::default()
+            });
+            let plan = enbi_core::release::plan(&built, []).expect("a plan");
+            let job = job::render_release(&built, "n1", &plan, 120, &settings);
+            let container = job
+                .spec
+                .and_then(|s| s.template.spec)
+                .map(|s| s.containers[0].clone())
+                .expect("a container");
+            let Command::Release(r) = parse(&container) else {
+                panic!("the release container runs `release`")
+            };
+            assert_eq!(r.image_tag, plan.tag);
+            assert_eq!(Some(&r.image_digest), plan.nodes.get("n1"));
+            assert!(!r.keep_digest_reference);
+            assert_eq!(
+                r.containerd_address.to_str(),
+                Some(settings.containerd_socket.as_str())
+            );
+            assert_eq!(r.containerd_namespace, settings.containerd_namespace);
         }
     }
 }

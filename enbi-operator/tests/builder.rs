@@ -246,6 +246,115 @@ fn a_tag_naming_another_image_is_refused_unless_overwriting_is_allowed() {
     );
 }
 
+/// Runs `enbi-operator release` on the image enbi loaded under `tag` with `digest`.
+fn release(containerd: &Path, tag: &str, digest: &str, extra: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("report");
+    let out = Command::new(env!("CARGO_BIN_EXE_enbi-operator"))
+        .args(["release", "--image-tag", tag, "--image-digest", digest])
+        .arg("--containerd-address")
+        .arg(containerd)
+        .arg("--termination-log")
+        .arg(&report)
+        .args(extra)
+        .output()
+        .expect("release runs");
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_release_removes_the_image_unless_a_container_uses_it() {
+    use enbi_core::release::ReleaseReport;
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/release:v1";
+    let image = succeeded(build(
+        &ctd.socket(),
+        &flake.url(),
+        "stream",
+        tag,
+        &["--pin"],
+    ));
+    let by_digest = format!("docker.io/enbi-test/release@{}", image.digest);
+    assert!(ctd.image(&by_digest).is_some());
+
+    // A container made from the image (created, not started: its snapshot is what counts).
+    ctd.ctr_ok(&["containers", "create", tag, "user"]);
+    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
+    assert!(ok, "{text}");
+    let report = ReleaseReport::parse(&text).expect("a report");
+    assert!(report.in_use, "{report:?}");
+    assert!(report.removed.is_empty());
+    for name in [tag, by_digest.as_str()] {
+        let (_, labels) = ctd.image(name).unwrap_or_else(|| panic!("{name} kept"));
+        assert!(!labels.contains("pinned"), "{name}: {labels}");
+    }
+
+    // The container goes: the next release removes both names.
+    ctd.ctr_ok(&["containers", "rm", "user"]);
+    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
+    assert!(ok, "{text}");
+    let report = ReleaseReport::parse(&text).expect("a report");
+    assert!(!report.in_use);
+    assert_eq!(report.removed, [tag.to_owned(), by_digest.clone()]);
+    assert_eq!((ctd.image(tag), ctd.image(&by_digest)), (None, None));
+
+    // Nothing there: nothing to do.
+    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
+    assert!(ok, "{text}");
+    assert_eq!(ReleaseReport::parse(&text), Some(ReleaseReport::default()));
+}
+
+#[test]
+fn a_release_keeps_what_is_not_its_own() {
+    use enbi_core::release::ReleaseReport;
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/kept:v1";
+    let first = succeeded(build(
+        &ctd.socket(),
+        &flake.url(),
+        "stream",
+        tag,
+        &["--pin"],
+    ));
+    // The tag overwritten since by another image (whose load removed the first's digest
+    // reference): a release of the first leaves the tag alone.
+    let other = succeeded(build(
+        &ctd.socket(),
+        &flake.url(),
+        "stream-other",
+        tag,
+        &["--pin", "--allow-overwrite"],
+    ));
+    let (ok, text) = release(&ctd.socket(), tag, &first.digest, &[]);
+    assert!(ok, "{text}");
+    assert_eq!(ReleaseReport::parse(&text), Some(ReleaseReport::default()));
+    assert_eq!(ctd.image(tag).map(|i| i.0), Some(other.digest.clone()));
+
+    // Another NixBuild's image has the digest reference: it is kept, only unpinned.
+    let (ok, text) = release(
+        &ctd.socket(),
+        tag,
+        &other.digest,
+        &["--keep-digest-reference"],
+    );
+    assert!(ok, "{text}");
+    let report = ReleaseReport::parse(&text).expect("a report");
+    assert_eq!(report.removed, [tag.to_owned()]);
+    let other_by_digest = format!("docker.io/enbi-test/kept@{}", other.digest);
+    let (_, labels) = ctd.image(&other_by_digest).expect("kept");
+    assert!(!labels.contains("pinned"), "{labels}");
+
+    // A bad digest is refused with a clear error.
+    let (ok, text) = release(&ctd.socket(), tag, "sha256:nope", &[]);
+    assert!(!ok);
+    assert!(text.contains("invalid image digest"), "{text}");
+}
+
 #[test]
 fn failures_are_reported_with_their_category() {
     require_tools!();
