@@ -12,11 +12,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use enbi_core::crd::NixBuild;
 use enbi_core::keys;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use kube::ResourceExt;
+use kube::api::{DeleteParams, Patch, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
+use serde_json::json;
 
 /// The admin kubeconfig `tests/cluster/up` writes, unless `KUBECONFIG` names another.
 pub fn kubeconfig_path() -> PathBuf {
@@ -131,6 +134,24 @@ impl Drop for TestNamespace {
             if let Ok(rt) = runtime {
                 rt.block_on(async {
                     if let Ok(client) = connect().await {
+                        // The test's operator is gone: its finalizers would keep the namespace
+                        // terminating for ever (and a later CRD deletion with it).
+                        let builds = Api::<NixBuild>::namespaced(client.clone(), &name);
+                        let unhold = json!({"metadata": {"finalizers": null}});
+                        for build in builds
+                            .list(&Default::default())
+                            .await
+                            .map(|l| l.items)
+                            .unwrap_or_default()
+                        {
+                            let _ = builds
+                                .patch(
+                                    &build.name_any(),
+                                    &Default::default(),
+                                    &Patch::Merge(&unhold),
+                                )
+                                .await;
+                        }
                         let _ = Api::<Namespace>::all(client)
                             .delete(&name, &DeleteParams::background())
                             .await;
