@@ -626,6 +626,7 @@ mod tests {
             ready: true,
             schedulable: true,
             repel_label: false,
+            unsupported: None,
         }
     }
 

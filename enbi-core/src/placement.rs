@@ -1,7 +1,8 @@
 //! Where a build may run: a node of the system's architecture, Ready, schedulable and not
 //! repelled (by the operator's `--node-repel` list or the node label `enbi.hrzn.ee/repel`).
 //! A node with a `NoSchedule`/`NoExecute` taint counts only if the builders tolerate it (the
-//! operator's `--builder-tolerations`; none by default).
+//! operator's `--builder-tolerations`; none by default). A node whose container runtime enbi
+//! cannot load into (`unsupported_runtime`: CRI-O, Docker, containerd before 1.7) never counts.
 //!
 //! The result is both a verdict (is there any such node now?) and the node affinity that makes
 //! the scheduler keep to it, so a build never lands on a repelled or wrong-arch node even if the
@@ -25,6 +26,27 @@ pub struct NodeView {
     /// Not cordoned and no `NoSchedule`/`NoExecute` taint the builders do not tolerate.
     pub schedulable: bool,
     pub repel_label: bool,
+    /// Why enbi cannot load images on it, from the runtime it reports.
+    pub unsupported: Option<String>,
+}
+
+/// Why enbi cannot load images into a node's runtime, from `status.nodeInfo.
+/// containerRuntimeVersion` (`containerd://2.1.4`): it talks to containerd only, and
+/// containerd before 1.7 ignores the pin and is out of support. A runtime it does not know
+/// (a simulated node's, say) is given the benefit of the doubt.
+pub fn unsupported_runtime(version: &str) -> Option<String> {
+    let (name, release) = version.split_once("://")?;
+    match name {
+        "containerd" => {
+            let mut parts = release.trim_start_matches('v').split('.');
+            let major: u32 = parts.next()?.parse().ok()?;
+            let minor: u32 = parts.next()?.parse().ok()?;
+            ((major, minor) < (1, 7))
+                .then(|| format!("containerd {release} (enbi needs containerd 1.7 or later)"))
+        }
+        "cri-o" | "docker" => Some(format!("{name} (enbi loads images into containerd only)")),
+        _ => None,
+    }
 }
 
 impl From<&Node> for NodeView {
@@ -74,6 +96,11 @@ impl NodeView {
             ready,
             schedulable: !cordoned && !tainted,
             repel_label: labels.is_some_and(|l| l.contains_key(keys::REPEL)),
+            unsupported: node
+                .status
+                .as_ref()
+                .and_then(|s| s.node_info.as_ref())
+                .and_then(|i| unsupported_runtime(&i.container_runtime_version)),
         }
     }
 }
@@ -109,7 +136,7 @@ pub fn place(
     let is_repelled = |n: &NodeView| n.repel_label || repelled.contains(&n.name);
     let mut eligible: Vec<String> = of_arch
         .iter()
-        .filter(|n| n.ready && n.schedulable && !is_repelled(n))
+        .filter(|n| n.ready && n.schedulable && !is_repelled(n) && n.unsupported.is_none())
         .map(|n| n.name.clone())
         .collect();
     eligible.sort();
@@ -117,19 +144,43 @@ pub fn place(
         let count = |f: &dyn Fn(&NodeView) -> bool| of_arch.iter().filter(|n| f(n)).count();
         return Err(NoEligibleNode(format!(
             "no node can build {nix_system}: {} node(s) with {ARCH_LABEL}={} and {OS_LABEL}={}, \
-             of which {} repelled, {} not Ready, {} cordoned or tainted",
+             of which {} repelled, {} not Ready, {} cordoned or tainted{}",
             of_arch.len(),
             sys.arch,
             system::OS,
             count(&|n| is_repelled(n)),
             count(&|n| !n.ready),
             count(&|n| !n.schedulable),
+            unsupported_list(&of_arch),
         )));
     }
+    // The scheduler must keep off nodes enbi cannot load into, as off repelled ones.
+    let avoided: Vec<String> = of_arch
+        .iter()
+        .filter(|n| n.unsupported.is_some())
+        .map(|n| n.name.clone())
+        .chain(repelled.iter().cloned())
+        .collect();
     Ok(Placement {
-        affinity: affinity(sys.arch, repelled, preferred),
+        affinity: affinity(sys.arch, &avoided, preferred),
         eligible,
     })
+}
+
+/// `, 1 with an unsupported runtime (n: why)` for the nodes enbi cannot load into, or nothing.
+fn unsupported_list(nodes: &[&NodeView]) -> String {
+    let reasons: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| Some(format!("{}: {}", n.name, n.unsupported.as_ref()?)))
+        .collect();
+    if reasons.is_empty() {
+        return String::new();
+    }
+    format!(
+        ", {} with an unsupported container runtime ({})",
+        reasons.len(),
+        reasons.join("; ")
+    )
 }
 
 /// Places a load of the build's image on `node` (see `spread`): a load builds there, so the node
@@ -143,8 +194,14 @@ pub fn place_on(
     let mut placement = place(nix_system, nodes, repelled, Some(node))?;
     if !placement.eligible.iter().any(|n| n == node) {
         return Err(NoEligibleNode(format!(
-            "node {node} cannot build {nix_system} (another architecture, repelled, not Ready, \
-             cordoned or tainted); eligible: {}",
+            "node {node} cannot build {nix_system} ({}); eligible: {}",
+            nodes
+                .iter()
+                .find(|n| n.name == node)
+                .and_then(|n| n.unsupported.clone())
+                .unwrap_or_else(|| {
+                    "another architecture, repelled, not Ready, cordoned or tainted".to_owned()
+                }),
             placement.eligible.join(", ")
         )));
     }
@@ -233,6 +290,7 @@ mod tests {
             ready: true,
             schedulable: true,
             repel_label: false,
+            unsupported: None,
         }
     }
 
@@ -295,6 +353,53 @@ mod tests {
         );
         assert!(place("riscv64-linux", &nodes, &[], None).is_err());
         assert!(place("aarch64-darwin", &nodes, &[], None).is_err());
+    }
+
+    #[test]
+    fn runtimes_enbi_cannot_load_into_are_named() {
+        for (version, unsupported) in [
+            ("containerd://2.4.2", false),
+            ("containerd://1.7.22", false),
+            ("containerd://v1.7.0-k3s1", false),
+            ("containerd://1.6.38", true),
+            ("cri-o://1.33.1", true),
+            ("docker://28.0.1", true),
+            ("kwok-0.8.0", false),
+            ("", false),
+        ] {
+            assert_eq!(
+                unsupported_runtime(version).is_some(),
+                unsupported,
+                "{version}"
+            );
+        }
+        assert_eq!(
+            unsupported_runtime("cri-o://1.33.1").as_deref(),
+            Some("cri-o (enbi loads images into containerd only)")
+        );
+    }
+
+    #[test]
+    fn nodes_with_an_unsupported_runtime_are_excluded_and_avoided() {
+        let mut nodes = cluster();
+        nodes[2].unsupported = unsupported_runtime("cri-o://1.33.1");
+        let p = place("aarch64-linux", &nodes, &[], None).expect("arm-1 left");
+        assert_eq!(p.eligible, ["arm-1"]);
+        let yaml = serde_json::to_value(&p.affinity).expect("serialises");
+        assert_eq!(
+            yaml["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                [0]["matchFields"],
+            serde_json::json!([{"key": "metadata.name", "operator": "NotIn", "values": ["arm-0"]}])
+        );
+        nodes[3].unsupported = unsupported_runtime("containerd://1.6.38");
+        let err = place("aarch64-linux", &nodes, &[], None).expect_err("none left");
+        assert!(
+            err.0.ends_with(
+                ", 2 with an unsupported container runtime (arm-0: cri-o (enbi loads images into \
+                 containerd only); arm-1: containerd 1.6.38 (enbi needs containerd 1.7 or later))"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn nodes() -> Vec<NodeView> {
         ready: true,
         schedulable: true,
         repel_label: false,
+        unsupported: None,
     }]
 }
 
