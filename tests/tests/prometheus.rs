@@ -2,19 +2,21 @@
 //! cluster with the Timoni module's alerting rules loaded: the rules come from `timoni build`
 //! of `timoni/` (the one copy of them), pass `promtool check rules`, load and evaluate, and the
 //! alerts for a target that does not answer, a failing build and a Pod gated too long go
-//! pending or firing, while those whose condition does not hold stay inactive.
+//! pending or firing, while those whose condition does not hold stay inactive. Every query of
+//! the rules and of the Grafana dashboard (`docs/grafana-dashboard.json`) is valid PromQL and
+//! names only metrics the operator exposes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use enbi_core::crd::{NixBuild, Phase};
-use enbi_core::keys;
 use enbi_core::reason::FailureReason;
 use enbi_core::report::{BuildReport, FailureReport};
 use enbi_tests::{
-    OPERATOR_LOCK, Operator, TestNamespace, build_annotations, build_namespace, eventually,
-    finish_builder, http_get, kwok_pod, nixbuild_spec, require_cluster, wait_phase,
+    OPERATOR_LOCK, Operator, TestNamespace, Webhook, build_annotations, build_namespace,
+    eventually, finish_builder, http_get, is_gated, kwok_pod, nixbuild_spec, require_cluster,
+    wait_phase,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -22,7 +24,6 @@ use kube::api::PostParams;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
-const OPERATOR_PORT: u16 = 18091;
 
 /// The repository's root (the tests crate is `tests/` in it).
 fn root() -> PathBuf {
@@ -214,6 +215,62 @@ fn alerts(prometheus: &Prometheus) -> Option<Vec<(String, String, String)>> {
     )
 }
 
+/// The metric names (`enbi_*`, without the `_total`, `_bucket`, `_sum` or `_count` of a sample)
+/// that `query` names.
+fn enbi_metrics(query: &str) -> Vec<String> {
+    let mut names = vec![];
+    let mut rest = query;
+    while let Some(at) = rest.find("enbi_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let base = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        names.push(base.to_owned());
+    }
+    names
+}
+
+/// The metrics README's Observability section lists (base names, as [`enbi_metrics`]).
+fn readme_metrics() -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let names: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `enbi_"))
+        .flat_map(|row| enbi_metrics(&format!("enbi_{}", row.split(" | ").next().unwrap_or(""))))
+        .collect();
+    assert!(names.len() >= 15, "README's metrics: {names:?}");
+    names
+}
+
+/// The queries of the Grafana dashboard, with its variables set for this Prometheus.
+fn dashboard_queries(rendered: &Rendered) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("docs/grafana-dashboard.json"))
+        .expect("docs/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(queries.len() >= 15, "the dashboard's queries: {queries:?}");
+    queries
+        .iter()
+        .map(|q| {
+            q.replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
+                .replace("$namespace", &rendered.namespace)
+                .replace("$job", &rendered.job)
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
     let client = require_cluster!();
@@ -235,19 +292,22 @@ async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
     );
 
     let builds = build_namespace(&client, "prom-b").await;
-    let operator = Operator::for_builds(
-        "prometheus",
-        &builds.name,
-        OPERATOR_PORT,
-        &[
-            "--builder-image",
-            "localhost/enbi:test",
-            "--max-builds-per-node",
-            "0",
-        ],
-        &[],
-    );
-    let up = format!("127.0.0.1:{OPERATOR_PORT}");
+    let app = TestNamespace::opted_in(&client, "prom-app").await;
+    let webhook = Webhook::install(&client, &app.name, free_port()).await;
+    let operator_port = free_port();
+    let mut args: Vec<String> = [
+        "--builder-image",
+        "localhost/enbi:test",
+        "--max-builds-per-node",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(webhook.operator_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let operator = Operator::for_builds("prometheus", &builds.name, operator_port, &args, &[]);
+    webhook.wait_ready(&client).await;
+    let up = format!("127.0.0.1:{operator_port}");
     let down = format!("127.0.0.1:{}", free_port());
     let prometheus = Prometheus::start(
         &tools.join("prometheus"),
@@ -333,9 +393,7 @@ async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
         assert_eq!(rule["health"], "ok", "{rule}");
     }
 
-    // Provoked: a build whose builder fails, and a Pod held by enbi's gate (no webhook here,
-    // so it is created gated, as the webhook would).
-    let app = TestNamespace::opted_in(&client, "prom-app").await;
+    // Provoked: a build whose builder fails, and a Pod the webhook gates.
     Api::<NixBuild>::namespaced(client.clone(), &app.name)
         .create(
             &PostParams::default(),
@@ -352,18 +410,17 @@ async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
     finish_builder(&client, &builds.name, "broken", 1, &report.encode()).await;
     wait_phase(&client, &app.name, "broken", Phase::Failed).await;
     let tag = "example.test/gated:1";
-    // Not scheduled, so the Pod names its system (the webhook would pick one from the nodes).
-    let mut annotations = build_annotations("github:example/app", tag, "app");
-    annotations[keys::POD_SYSTEM] = "x86_64-linux".into();
-    let mut pod = kwok_pod("gated", tag, annotations, Some("amd64"));
-    pod.spec.as_mut().expect("spec").scheduling_gates =
-        Some(vec![k8s_openapi::api::core::v1::PodSchedulingGate {
-            name: keys::GATE.into(),
-        }]);
-    Api::<Pod>::namespaced(client.clone(), &app.name)
+    let pod = kwok_pod(
+        "gated",
+        tag,
+        build_annotations("github:example/app", tag, "app"),
+        Some("amd64"),
+    );
+    let created = Api::<Pod>::namespaced(client.clone(), &app.name)
         .create(&PostParams::default(), &pod)
         .await
-        .expect("create the gated Pod");
+        .expect("create the Pod");
+    assert!(is_gated(&created), "the webhook gates the Pod");
 
     eventually(
         "the failed build Job counted in Prometheus",
@@ -409,6 +466,49 @@ async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
             .contains(&name.as_str()),
             "{name} is active without its condition: {active:?}\n{}",
             prometheus.logs()
+        );
+    }
+
+    // The webhook's certificate, made by the operator a moment ago for a year.
+    let expiry = prometheus
+        .value(&format!(
+            "enbi_webhook_certificate_expiry_timestamp_seconds{{{job}}} - time()"
+        ))
+        .expect("the certificate's expiry scraped");
+    assert!(
+        (360.0 * 86400.0..=366.0 * 86400.0).contains(&expiry),
+        "expires in {expiry} s"
+    );
+
+    // README's list of metrics has every metric the operator exposes; every query of the
+    // rules and the dashboard is one Prometheus accepts and names only metrics of that list.
+    let documented = readme_metrics();
+    let (_, text) = http_get(operator_port, "/metrics").expect("/metrics");
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .filter(|n| n.starts_with("enbi_"))
+    {
+        assert!(
+            documented.contains(name),
+            "{name} is not in README's metrics"
+        );
+    }
+    let rule_queries: Vec<String> = rules
+        .iter()
+        .filter_map(|r| r["query"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(rule_queries.len(), rules.len());
+    for query in rule_queries.iter().chain(&dashboard_queries(&rendered)) {
+        for name in enbi_metrics(query) {
+            assert!(
+                documented.contains(&name),
+                "{name} in {query} is not in README's metrics"
+            );
+        }
+        assert!(
+            prometheus.query(query).is_some(),
+            "Prometheus refuses the query {query}"
         );
     }
 
