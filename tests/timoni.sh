@@ -164,6 +164,27 @@ check "examples/values-eks.cue: the default socket, no mirror" sh -c \
    grep -A1 'name: ENBI_IMAGE_MIRROR' '$work/eks.yaml' | grep -q 'value: \"false\"'"
 check "one replica without leader election: Recreate, never two operators" \
   sh -c "grep -A1 '^  strategy:' '$work/build.yaml' | grep -q 'type: Recreate'"
+check "text logs by default" sh -c "grep -A1 'name: ENBI_LOG_FORMAT' '$work/build.yaml' | grep -q 'value: text'"
+cat > "$work/monitoring.cue" <<'CUE'
+values: {
+	logging: format: "json"
+	monitoring: {
+		serviceMonitor: {enabled: true, labels: release: "prom"}
+		prometheusRule: {enabled: true, labels: release: "prom", alertLabels: team: "builds"}
+	}
+}
+CUE
+check "monitoring values: a ServiceMonitor and a PrometheusRule with the labels, JSON logs" sh -c \
+  "timoni build '$instance' '$module' -n '$ns' -f '$work/monitoring.cue' -o json | python3 -c '
+import json, sys
+items = json.load(sys.stdin)[\"items\"]
+kinds = {o[\"kind\"]: o for o in items}
+assert kinds[\"ServiceMonitor\"][\"metadata\"][\"labels\"][\"release\"] == \"prom\"
+rule = kinds[\"PrometheusRule\"]
+assert rule[\"metadata\"][\"labels\"][\"release\"] == \"prom\"
+assert all(r[\"labels\"][\"team\"] == \"builds\" for g in rule[\"spec\"][\"groups\"] for r in g[\"rules\"])
+env = {e[\"name\"]: e.get(\"value\") for e in kinds[\"Deployment\"][\"spec\"][\"template\"][\"spec\"][\"containers\"][0][\"env\"]}
+assert env[\"ENBI_LOG_FORMAT\"] == \"json\"'"
 
 echo "== bad values are refused, naming the field"
 cat > "$work/negative.cue" <<'CUE'

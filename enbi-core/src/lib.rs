@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod capacity;
+pub mod census;
 pub mod conditions;
 pub mod crd;
 pub mod defaults;

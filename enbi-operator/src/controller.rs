@@ -376,6 +376,8 @@ async fn execute(
             )
             .await?;
         ctx.health.succeeded(NixBuild::crd_name());
+        ctx.metrics
+            .status_written(build.status.as_ref(), &decision.status);
         debug!(
             build = %build.name_any(),
             phase = ?decision.status.phase,

@@ -54,6 +54,11 @@ impl Health {
         }
     }
 
+    /// Whether `/readyz` answers 200 now (`enbi_ready`).
+    pub fn is_ready(&self) -> bool {
+        self.readiness().0 == StatusCode::OK
+    }
+
     fn readiness(&self) -> (StatusCode, String) {
         let faults = self.faults.lock().map(|f| f.clone()).unwrap_or_default();
         if !faults.is_empty() {

@@ -1,16 +1,29 @@
-//! Prometheus metrics (`enbi_*`). Labels are bounded: results, reasons and error categories,
-//! never names or tags.
+//! Prometheus metrics (`enbi_*`). Labels are bounded: results, reasons, purposes, states and
+//! error categories, never names, tags, namespaces or nodes.
+//!
+//! Most metrics are counted where things happen. The gauges of what waits and what is where
+//! (`enbi_gated_pods`, `enbi_waiting_pods`, `enbi_gated_pod_oldest_seconds`,
+//! `enbi_image_node_pairs`) are computed at scrape time from the leader's caches
+//! (`enbi_core::census`), so they can never drift from what the operator sees; a replica that
+//! does not lead has no such caches and leaves them out, so that `max()` over replicas is the
+//! leader's figure. `enbi_webhook_certificate_expiry_timestamp_seconds` is left out until the
+//! webhook has loaded a certificate (and without the webhook), so that an alert on it never
+//! fires on a value that means "unknown".
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use enbi_core::census;
 use enbi_core::crd::NixBuild;
-use kube::runtime::reflector::ObjectRef;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{ObjectRef, Store};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -65,6 +78,31 @@ pub struct Outcome {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobFinished {
+    /// `build`, `load` or `release` (`enbi_core::census::Purpose`).
+    pub purpose: &'static str,
+    /// `succeeded` or `failed`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Waiting {
+    /// One of `enbi_core::census::WAITING_REASONS`.
+    reason: &'static str,
+}
+
+/// The label of `enbi_image_node_pairs`. Where images are is counted as (NixBuild, node) pairs
+/// by state, with no node or build label: node names are unbounded (nodes come and go with
+/// autoscaling), and one series per node and image would grow with both. The sum is what a disk
+/// alert needs ("how many images does enbi keep on nodes"); which node holds what is in each
+/// NixBuild's `status.imageNodes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PairState {
+    /// `loaded`, `loading` or `failed`.
+    state: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub api_requests: Family<Request, Counter>,
@@ -82,6 +120,14 @@ pub struct Metrics {
     builds_queued: Gauge,
     /// Builds counted in `builds_queued`.
     queued: Mutex<HashSet<ObjectRef<NixBuild>>>,
+    /// Jobs finished, by purpose and result: count one with [`Metrics::job_finished`].
+    jobs_finished: Family<JobFinished, Counter>,
+    /// Images that wait to be released from nodes (their NixBuild is gone, but a node still
+    /// holds them, pinned) and whose release Job has not yet succeeded. Set by the release
+    /// controller; an alert fires when it stays above 0 (`EnbiReleaseStuck`).
+    pub releases_pending: Gauge,
+    /// What the scrape-time gauges read.
+    scraped: Arc<Scraped>,
     pub registry: Registry,
 }
 
@@ -100,6 +146,9 @@ impl Default for Metrics {
             watch_list_mode: Family::default(),
             builds_queued: Gauge::default(),
             queued: Mutex::default(),
+            jobs_finished: Family::default(),
+            releases_pending: Gauge::default(),
+            scraped: Arc::default(),
             registry: Registry::default(),
         }
     }
@@ -164,8 +213,71 @@ impl Metrics {
             "NixBuilds waiting for a free build slot",
             m.builds_queued.clone(),
         );
+        registry.register(
+            "jobs_finished",
+            "Jobs finished, by purpose (build, load, release) and result (succeeded, failed)",
+            m.jobs_finished.clone(),
+        );
+        for purpose in [
+            census::Purpose::Build,
+            census::Purpose::Load,
+            census::Purpose::Release,
+        ] {
+            for result in ["succeeded", "failed"] {
+                // Every series from the start, so that rate() and increase() see the first one.
+                let _ = m.jobs_finished.get_or_create(&JobFinished {
+                    purpose: purpose.as_str(),
+                    result,
+                });
+            }
+        }
+        registry.register(
+            "releases_pending",
+            "Images waiting to be released from nodes whose release has not succeeded yet",
+            m.releases_pending.clone(),
+        );
+        registry.register_collector(Box::new(m.scraped.clone()));
         m.registry = registry;
         m
+    }
+
+    /// Counts a Job that finished: `purpose` is `build`, `load` or `release`
+    /// (`enbi_core::census::Purpose::as_str`).
+    pub fn job_finished(&self, purpose: &'static str, succeeded: bool) {
+        let result = if succeeded { "succeeded" } else { "failed" };
+        self.jobs_finished
+            .get_or_create(&JobFinished { purpose, result })
+            .inc();
+    }
+
+    /// Counts the build and load Jobs whose end the status change from `before` to `after`
+    /// records (`enbi_core::census::jobs_finished`).
+    pub fn status_written(
+        &self,
+        before: Option<&enbi_core::crd::NixBuildStatus>,
+        after: &enbi_core::crd::NixBuildStatus,
+    ) {
+        for job in census::jobs_finished(before, after) {
+            self.job_finished(job.purpose.as_str(), job.succeeded);
+        }
+    }
+
+    /// From now on, the scrape-time gauges count the Pods in `pods` and the NixBuilds in
+    /// `builds` (the leader's caches). Only the first call counts.
+    pub fn count_caches(&self, builds: Store<NixBuild>, pods: Vec<Store<Pod>>) {
+        let _ = self.scraped.caches.set(Caches { builds, pods });
+    }
+
+    /// `enbi_ready` asks `ready` at each scrape. Only the first call counts.
+    pub fn report_readiness(&self, ready: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.scraped.readiness.set(Box::new(ready));
+    }
+
+    /// The webhook now serves a certificate that expires at `not_after` (Unix seconds).
+    pub fn webhook_certificate_expires(&self, not_after: i64) {
+        if let Ok(mut expiry) = self.scraped.certificate_expiry.lock() {
+            *expiry = Some(not_after);
+        }
     }
 
     /// Counts `build` as queued or not; the gauge is the set's size, so a repeated reconcile
@@ -240,6 +352,105 @@ impl Drop for WatchMode {
     }
 }
 
+/// The leader's caches, which the scrape-time gauges count.
+struct Caches {
+    builds: Store<NixBuild>,
+    pods: Vec<Store<Pod>>,
+}
+
+/// Whether the operator is ready, as `/readyz` says.
+type Readiness = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// The metrics computed at each scrape (see the module's documentation).
+#[derive(Default)]
+struct Scraped {
+    readiness: OnceLock<Readiness>,
+    caches: OnceLock<Caches>,
+    /// When the webhook's serving certificate expires (Unix seconds), once one is loaded.
+    certificate_expiry: Mutex<Option<i64>>,
+}
+
+impl std::fmt::Debug for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scraped").finish_non_exhaustive()
+    }
+}
+
+/// Writes one gauge without labels.
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let sample = ConstGauge::new(value);
+    sample.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        if let Some(ready) = self.readiness.get() {
+            gauge(
+                &mut encoder,
+                "ready",
+                "1 when the operator is ready (/readyz answers 200), else 0: starting, or an installation fault holds builds up",
+                i64::from(ready()),
+            )?;
+        }
+        if let Some(not_after) = self.certificate_expiry.lock().ok().and_then(|e| *e) {
+            gauge(
+                &mut encoder,
+                "webhook_certificate_expiry_timestamp_seconds",
+                "When the admission webhook's serving certificate expires (Unix seconds); enbi renews it 120 days before",
+                not_after,
+            )?;
+        }
+        let Some(caches) = self.caches.get() else {
+            return Ok(());
+        };
+        let pods: Vec<Arc<Pod>> = caches.pods.iter().flat_map(Store::state).collect();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let pods = census::pods(pods.iter().map(Arc::as_ref), now);
+        gauge(
+            &mut encoder,
+            "gated_pods",
+            "Pods held by enbi's scheduling gate",
+            count(pods.gated()),
+        )?;
+        gauge(
+            &mut encoder,
+            "gated_pod_oldest_seconds",
+            "Seconds since the oldest Pod held by enbi's scheduling gate was created (0: none is)",
+            count(pods.oldest_gated_seconds),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "waiting_pods",
+            "Pods waiting for an enbi image, by reason: SchedulingGated (enbi's gate) or the kubelet's ErrImagePull, ImagePullBackOff, ErrImageNeverPull",
+            None,
+            MetricType::Gauge,
+        )?;
+        for reason in census::WAITING_REASONS {
+            let n = pods.waiting.get(reason).copied().unwrap_or(0);
+            ConstGauge::new(count(n)).encode(family.encode_family(&Waiting { reason })?)?;
+        }
+        let builds: Vec<Arc<NixBuild>> = caches.builds.state();
+        let pairs = census::image_nodes(builds.iter().map(Arc::as_ref));
+        let mut family = encoder.encode_descriptor(
+            "image_node_pairs",
+            "(NixBuild, node) pairs of Succeeded builds, by state: loaded (the node holds the image), loading, failed",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in [
+            ("loaded", pairs.loaded),
+            ("loading", pairs.loading),
+            ("failed", pairs.failed),
+        ] {
+            ConstGauge::new(count(n)).encode(family.encode_family(&PairState { state })?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The resource a request path names, with its subresource: `/apis/g/v/namespaces/ns/jobs/x`
 /// is `jobs`, `/apis/g/v/namespaces/ns/nixbuilds/x/status` is `nixbuilds/status`. Bounded: the
 /// operator only calls a handful of resources.
@@ -286,6 +497,144 @@ pub fn verb_of(method: &::http::Method, path: &str, query: Option<&str>) -> &'st
 #[cfg(test)]
 mod tests {
     use super::{Metrics, resource_of, verb_of};
+
+    /// The value of the sample that `line` starts (metric name and labels) in the scrape.
+    fn sample(metrics: &Metrics, line: &str) -> Option<f64> {
+        metrics.encode().lines().find_map(|l| {
+            let rest = l.strip_prefix(line)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+    }
+
+    fn store<K>(objects: Vec<K>) -> kube::runtime::reflector::Store<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        for object in objects {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(object));
+        }
+        store
+    }
+
+    #[test]
+    fn scrape_time_gauges_count_the_caches_once_attached() {
+        use enbi_core::keys;
+        use k8s_openapi::api::core::v1::Pod;
+        let metrics = Metrics::new();
+        assert_eq!(
+            sample(&metrics, "enbi_gated_pods"),
+            None,
+            "no caches (not the leader): no sample"
+        );
+        let pod = |name: &str, extra: serde_json::Value| -> Pod {
+            let mut pod = serde_json::json!({
+                "metadata": {"name": name, "namespace": "apps",
+                    "creationTimestamp": "2020-01-01T00:00:00Z",
+                    "annotations": {keys::POD_IMAGE_TAG: "example.test/app:v1"}},
+                "spec": {"containers": [{"name": "app", "image": "example.test/app:v1"}]},
+            });
+            for (k, v) in extra.as_object().expect("object") {
+                pod[k] = v.clone();
+            }
+            serde_json::from_value(pod).expect("pod")
+        };
+        let gated = serde_json::json!({"spec": {
+            "containers": [{"name": "app", "image": "example.test/app:v1"}],
+            "schedulingGates": [{"name": keys::GATE}],
+        }});
+        let back_off = serde_json::json!({"status": {"containerStatuses": [{
+            "name": "app", "image": "example.test/app:v1", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}});
+        let pods = store(vec![
+            pod("a", gated.clone()),
+            pod("b", gated),
+            pod("c", back_off),
+            pod("d", serde_json::json!({})),
+        ]);
+        let mut build = enbi_core::crd::NixBuild::new(
+            "b",
+            serde_json::from_value(serde_json::json!({
+                "flakeUrl": "github:example/app", "packageName": "app",
+                "imageTag": "example.test/app:v1", "system": "x86_64-linux"}))
+            .expect("spec"),
+        );
+        build.metadata.namespace = Some("apps".into());
+        build.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "phase": "Succeeded", "buildNode": "n1",
+                "imageNodes": [{"node": "n2", "state": "Loading", "since": "2020-01-01T00:00:00Z"}],
+            }))
+            .expect("status"),
+        );
+        metrics.count_caches(store(vec![build]), vec![pods]);
+        assert_eq!(sample(&metrics, "enbi_gated_pods"), Some(2.0));
+        let oldest = sample(&metrics, "enbi_gated_pod_oldest_seconds").expect("oldest");
+        assert!(oldest > 6.0 * 365.0 * 86400.0, "since 2020: {oldest}");
+        let waiting = |reason: &str| {
+            sample(
+                &metrics,
+                &format!("enbi_waiting_pods{{reason=\"{reason}\"}}"),
+            )
+        };
+        assert_eq!(waiting("SchedulingGated"), Some(2.0));
+        assert_eq!(waiting("ImagePullBackOff"), Some(1.0));
+        assert_eq!(waiting("ErrImagePull"), Some(0.0), "every reason, 0 too");
+        let pairs = |state: &str| {
+            sample(
+                &metrics,
+                &format!("enbi_image_node_pairs{{state=\"{state}\"}}"),
+            )
+        };
+        assert_eq!(
+            (pairs("loaded"), pairs("loading"), pairs("failed")),
+            (Some(1.0), Some(1.0), Some(0.0))
+        );
+    }
+
+    #[test]
+    fn jobs_finished_count_by_purpose_and_result() {
+        let metrics = Metrics::new();
+        let line = |purpose: &str, result: &str| {
+            format!("enbi_jobs_finished_total{{purpose=\"{purpose}\",result=\"{result}\"}}")
+        };
+        assert_eq!(sample(&metrics, &line("release", "failed")), Some(0.0));
+        metrics.job_finished("release", true);
+        let building: enbi_core::crd::NixBuildStatus =
+            serde_json::from_value(serde_json::json!({"phase": "Building"})).expect("status");
+        let failed: enbi_core::crd::NixBuildStatus =
+            serde_json::from_value(serde_json::json!({"phase": "Failed"})).expect("status");
+        metrics.status_written(Some(&building), &failed);
+        metrics.status_written(Some(&failed), &failed);
+        assert_eq!(sample(&metrics, &line("release", "succeeded")), Some(1.0));
+        assert_eq!(sample(&metrics, &line("build", "failed")), Some(1.0));
+        assert_eq!(sample(&metrics, &line("build", "succeeded")), Some(0.0));
+    }
+
+    #[test]
+    fn the_certificate_expiry_shows_once_known() {
+        let metrics = Metrics::new();
+        let name = "enbi_webhook_certificate_expiry_timestamp_seconds";
+        assert_eq!(sample(&metrics, name), None);
+        metrics.webhook_certificate_expires(1_900_000_000);
+        assert_eq!(sample(&metrics, name), Some(1_900_000_000.0));
+    }
+
+    #[test]
+    fn readiness_is_asked_at_each_scrape() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let metrics = Metrics::new();
+        assert_eq!(sample(&metrics, "enbi_ready"), None);
+        let ready = Arc::new(AtomicBool::new(false));
+        metrics.report_readiness({
+            let ready = ready.clone();
+            move || ready.load(Ordering::Relaxed)
+        });
+        assert_eq!(sample(&metrics, "enbi_ready"), Some(0.0));
+        ready.store(true, Ordering::Relaxed);
+        assert_eq!(sample(&metrics, "enbi_ready"), Some(1.0));
+    }
 
     #[test]
     fn watch_modes_count_each_watch_once_in_its_current_mode() {

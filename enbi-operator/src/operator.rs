@@ -35,6 +35,10 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
     let metrics = Arc::new(Metrics::new());
     let client = counting_client(metrics.clone()).await?;
     let health = Arc::new(Health::default());
+    metrics.report_readiness({
+        let health = health.clone();
+        move || health.is_ready()
+    });
     let builder = args.builder();
     let settings_fault = fault::of_settings(&builder);
     if let Some(f) = &settings_fault {
@@ -172,6 +176,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         pod_stores.push(store);
         tokio::spawn(watcher.clone().run(namespace, writer));
     }
+    metrics.count_caches(builds.clone(), pod_stores.clone());
     let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context {
         client: client.clone(),

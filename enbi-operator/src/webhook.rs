@@ -98,9 +98,10 @@ pub async fn bind(
     .with_no_client_auth()
     .with_cert_resolver(resolver.clone());
     let acceptor = TlsAcceptor::from(Arc::new(config));
+    let metrics = admitter.metrics.clone();
     let app = Router::new().route(PATH, post(mutate)).with_state(admitter);
     Ok(async move {
-        tokio::spawn(keep_certificate(client, settings, resolver));
+        tokio::spawn(keep_certificate(client, settings, resolver, metrics));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let address = listener.local_addr().ok();
         tokio::spawn(accept(listener, acceptor, tx));
@@ -262,14 +263,19 @@ enum CertError {
 }
 
 /// Keeps the Secret's certificate current, the CA bundle patched and the newest certificate
-/// loaded, every `SYNC_PERIOD`.
-async fn keep_certificate(client: Client, settings: Settings, resolver: Arc<Resolver>) {
+/// loaded, every `SYNC_PERIOD`; its expiry goes to `enbi_webhook_certificate_expiry_timestamp_seconds`.
+async fn keep_certificate(
+    client: Client,
+    settings: Settings,
+    resolver: Arc<Resolver>,
+    metrics: Arc<Metrics>,
+) {
     let mut tick = tokio::time::interval(SYNC_PERIOD);
     loop {
         tick.tick().await;
         // A conflict means another replica wrote the Secret just now: read it again at once.
         for _ in 0..3 {
-            match sync(&client, &settings, &resolver).await {
+            match sync(&client, &settings, &resolver, &metrics).await {
                 Ok(()) => break,
                 Err(CertError::Kube(kube::Error::Api(s))) if s.code == 409 => continue,
                 Err(e) => {
@@ -281,7 +287,12 @@ async fn keep_certificate(client: Client, settings: Settings, resolver: Arc<Reso
     }
 }
 
-async fn sync(client: &Client, settings: &Settings, resolver: &Resolver) -> Result<(), CertError> {
+async fn sync(
+    client: &Client,
+    settings: &Settings,
+    resolver: &Resolver,
+    metrics: &Metrics,
+) -> Result<(), CertError> {
     let secrets = Api::<Secret>::namespaced(client.clone(), &settings.namespace);
     let hosts = settings.hosts.join(",");
     let current = secrets.get_opt(&settings.secret).await?;
@@ -319,6 +330,13 @@ async fn sync(client: &Client, settings: &Settings, resolver: &Resolver) -> Resu
     let key = certified_key(&secret)?;
     if let Ok(mut slot) = resolver.0.write() {
         *slot = Some(Arc::new(key));
+    }
+    if let Some(not_after) = secret
+        .annotations()
+        .get(keys::CERT_NOT_AFTER)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+    {
+        metrics.webhook_certificate_expires(not_after.as_second());
     }
     Ok(())
 }
