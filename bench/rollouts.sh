@@ -76,7 +76,7 @@ flake_of() {
   mkdir -p "$dir/bin"
   cp tests/fixtures/images/{flake.nix,parts.sh} "$dir/"
   cp /bin/busybox "$dir/bin/busybox"
-  echo "rollouts-$1-$$" > "$dir/salt"
+  printf "rollouts-%s-%s" "$1" "$$" > "$dir/salt"
   echo "path:$(NIX_REMOTE=daemon NIX_CONFIG='experimental-features = nix-command flakes' \
     nix flake archive --json "path:$dir" | sed 's/.*"path":"\([^"]*\)".*/\1/')"
 }

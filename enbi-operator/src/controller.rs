@@ -14,7 +14,7 @@ use enbi_core::keys;
 use enbi_core::machine::{self, Decision, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::trace::TraceContext;
-use enbi_core::{backoff, capacity, conditions, policy, release, spread};
+use enbi_core::{backoff, capacity, census, conditions, policy, release, spread};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -511,9 +511,12 @@ async fn releasing(build: &NixBuild, ctx: &Context) -> Result<Option<Action>, Er
     let Some(plan) = release::plan(build, ctx.builds.state().iter().map(AsRef::as_ref)) else {
         return Ok(None);
     };
+    let key = ObjectRef::from(build);
     let Some(progress) = release(build, &plan, timeout, ctx).await? else {
+        ctx.metrics.set_releasing(key, false);
         return Ok(Some(Action::await_change()));
     };
+    ctx.metrics.set_releasing(key, !progress.done);
     Ok((!progress.done).then(|| {
         progress
             .requeue_after
@@ -596,6 +599,18 @@ async fn release(
     }
     if progress.done {
         info!(build = %build.name_any(), tag = %plan.tag, outcome = ?progress.nodes, "image released");
+        for outcome in progress.nodes.values() {
+            match outcome {
+                release::NodeRelease::Released(_) => ctx
+                    .metrics
+                    .job_finished(census::Purpose::Release.as_str(), true),
+                release::NodeRelease::Failed(_) | release::NodeRelease::TimedOut => {
+                    ctx.metrics
+                        .job_finished(census::Purpose::Release.as_str(), false);
+                }
+                _ => {}
+            }
+        }
     }
     publish(build, &progress.events, ctx).await;
     Ok(Some(progress))

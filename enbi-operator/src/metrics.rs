@@ -122,10 +122,11 @@ pub struct Metrics {
     queued: Mutex<HashSet<ObjectRef<NixBuild>>>,
     /// Jobs finished, by purpose and result: count one with [`Metrics::job_finished`].
     jobs_finished: Family<JobFinished, Counter>,
-    /// Images that wait to be released from nodes (their NixBuild is gone, but a node still
-    /// holds them, pinned) and whose release Job has not yet succeeded. Set by the release
-    /// controller; an alert fires when it stays above 0 (`EnbiReleaseStuck`).
-    pub releases_pending: Gauge,
+    /// Deleted NixBuilds whose image is being released on their nodes now (each for at most
+    /// the release timeout); a release that ends incomplete counts as a failed release Job.
+    releases_pending: Gauge,
+    /// Builds counted in `releases_pending`.
+    releasing: Mutex<HashSet<ObjectRef<NixBuild>>>,
     /// What the scrape-time gauges read.
     scraped: Arc<Scraped>,
     pub registry: Registry,
@@ -148,6 +149,7 @@ impl Default for Metrics {
             queued: Mutex::default(),
             jobs_finished: Family::default(),
             releases_pending: Gauge::default(),
+            releasing: Mutex::default(),
             scraped: Arc::default(),
             registry: Registry::default(),
         }
@@ -283,17 +285,12 @@ impl Metrics {
     /// Counts `build` as queued or not; the gauge is the set's size, so a repeated reconcile
     /// never counts a build twice.
     pub fn set_queued(&self, build: ObjectRef<NixBuild>, queued: bool) {
-        if let Ok(mut set) = self.queued.lock() {
-            let changed = if queued {
-                set.insert(build)
-            } else {
-                set.remove(&build)
-            };
-            if changed {
-                self.builds_queued
-                    .set(i64::try_from(set.len()).unwrap_or(i64::MAX));
-            }
-        }
+        count_in(&self.queued, &self.builds_queued, build, queued);
+    }
+
+    /// Counts `build` as releasing its image or not, as [`Self::set_queued`].
+    pub fn set_releasing(&self, build: ObjectRef<NixBuild>, releasing: bool) {
+        count_in(&self.releasing, &self.releases_pending, build, releasing);
     }
 
     /// The sample of one watch of `resource` in `enbi_watch_list_mode`, none until it is set.
@@ -491,6 +488,26 @@ pub fn verb_of(method: &::http::Method, path: &str, query: Option<&str>) -> &'st
         "PUT" => "update",
         "DELETE" => "delete",
         _ => "other",
+    }
+}
+
+/// Puts `build` in `set` or takes it out; `gauge` is the set's size, so a repeated reconcile
+/// counts once.
+fn count_in(
+    set: &Mutex<HashSet<ObjectRef<NixBuild>>>,
+    gauge: &Gauge,
+    build: ObjectRef<NixBuild>,
+    member: bool,
+) {
+    if let Ok(mut set) = set.lock() {
+        let changed = if member {
+            set.insert(build)
+        } else {
+            set.remove(&build)
+        };
+        if changed {
+            gauge.set(i64::try_from(set.len()).unwrap_or(i64::MAX));
+        }
     }
 }
 

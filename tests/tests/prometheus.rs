@@ -385,7 +385,7 @@ async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
             "EnbiOperatorDown",
             "EnbiOperatorNotReady",
             "EnbiPodGatedTooLong",
-            "EnbiReleaseStuck",
+            "EnbiReleaseIncomplete",
             "EnbiWebhookCertificateExpiring",
         ]
     );
@@ -460,7 +460,7 @@ async fn prometheus_scrapes_the_operator_and_evaluates_the_modules_alerts() {
             ![
                 "EnbiOperatorNotReady",
                 "EnbiOperatorAbsent",
-                "EnbiReleaseStuck",
+                "EnbiReleaseIncomplete",
                 "EnbiWebhookCertificateExpiring",
             ]
             .contains(&name.as_str()),
