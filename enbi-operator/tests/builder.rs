@@ -292,14 +292,29 @@ fn a_release_removes_the_image_unless_a_container_uses_it() {
         assert!(!labels.contains("pinned"), "{name}: {labels}");
     }
 
-    // The container goes: the next release removes both names.
+    // The container goes. The image has two more names: its ID, as the CRI names every image,
+    // and another tag. The release removes its own two names, and keeps the ID while another
+    // name is left.
     ctd.ctr_ok(&["containers", "rm", "user"]);
+    let id = format!("sha256:{}", "e".repeat(64));
+    let other = "docker.io/enbi-test/someone-else:v1";
+    ctd.ctr_ok(&["images", "tag", tag, &id]);
+    ctd.ctr_ok(&["images", "tag", tag, other]);
     let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
     assert!(ok, "{text}");
     let report = ReleaseReport::parse(&text).expect("a report");
     assert!(!report.in_use);
     assert_eq!(report.removed, [tag.to_owned(), by_digest.clone()]);
     assert_eq!((ctd.image(tag), ctd.image(&by_digest)), (None, None));
+    assert!(ctd.image(&id).is_some() && ctd.image(other).is_some());
+    // Without another name, the ID goes with the last of enbi's.
+    ctd.ctr_ok(&["images", "rm", other]);
+    ctd.ctr_ok(&["images", "tag", &id, tag]);
+    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
+    assert!(ok, "{text}");
+    let report = ReleaseReport::parse(&text).expect("a report");
+    assert_eq!(report.removed, [tag.to_owned(), id.clone()]);
+    assert_eq!(ctd.image(&id), None);
 
     // Nothing there: nothing to do.
     let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);

@@ -125,6 +125,11 @@ impl Ctr {
         Ok(parse_images(&out).into_iter().find(|i| i.name == name))
     }
 
+    /// Every image record.
+    pub fn images(&self) -> Result<Vec<Image>, CtrError> {
+        Ok(parse_images(&self.run(&["images", "ls"])?))
+    }
+
     /// Names of all images starting with `prefix`.
     pub fn names_with_prefix(&self, prefix: &str) -> Result<Vec<String>, CtrError> {
         let out = self.run(&["images", "ls", "--quiet"])?;

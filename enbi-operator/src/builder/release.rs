@@ -1,7 +1,8 @@
 //! `enbi-operator release`: a release Job's container. It releases a deleted NixBuild's image
 //! on its node (`enbi_core::release` says when and where): the tag and the digest reference the
-//! loader created lose their pin and are removed, so containerd collects the image. A reference
-//! that names another image now (a tag overwritten since) is left alone.
+//! loader created lose their pin and are removed, with the CRI's image-ID name when no other
+//! name is left, so containerd collects the image. A reference that names another image now (a
+//! tag overwritten since) is left alone.
 //!
 //! **Never what a container uses.** A container's root filesystem is an active snapshot whose
 //! parent is its image's chain ID. If one exists for this image, any container's (running,
@@ -89,8 +90,7 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
         .check(&args.image_tag)
         .map_err(ReleaseError::Tag)?;
     let digest = &args.image_digest;
-    let hex = digest.strip_prefix("sha256:").unwrap_or_default();
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_image_id(digest) {
         return Err(ReleaseError::Digest(digest.clone()));
     }
     let ctr = Ctr {
@@ -101,16 +101,30 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
     ctr.check_socket()?;
     let tag = normalise(&args.image_tag);
     let by_digest = digest_reference(&tag, digest);
-    let mut ours = vec![];
-    for name in [&tag, &by_digest] {
-        match ctr.image(name)? {
-            Some(image) if &image.digest == digest => ours.push(image),
-            Some(image) => log.line(
+    let images = ctr.images()?;
+    for image in images
+        .iter()
+        .filter(|i| i.name == tag || i.name == by_digest)
+    {
+        if &image.digest != digest {
+            log.line(
                 "enbi",
-                &format!("{name} names another image ({}): left alone", image.digest),
-            ),
-            None => {}
+                &format!(
+                    "{} names another image ({}): left alone",
+                    image.name, image.digest
+                ),
+            );
         }
+    }
+    let same: Vec<_> = images.into_iter().filter(|i| &i.digest == digest).collect();
+    let (mut ours, rest): (Vec<_>, Vec<_>) = same
+        .into_iter()
+        .partition(|i| i.name == tag || i.name == by_digest);
+    // The CRI names every image by its ID too (`sha256:<config digest>`); that name goes with
+    // the last other name, or containerd would never collect the image.
+    let (ids, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(|i| is_image_id(&i.name));
+    if !ours.is_empty() && others.is_empty() {
+        ours.extend(ids);
     }
     let mut done = ReleaseReport::default();
     if ours.is_empty() {
@@ -142,6 +156,12 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
         ),
     );
     Ok(done)
+}
+
+/// Whether `name` is an image ID as the CRI names images: `sha256:<64 hex digits>`.
+fn is_image_id(name: &str) -> bool {
+    name.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether a container on the node uses the image of manifest `digest`. Unsure (an index, an
