@@ -36,7 +36,7 @@ tests/cluster/real-node builder-image "$ENBI_BIN" "$BUILDER" 2>/dev/null
 k wait --for=condition=Established crd/nixbuilds.enbi.hrzn.ee >/dev/null
 system=$( [[ $(uname -m) == aarch64 ]] && echo aarch64-linux || echo x86_64-linux )
 repel="$(k get nodes -l type=kwok -o name | sed 's|node/||' | paste -sd,)"
-ctr_on() { "$(containerd_dir)/ctr" --address "$(tests/cluster/real-node socket "$1")" -n k8s.io "${@:2}"; }
+ctr_on() { "$(containerd_dir)/ctr" --address "$(tests/cluster/real-node socket "$1")" -n k8s.io "${@:2}" 2>/dev/null; }
 
 NS=enbi-bench-rollouts BNS=enbi-bench-rollouts-builds
 work="$(mktemp -d)"
@@ -117,7 +117,7 @@ our_images() { ctr_on "$1" images ls -q | grep -c "^$REPO:" || true; }
 
 declare -A base
 for node in "${nodes[@]}"; do base[$node]=$(content_bytes "$node"); done
-printf '%-8s %s\n' rollout "$(for n in "${nodes[@]::2}"; do printf '%-34s' "$n (MiB over start, images)"; done)"
+printf '%-8s %s\n' rollout "$(for n in "${nodes[@]::2}"; do printf "%-36s" "$n (MiB over start, images)"; done)"
 for ((r = 1; r <= rollouts; r++)); do
   tag="$REPO:r$r-$$"
   deploy "$(flake_of "$r")" "$tag"
@@ -133,7 +133,7 @@ for ((r = 1; r <= rollouts; r++)); do
   row=""
   for node in "${nodes[@]::2}"; do
     mib=$(( ($(content_bytes "$node") - base[$node]) / 1048576 ))
-    row+=$(printf '%-34s' "$mib MiB, $(our_images "$node")")
+    row+=$(printf "%-36s" "$mib MiB, $(our_images "$node")")
   done
   printf '%-8s %s\n' "$r" "$row"
 done
