@@ -86,6 +86,9 @@ pub const CERT_HOSTS: &str = key!("hosts");
 // containerd image labels the loader sets.
 /// The Nix store path the image was streamed from.
 pub const IMAGE_STORE_PATH: &str = key!("store-path");
+/// Its NixBuild is gone, but a container used it when it was released: the next release on the
+/// node removes it once none does (a load that claims it again clears the label).
+pub const RELEASED: &str = key!("released");
 
 // Well-known Kubernetes node labels enbi reads.
 pub const ARCH_LABEL: &str = "kubernetes.io/arch";

@@ -103,6 +103,9 @@ pub struct ReleaseReport {
     /// References removed.
     #[serde(default)]
     pub removed: Vec<String>,
+    /// References of images earlier releases left in use, removed now that none uses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swept: Vec<String>,
 }
 
 impl ReleaseReport {
@@ -118,11 +121,15 @@ impl ReleaseReport {
 
     /// For an Event: what happened on the node, in a few words.
     fn summary(&self) -> String {
-        match (self.in_use, self.removed.len(), self.unpinned.len()) {
+        let this = match (self.in_use, self.removed.len(), self.unpinned.len()) {
             (true, _, _) => "in use by a container, unpinned only".to_owned(),
             (false, 0, 0) => "not there".to_owned(),
             (false, 0, _) => "unpinned".to_owned(),
             (false, n, _) => format!("removed ({n} references)"),
+        };
+        match self.swept.len() {
+            0 => this,
+            n => format!("{this}; {n} references of earlier releases removed"),
         }
     }
 }

@@ -270,56 +270,83 @@ fn a_release_removes_the_image_unless_a_container_uses_it() {
     let ctd = Containerd::start();
     let flake = Fixture::new();
     let tag = "docker.io/enbi-test/release:v1";
-    let image = succeeded(build(
-        &ctd.socket(),
-        &flake.url(),
-        "stream",
-        tag,
-        &["--pin"],
-    ));
+    let load = || {
+        succeeded(build(
+            &ctd.socket(),
+            &flake.url(),
+            "stream",
+            tag,
+            &["--pin"],
+        ))
+    };
+    let released = |tag: &str, digest: &str| {
+        let (ok, text) = release(&ctd.socket(), tag, digest, &[]);
+        assert!(ok, "{text}");
+        ReleaseReport::parse(&text).expect("a report")
+    };
+    let image = load();
     let by_digest = format!("docker.io/enbi-test/release@{}", image.digest);
     assert!(ctd.image(&by_digest).is_some());
 
-    // A container made from the image (created, not started: its snapshot is what counts).
+    // A container made from the image (created, not started: its snapshot is what counts):
+    // both names stay, unpinned, marked released.
     ctd.ctr_ok(&["containers", "create", tag, "user"]);
-    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
-    assert!(ok, "{text}");
-    let report = ReleaseReport::parse(&text).expect("a report");
+    let report = released(tag, &image.digest);
     assert!(report.in_use, "{report:?}");
     assert!(report.removed.is_empty());
     for name in [tag, by_digest.as_str()] {
         let (_, labels) = ctd.image(name).unwrap_or_else(|| panic!("{name} kept"));
         assert!(!labels.contains("pinned"), "{name}: {labels}");
+        assert!(
+            labels.contains("enbi.hrzn.ee/released=true"),
+            "{name}: {labels}"
+        );
     }
+    // A new load of the same tag claims it again.
+    load();
+    let (_, labels) = ctd.image(tag).expect("tag");
+    assert!(!labels.contains("released"), "{labels}");
+    assert!(labels.contains("pinned"), "{labels}");
+    released(tag, &image.digest);
 
-    // The container goes. The image has two more names: its ID, as the CRI names every image,
-    // and another tag. The release removes its own two names, and keeps the ID while another
-    // name is left.
+    // The container goes. The next release on the node (of another image) removes what this
+    // one left.
     ctd.ctr_ok(&["containers", "rm", "user"]);
-    let id = format!("sha256:{}", "e".repeat(64));
-    let other = "docker.io/enbi-test/someone-else:v1";
-    ctd.ctr_ok(&["images", "tag", tag, &id]);
-    ctd.ctr_ok(&["images", "tag", tag, other]);
-    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
-    assert!(ok, "{text}");
-    let report = ReleaseReport::parse(&text).expect("a report");
+    let other_tag = "docker.io/enbi-test/release-other:v1";
+    let other = succeeded(build(
+        &ctd.socket(),
+        &flake.url(),
+        "stream-other",
+        other_tag,
+        &[],
+    ));
+    let report = released(other_tag, &other.digest);
     assert!(!report.in_use);
-    assert_eq!(report.removed, [tag.to_owned(), by_digest.clone()]);
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    let mut swept = report.swept.clone();
+    swept.sort();
+    assert_eq!(swept, [tag.to_owned(), by_digest.clone()]);
     assert_eq!((ctd.image(tag), ctd.image(&by_digest)), (None, None));
-    assert!(ctd.image(&id).is_some() && ctd.image(other).is_some());
+
+    // Loaded again. It has two more names: its ID, as the CRI names every image, and another
+    // tag. The release removes its own two names, and keeps the ID while another name is left.
+    load();
+    let id = format!("sha256:{}", "e".repeat(64));
+    let someone = "docker.io/enbi-test/someone-else:v1";
+    ctd.ctr_ok(&["images", "tag", tag, &id]);
+    ctd.ctr_ok(&["images", "tag", tag, someone]);
+    let report = released(tag, &image.digest);
+    assert_eq!(report.removed, [tag.to_owned(), by_digest.clone()]);
+    assert!(ctd.image(&id).is_some() && ctd.image(someone).is_some());
     // Without another name, the ID goes with the last of enbi's.
-    ctd.ctr_ok(&["images", "rm", other]);
+    ctd.ctr_ok(&["images", "rm", someone]);
     ctd.ctr_ok(&["images", "tag", &id, tag]);
-    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
-    assert!(ok, "{text}");
-    let report = ReleaseReport::parse(&text).expect("a report");
+    let report = released(tag, &image.digest);
     assert_eq!(report.removed, [tag.to_owned(), id.clone()]);
     assert_eq!(ctd.image(&id), None);
 
     // Nothing there: nothing to do.
-    let (ok, text) = release(&ctd.socket(), tag, &image.digest, &[]);
-    assert!(ok, "{text}");
-    assert_eq!(ReleaseReport::parse(&text), Some(ReleaseReport::default()));
+    assert_eq!(released(tag, &image.digest), ReleaseReport::default());
 }
 
 #[test]

@@ -257,10 +257,14 @@ fn conflict(request: &Request, existing: &str, built: &str) -> LoadError {
 }
 
 fn image_labels(request: &Request) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([(
-        keys::IMAGE_STORE_PATH.to_owned(),
-        request.store_path.to_owned(),
-    )]);
+    let mut labels = BTreeMap::from([
+        (
+            keys::IMAGE_STORE_PATH.to_owned(),
+            request.store_path.to_owned(),
+        ),
+        // Claimed again, if an earlier release left it: an empty value removes the label.
+        (keys::RELEASED.to_owned(), String::new()),
+    ]);
     if request.pin {
         labels.insert(PINNED_LABEL.to_owned(), "pinned".to_owned());
     }

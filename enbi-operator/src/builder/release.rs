@@ -8,19 +8,22 @@
 //! parent is its image's chain ID. If one exists for this image, any container's (running,
 //! stopped or about to restart, Kubernetes' or not), the references stay and only their pins
 //! go: the kubelet's image GC takes the image once nothing uses it, and a container that
-//! restarts still finds it under its name.
+//! restarts still finds it under its name. Such an image is labelled `enbi.hrzn.ee/released`, and
+//! the next release on the node removes it once no container uses it (most often the container
+//! of a Pod just deleted, which the kubelet removes within a minute): a node holds at most one
+//! such leftover per image, not one per rollout.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use enbi_core::defaults;
 use enbi_core::reference::{chain_id, digest_reference, normalise};
 use enbi_core::release::ReleaseReport;
 use enbi_core::validation::IMAGE_TAG;
+use enbi_core::{defaults, keys};
 use serde_json::Value;
 
-use super::containerd::{Ctr, CtrError};
+use super::containerd::{Ctr, CtrError, Image};
 use super::import::PINNED_LABEL;
 use super::log::LogTail;
 use super::report;
@@ -116,46 +119,95 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
             );
         }
     }
-    let same: Vec<_> = images.into_iter().filter(|i| &i.digest == digest).collect();
-    let (mut ours, rest): (Vec<_>, Vec<_>) = same
-        .into_iter()
-        .partition(|i| i.name == tag || i.name == by_digest);
-    // The CRI names every image by its ID too (`sha256:<config digest>`); that name goes with
-    // the last other name, or containerd would never collect the image.
-    let (ids, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(|i| is_image_id(&i.name));
-    if !ours.is_empty() && others.is_empty() {
-        ours.extend(ids);
-    }
+    let ours: Vec<&Image> = images
+        .iter()
+        .filter(|i| &i.digest == digest && (i.name == tag || i.name == by_digest))
+        .collect();
     let mut done = ReleaseReport::default();
     if ours.is_empty() {
         log.line("enbi", &format!("{tag} ({digest}) is not here"));
-        return Ok(done);
+    } else {
+        done.in_use = in_use(&ctr, digest, log)?;
+        let (keep, remove): (Vec<&Image>, Vec<&Image>) = ours
+            .into_iter()
+            .partition(|i| done.in_use || (args.keep_digest_reference && i.name == by_digest));
+        // Left for the kubelet's image GC, and for the next release on this node, which
+        // removes it once no container uses it (`sweep`).
+        let mut labels = BTreeMap::from([(PINNED_LABEL.to_owned(), String::new())]);
+        if done.in_use {
+            labels.insert(keys::RELEASED.to_owned(), "true".to_owned());
+        }
+        for image in &keep {
+            ctr.label_image(&image.name, &labels)?;
+            if image.labels.contains_key(PINNED_LABEL) {
+                done.unpinned.push(image.name.clone());
+            }
+        }
+        let names = remove.into_iter().map(|i| i.name.clone()).collect();
+        done.removed = with_ids(&images, digest, names);
+        ctr.remove(&done.removed)?;
     }
-    done.in_use = in_use(&ctr, digest, log)?;
-    let (keep, remove): (Vec<_>, Vec<_>) = ours
-        .into_iter()
-        .partition(|i| done.in_use || (args.keep_digest_reference && i.name == by_digest));
-    let unpin = BTreeMap::from([(PINNED_LABEL.to_owned(), String::new())]);
-    for image in keep.iter().filter(|i| i.labels.contains_key(PINNED_LABEL)) {
-        ctr.label_image(&image.name, &unpin)?;
-        done.unpinned.push(image.name.clone());
-    }
-    done.removed = remove.into_iter().map(|i| i.name).collect();
-    ctr.remove(&done.removed)?;
+    done.swept = sweep(&ctr, &images, digest, log)?;
     log.line(
         "enbi",
         &format!(
-            "released {tag}: removed {:?}, unpinned {:?}{}",
+            "released {tag}: removed {:?}, unpinned {:?}{}; removed what earlier releases left: {:?}",
             done.removed,
             done.unpinned,
             if done.in_use {
                 " (a container uses it)"
             } else {
                 ""
-            }
+            },
+            done.swept,
         ),
     );
     Ok(done)
+}
+
+/// `names` of the image of `digest`, and its ID names (the CRI names every image
+/// `sha256:<config digest>` too) when no other name would be left: containerd collects an image
+/// only once it has no name at all.
+fn with_ids(images: &[Image], digest: &str, mut names: Vec<String>) -> Vec<String> {
+    let of_image = || images.iter().filter(|i| i.digest == digest);
+    let others = of_image().any(|i| !names.contains(&i.name) && !is_image_id(&i.name));
+    if !names.is_empty() && !others {
+        names.extend(
+            of_image()
+                .filter(|i| is_image_id(&i.name))
+                .map(|i| i.name.clone()),
+        );
+    }
+    names
+}
+
+/// Removes the images earlier releases left because a container used them (labelled
+/// `enbi.hrzn.ee/released`), now that none does; an image with any other name (a load that
+/// claimed it again clears the label) is not touched. `skip` is the image released now.
+fn sweep(ctr: &Ctr, images: &[Image], skip: &str, log: &LogTail) -> Result<Vec<String>, CtrError> {
+    let mut left: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for image in images
+        .iter()
+        .filter(|i| i.digest != skip && !is_image_id(&i.name))
+    {
+        let names = left.entry(image.digest.as_str()).or_default();
+        if image.labels.contains_key(keys::RELEASED) {
+            names.push(image.name.clone());
+        } else {
+            // Claimed: never swept.
+            names.push(String::new());
+        }
+    }
+    let mut swept = vec![];
+    for (digest, names) in left {
+        if names.iter().any(String::is_empty) || in_use(ctr, digest, log)? {
+            continue;
+        }
+        let names = with_ids(images, digest, names);
+        ctr.remove(&names)?;
+        swept.extend(names);
+    }
+    Ok(swept)
 }
 
 /// Whether `name` is an image ID as the CRI names images: `sha256:<64 hex digits>`.
