@@ -117,7 +117,7 @@ our_images() { ctr_on "$1" images ls -q | grep -c "^$REPO:" || true; }
 
 declare -A base
 for node in "${nodes[@]}"; do base[$node]=$(content_bytes "$node"); done
-printf '%-8s %s\n' rollout "$(for n in "${nodes[@]::2}"; do printf "%-36s" "$n (MiB over start, images)"; done)"
+printf '%-8s %s\n' rollout "$(for n in "${nodes[@]::2}"; do printf "%-40s" "$n (MiB over start, images)"; done)"
 for ((r = 1; r <= rollouts; r++)); do
   tag="$REPO:r$r-$$"
   deploy "$(flake_of "$r")" "$tag"
@@ -133,7 +133,7 @@ for ((r = 1; r <= rollouts; r++)); do
   row=""
   for node in "${nodes[@]::2}"; do
     mib=$(( ($(content_bytes "$node") - base[$node]) / 1048576 ))
-    row+=$(printf "%-36s" "$mib MiB, $(our_images "$node")")
+    row+=$(printf "%-40s" "$mib MiB, $(our_images "$node")")
   done
   printf '%-8s %s\n' "$r" "$row"
 done
