@@ -33,7 +33,6 @@ use crate::crd::NixBuild;
 use crate::defaults;
 use crate::keys;
 use crate::naming;
-use crate::release::Plan;
 use crate::trace::TraceContext;
 
 /// `app.kubernetes.io/name` of every builder Job and Pod.
@@ -411,23 +410,33 @@ pub fn render(
     )
 }
 
-/// The release Job of `build`'s image on `node`, whose image there is `digest` (see `release`):
+/// What a release Job releases, on which node (`release::Plan::target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseTarget<'a> {
+    pub node: &'a str,
+    /// The normalised tag.
+    pub tag: &'a str,
+    /// The image's digest on that node.
+    pub digest: &'a str,
+    pub keep_digest_reference: bool,
+}
+
+/// The release Job of `build`'s image on a node (see `release`):
 /// one container, enbi's own code, with the containerd socket; placed on the node by name,
 /// past the scheduler, so that it also runs on a cordoned node being drained.
 pub fn render_release(
     build: &NixBuild,
-    node: &str,
-    plan: &Plan,
+    target: &ReleaseTarget,
     deadline_seconds: i64,
     settings: &BuilderSettings,
 ) -> Job {
-    let digest = plan.nodes.get(node).map_or("", String::as_str);
+    let node = target.node;
     let args: Vec<String> = [
         "release",
         "--image-tag",
-        &plan.tag,
+        target.tag,
         "--image-digest",
-        digest,
+        target.digest,
         "--containerd-address",
         &settings.containerd_socket,
         "--containerd-namespace",
@@ -436,7 +445,8 @@ pub fn render_release(
     .into_iter()
     .map(str::to_owned)
     .chain(
-        plan.keeps_digest_reference(digest)
+        target
+            .keep_digest_reference
             .then(|| "--keep-digest-reference".to_owned()),
     )
     .collect();
@@ -841,7 +851,8 @@ mod tests {
         });
         let mut plan = crate::release::plan(&b, []).expect("a plan");
         let settings = BuilderSettings::default();
-        let job = render_release(&b, "cass", &plan, 120, &settings);
+        let target = plan.target("cass").expect("cass");
+        let job = render_release(&b, &target, 120, &settings);
         assert!(is_release(&job));
         assert_eq!(job.metadata.name, Some(release_name(&b, "cass")));
         let spec = job.spec.expect("spec");
@@ -868,7 +879,8 @@ mod tests {
         // Another NixBuild's image has the digest reference: kept.
         plan.kept
             .insert(crate::reference::digest_reference(&plan.tag, "sha256:d"));
-        let job = render_release(&b, "cass", &plan, 120, &settings);
+        let target = plan.target("cass").expect("cass");
+        let job = render_release(&b, &target, 120, &settings);
         let args = job
             .spec
             .and_then(|s| s.template.spec)

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::NixBuild;
 use crate::event::{Event, EventType};
-use crate::job::{JobState, JobView};
+use crate::job::{JobState, JobView, ReleaseTarget};
 use crate::reference::{digest_reference, normalise};
 use crate::report::MAX_REPORT_BYTES;
 
@@ -43,6 +43,17 @@ impl Plan {
     /// Whether the release on a node whose image is `digest` keeps its digest reference.
     pub fn keeps_digest_reference(&self, digest: &str) -> bool {
         self.kept.contains(&digest_reference(&self.tag, digest))
+    }
+
+    /// What the release Job on `node` releases, if the plan has the node.
+    pub fn target<'a>(&'a self, node: &'a str) -> Option<ReleaseTarget<'a>> {
+        let digest = self.nodes.get(node)?;
+        Some(ReleaseTarget {
+            node,
+            tag: &self.tag,
+            digest,
+            keep_digest_reference: self.keeps_digest_reference(digest),
+        })
     }
 }
 

@@ -587,7 +587,10 @@ async fn release(
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
     let deadline = i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX);
     for node in &progress.start {
-        let manifest = job::render_release(build, node, plan, deadline, &ctx.builder);
+        let Some(target) = plan.target(node) else {
+            continue;
+        };
+        let manifest = job::render_release(build, &target, deadline, &ctx.builder);
         jobs.patch(
             &manifest.name_any(),
             &PatchParams::apply(keys::MANAGER).force(),

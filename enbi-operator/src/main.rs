@@ -206,7 +206,7 @@ mod tests {
                 ..Default::default()
             });
             let plan = enbi_core::release::plan(&built, []).expect("a plan");
-            let job = job::render_release(&built, "n1", &plan, 120, &settings);
+            let job = job::render_release(&built, &plan.target("n1").expect("n1"), 120, &settings);
             let container = job
                 .spec
                 .and_then(|s| s.template.spec)

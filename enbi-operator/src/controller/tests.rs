@@ -215,7 +215,7 @@ async fn once_every_node_has_an_outcome_the_jobs_go_then_the_finalizer() {
     let builds_ns = BuilderSettings::default().namespace;
     let settings = BuilderSettings::default();
     let plan = release::plan(&build, []).expect("a plan");
-    let job = job::render_release(&build, "n1", &plan, 120, &settings);
+    let job = job::render_release(&build, &plan.target("n1").expect("n1"), 120, &settings);
     let name = job.name_any();
     let mut job: Job = serde_json::from_value(json!({
         "status": {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1},
