@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{ImageNodeState, NixBuild, NixBuildStatus, Phase};
 use crate::keys;
 use crate::pod::gate::is_gated;
-use crate::pod::using_tag;
+use crate::pod::statuses_using_tag;
 
 /// The waiting reason of a Pod held by enbi's scheduling gate (the kubelet's and `kubectl`'s
 /// word for a Pod not scheduled because of a gate).
@@ -42,14 +42,7 @@ pub fn waiting_reason(pod: &Pod) -> Option<&'static str> {
         return Some(GATED);
     }
     let status = pod.status.as_ref()?;
-    let statuses: Vec<&ContainerStatus> = status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .collect();
-    using_tag(spec, tag).find_map(|container| {
-        let status = statuses.iter().find(|s| s.name == container.name)?;
+    statuses_using_tag(spec, status, tag).find_map(|(_, status)| {
         let reason = status.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
         WAITING_REASONS[1..].iter().find(|r| **r == reason).copied()
     })

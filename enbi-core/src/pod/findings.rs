@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodSpec, PodStatus};
 
 use super::gate::is_gated;
 use super::request::{self, AnnotationError, BuildRequest};
-use super::using_tag;
+use super::{statuses_using_tag, using_tag};
 use crate::keys;
 use crate::naming;
 
@@ -74,14 +74,7 @@ fn inspect_statuses(
     findings: &mut Vec<Finding>,
     missing: &mut Vec<String>,
 ) {
-    let statuses: Vec<&ContainerStatus> = status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .collect();
-    let ours = using_tag(spec, tag)
-        .filter_map(|c| Some((c, *statuses.iter().find(|s| s.name == c.name)?)));
+    let ours = statuses_using_tag(spec, status, tag);
     let waiting = |s: &ContainerStatus| {
         s.state
             .as_ref()

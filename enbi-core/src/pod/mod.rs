@@ -17,7 +17,7 @@ pub mod request;
 #[cfg(test)]
 pub(crate) mod fixtures;
 
-use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
 
 use crate::reference;
 
@@ -27,6 +27,23 @@ pub fn containers(spec: &PodSpec) -> impl Iterator<Item = &Container> + Clone {
         .iter()
         .flatten()
         .chain(&spec.containers)
+}
+
+/// The Pod's containers whose image is `tag`, each with its status (init containers first);
+/// a container without a status yet is left out.
+pub fn statuses_using_tag<'a>(
+    spec: &'a PodSpec,
+    status: &'a PodStatus,
+    tag: &'a str,
+) -> impl Iterator<Item = (&'a Container, &'a ContainerStatus)> {
+    let statuses: Vec<&ContainerStatus> = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .collect();
+    using_tag(spec, tag)
+        .filter_map(move |c| Some((c, *statuses.iter().find(|s| s.name == c.name)?)))
 }
 
 /// The Pod's containers whose image is `tag` (references compared normalised:
