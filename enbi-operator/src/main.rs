@@ -187,10 +187,10 @@ mod tests {
                 assert_eq!(l.image_tag, build.spec.image_tag);
                 assert_eq!(l.image_pipe, b.image_pipe, "one pipe for both");
                 assert_eq!(
-                    l.containerd_address.to_str(),
+                    l.containerd.address.to_str(),
                     Some(settings.containerd_socket.as_str())
                 );
-                assert_eq!(l.containerd_namespace, settings.containerd_namespace);
+                assert_eq!(l.containerd.namespace, settings.containerd_namespace);
                 assert_eq!((l.pin, l.allow_overwrite), (pin, overwrite));
                 assert_eq!(l.build_timeout, b.build_timeout);
                 let deadline = u64::try_from(settings.active_deadline_seconds).unwrap_or(0);
@@ -219,10 +219,10 @@ mod tests {
             assert_eq!(Some(&r.image_digest), plan.nodes.get("n1"));
             assert!(!r.keep_digest_reference);
             assert_eq!(
-                r.containerd_address.to_str(),
+                r.containerd.address.to_str(),
                 Some(settings.containerd_socket.as_str())
             );
-            assert_eq!(r.containerd_namespace, settings.containerd_namespace);
+            assert_eq!(r.containerd.namespace, settings.containerd_namespace);
         }
     }
 }

@@ -23,6 +23,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
+use enbi_core::defaults;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CtrError {
     #[error(
@@ -47,11 +49,26 @@ pub struct Image {
     pub labels: BTreeMap<String, String>,
 }
 
-/// `ctr` bound to one socket and namespace.
-#[derive(Debug, Clone)]
+/// `ctr` bound to one socket and namespace; also the containerd flags of `load` and
+/// `release`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Ctr {
+    /// containerd's socket.
+    #[arg(
+        long = "containerd-address",
+        env = "ENBI_CONTAINERD_ADDRESS",
+        default_value = defaults::CONTAINERD_SOCKET
+    )]
     pub address: PathBuf,
+    /// containerd namespace of the kubelet's CRI.
+    #[arg(
+        long = "containerd-namespace",
+        env = "ENBI_CONTAINERD_NAMESPACE",
+        default_value = defaults::CONTAINERD_NAMESPACE
+    )]
     pub namespace: String,
+    /// Snapshotter the CRI unpacks into (where containers' snapshots are too).
+    #[arg(long, env = "ENBI_SNAPSHOTTER", default_value = "overlayfs")]
     pub snapshotter: String,
 }
 

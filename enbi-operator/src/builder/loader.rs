@@ -35,19 +35,8 @@ pub struct LoadArgs {
     /// The FIFO the build container writes the image into.
     #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = defaults::IMAGE_PIPE)]
     pub image_pipe: PathBuf,
-    /// containerd's socket.
-    #[arg(
-        long,
-        env = "ENBI_CONTAINERD_ADDRESS",
-        default_value = defaults::CONTAINERD_SOCKET
-    )]
-    pub containerd_address: PathBuf,
-    /// containerd namespace of the kubelet's CRI.
-    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = defaults::CONTAINERD_NAMESPACE)]
-    pub containerd_namespace: String,
-    /// Snapshotter to unpack into: the one the CRI uses.
-    #[arg(long, env = "ENBI_SNAPSHOTTER", default_value = "overlayfs")]
-    pub snapshotter: String,
+    #[command(flatten)]
+    pub containerd: Ctr,
     /// Pin the image (`io.cri-containerd.pinned=pinned`) so the kubelet's image GC keeps it.
     #[arg(long, env = "ENBI_PIN")]
     pub pin: bool,
@@ -172,11 +161,7 @@ fn load(
         .check(&args.image_tag)
         .map_err(LoaderError::Invalid)?;
     let tag = normalise(&args.image_tag);
-    let ctr = Ctr {
-        address: args.containerd_address.clone(),
-        namespace: args.containerd_namespace.clone(),
-        snapshotter: args.snapshotter.clone(),
-    };
+    let ctr = &args.containerd;
     // Before a long build: without containerd there is nowhere to put the image. Exiting now
     // also stops the build container (it watches the pipe).
     ctr.check_socket()?;
@@ -193,7 +178,7 @@ fn load(
     let import_started = Instant::now();
     let loaded = step("import", || {
         import::load(
-            &ctr,
+            ctr,
             &Request {
                 tag: &tag,
                 store_path: &built.provenance.store_path,

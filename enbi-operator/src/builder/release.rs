@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use enbi_core::keys;
 use enbi_core::reference::{chain_id, digest_reference, normalise};
 use enbi_core::release::ReleaseReport;
 use enbi_core::validation::IMAGE_TAG;
-use enbi_core::{defaults, keys};
 use serde_json::Value;
 
 use super::containerd::{Ctr, CtrError, Image};
@@ -41,19 +41,8 @@ pub struct ReleaseArgs {
     /// Keep `<repository>@<digest>` (another NixBuild's image has it), and only unpin it.
     #[arg(long, env = "ENBI_KEEP_DIGEST_REFERENCE")]
     pub keep_digest_reference: bool,
-    /// containerd's socket.
-    #[arg(
-        long,
-        env = "ENBI_CONTAINERD_ADDRESS",
-        default_value = defaults::CONTAINERD_SOCKET
-    )]
-    pub containerd_address: PathBuf,
-    /// containerd namespace of the kubelet's CRI.
-    #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = defaults::CONTAINERD_NAMESPACE)]
-    pub containerd_namespace: String,
-    /// Snapshotter the CRI unpacks into (where containers' snapshots are).
-    #[arg(long, env = "ENBI_SNAPSHOTTER", default_value = "overlayfs")]
-    pub snapshotter: String,
+    #[command(flatten)]
+    pub containerd: Ctr,
     /// Where the JSON report goes (the container's termination message).
     #[arg(
         long,
@@ -96,11 +85,7 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
     if !is_image_id(digest) {
         return Err(ReleaseError::Digest(digest.clone()));
     }
-    let ctr = Ctr {
-        address: args.containerd_address.clone(),
-        namespace: args.containerd_namespace.clone(),
-        snapshotter: args.snapshotter.clone(),
-    };
+    let ctr = &args.containerd;
     ctr.check_socket()?;
     let tag = normalise(&args.image_tag);
     let by_digest = digest_reference(&tag, digest);
@@ -127,7 +112,7 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
     if ours.is_empty() {
         log.line("enbi", &format!("{tag} ({digest}) is not here"));
     } else {
-        done.in_use = in_use(&ctr, digest, log)?;
+        done.in_use = in_use(ctr, digest, log)?;
         let (keep, remove): (Vec<&Image>, Vec<&Image>) = ours
             .into_iter()
             .partition(|i| done.in_use || (args.keep_digest_reference && i.name == by_digest));
@@ -147,7 +132,7 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
         done.removed = with_ids(&images, digest, names);
         ctr.remove(&done.removed)?;
     }
-    done.swept = sweep(&ctr, &images, digest, log)?;
+    done.swept = sweep(ctr, &images, digest, log)?;
     log.line(
         "enbi",
         &format!(
