@@ -135,7 +135,10 @@ impl Drop for TestNamespace {
                 rt.block_on(async {
                     if let Ok(client) = connect().await {
                         // The test's operator is gone: its finalizers would keep the namespace
-                        // terminating for ever (and a later CRD deletion with it).
+                        // terminating for ever (and a later CRD deletion with it). And the
+                        // NixBuilds go now, not when the namespace controller gets to them: the
+                        // next test's operator would meanwhile take them up (and put its
+                        // finalizer back).
                         let builds = Api::<NixBuild>::namespaced(client.clone(), &name);
                         let unhold = json!({"metadata": {"finalizers": null}});
                         for build in builds
@@ -152,6 +155,9 @@ impl Drop for TestNamespace {
                                 )
                                 .await;
                         }
+                        let _ = builds
+                            .delete_collection(&DeleteParams::background(), &Default::default())
+                            .await;
                         let _ = Api::<Namespace>::all(client)
                             .delete(&name, &DeleteParams::background())
                             .await;
