@@ -545,10 +545,18 @@ async fn operator_killed_mid_build_resumes_without_a_second_job() {
 async fn garbage_collection_keeps_the_newest() {
     let client = require_cluster!();
     let _serial = OPERATOR_LOCK.lock().await;
+    // The simulated nodes run no release Job (releases are tested on the real nodes, e2e.rs):
+    // without this, each collected build would wait for the release timeout.
     let (builds, _operator) = setup(
         &client,
         "gc",
-        &["--keep-succeeded", "1", "--gc-interval-seconds", "1"],
+        &[
+            "--keep-succeeded",
+            "1",
+            "--gc-interval-seconds",
+            "1",
+            "--keep-images-on-delete",
+        ],
     )
     .await;
     let app = TestNamespace::new(&client, "gc-app").await;
@@ -593,6 +601,8 @@ async fn history_limits_keep_a_build_whose_image_a_pod_uses_until_after_its_last
             "1",
             "--retain-after-last-use-seconds",
             "3",
+            // No release Job runs on the simulated nodes (see garbage_collection_keeps_the_newest).
+            "--keep-images-on-delete",
         ],
     )
     .await;
