@@ -85,7 +85,12 @@ pub fn of_settings(settings: &BuilderSettings) -> Option<Fault> {
 /// `build_namespace` tells a missing build namespace from other missing objects.
 pub fn of_api_error(status: &Status, build_namespace: &str) -> Option<Fault> {
     let details = status.details.as_ref();
+    // Writing into a namespace being deleted (say, the Events of a NixBuild deleted with its
+    // namespace) is refused with 403 too: that is no fault of the installation.
+    let terminating =
+        details.is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"));
     match status.code {
+        403 if terminating => None,
         403 => {
             let resource = details.map_or_else(String::new, |d| {
                 if d.group.is_empty() {
@@ -185,6 +190,19 @@ mod tests {
         assert_eq!(core.key(), "OperatorForbidden/events");
         assert!(fault.cleared_by(JOBS));
         assert!(!fault.cleared_by("nixbuilds.enbi.hrzn.ee"));
+    }
+
+    #[test]
+    fn a_namespace_being_deleted_is_no_fault() {
+        let mut refused = status(403, "events", "events.k8s.io", "e", "forbidden");
+        if let Some(d) = refused.details.as_mut() {
+            d.causes = vec![kube::core::response::StatusCause {
+                reason: "NamespaceTerminating".into(),
+                message: "namespace app is being terminated".into(),
+                field: "metadata.namespace".into(),
+            }];
+        }
+        assert_eq!(of_api_error(&refused, "b"), None);
     }
 
     #[test]
