@@ -290,8 +290,17 @@ impl Operator {
 }
 
 impl Drop for Operator {
+    /// Kills the operator; when a test fails, prints its log's tail, so that CI shows why.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("--- last lines of {} ---", self.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
