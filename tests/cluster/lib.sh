@@ -135,6 +135,26 @@ containerd_dir() {
   esac
 }
 
+# The real nodes' layout: where containerd's socket, its registry configuration (certs.d) and its
+# root are on a node, as its kubelet, Spegel and enbi see them. "kubeadm": containerd's own
+# defaults (kubeadm, EKS, most distributions); "k3s": k3s's embedded containerd. `up` records it,
+# so that later calls (rejoin, spegel) keep the layout the nodes were made with.
+NODE_LAYOUT="${ENBI_NODE_LAYOUT:-$(cat "$STATE_DIR/node-layout" 2>/dev/null || echo kubeadm)}"
+case "$NODE_LAYOUT" in
+  kubeadm)
+    NODE_SOCKET_DIR=/run/containerd
+    NODE_CERTS_DIR=/etc/containerd/certs.d
+    NODE_CONTAINERD_ROOT=/var/lib/containerd
+    ;;
+  k3s)
+    NODE_SOCKET_DIR=/run/k3s/containerd
+    NODE_CERTS_DIR=/var/lib/rancher/k3s/agent/etc/containerd/certs.d
+    NODE_CONTAINERD_ROOT=/var/lib/rancher/k3s/agent/containerd
+    ;;
+  *) echo "ENBI_NODE_LAYOUT must be kubeadm or k3s" >&2; exit 1 ;;
+esac
+NODE_SOCKET="$NODE_SOCKET_DIR/containerd.sock"
+
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 

@@ -544,6 +544,134 @@ async fn without_a_mirror_enbi_loads_the_image_on_the_other_node_and_again_after
     }
 }
 
+/// With a mirror, enbi loads only the build node and lets the mirror serve the others; when no
+/// node holds the image any more (the build node was scaled away before another pulled it), a Pod
+/// that waits for it is not stuck: enbi loads the image on the Pod's node itself.
+#[tokio::test]
+async fn with_a_mirror_but_no_node_left_holding_the_image_enbi_loads_where_the_pod_waits() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await || !spegel_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let nodes = real_nodes();
+    assert!(nodes.len() >= 2, "two real nodes needed, found {nodes:?}");
+    builder_image_on_real_nodes();
+    let repository = "enbi.test/e2e-noholder";
+    let tag = fresh_tag("e2e-noholder");
+    let flake_url = fixture_for(&tag);
+    let builds = build_namespace(&client, "e2e-noholder-b").await;
+    let app = TestNamespace::opted_in(&client, "e2e-noholder-app").await;
+    let webhook = Webhook::install(&client, &app.name, 19467).await;
+    let repel = kwok_nodes(&client).await.join(",");
+    let operator = start_operator_with(
+        "e2e-noholder",
+        &builds.name,
+        &repel,
+        &["--image-mirror"],
+        Some(&webhook),
+    );
+    webhook.wait_ready(&client).await;
+    // A first Pod on any real node has the image built (on node A) and runs there.
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let mut first = app_pod(&flake_url, &tag, "Never");
+    first["metadata"]["name"] = json!("first");
+    first["spec"]["nodeSelector"] = json!({"type": "real"});
+    first["spec"]["containers"][0]["command"] = json!(["/bin/echo", MESSAGE]);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(first).expect("pod"),
+    )
+    .await
+    .expect("create the first Pod");
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let name = build.name_any();
+    eventually("the first Pod done", Duration::from_secs(120), || async {
+        let pod = pods.get("first").await.ok()?;
+        (phase(&pod) == Some("Succeeded")).then_some(())
+    })
+    .await;
+    let node_a = build
+        .status
+        .as_ref()
+        .and_then(|s| s.build_node.clone())
+        .expect("a build node");
+    let node_b = nodes
+        .iter()
+        .find(|n| **n != node_a)
+        .expect("another real node")
+        .clone();
+
+    // The build node goes, image and all, before any other node pulled the image.
+    remove_images(&socket(&node_a), repository);
+    let rejoin = Rejoin(node_a.clone());
+    Api::<Node>::all(client.clone())
+        .delete(&node_a, &DeleteParams::default())
+        .await
+        .expect("delete the build node");
+
+    // A second Pod, on B, for the same image: no node holds it, and the mirror has nothing to
+    // serve.
+    let mut pod = app_pod(&flake_url, &tag, "Always");
+    pod["metadata"]["name"] = json!("app");
+    pod["spec"]["nodeSelector"]["kubernetes.io/hostname"] = json!(node_b);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod).expect("pod"),
+    )
+    .await
+    .expect("create the Pod");
+    let build = node_loaded(&nixbuilds, &name, &node_b, 1).await;
+    let running = eventually("the Pod Ready", Duration::from_secs(120), || async {
+        let pod = pods.get("app").await.ok()?;
+        ready_since(&pod).map(|_| pod)
+    })
+    .await;
+    assert_eq!(node_of(&running), node_b);
+    let log = pods.logs("app", &LogParams::default()).await.expect("log");
+    assert!(log.contains(MESSAGE), "log: {log:?}");
+    let digest = build.status.and_then(|s| s.image_digest).expect("a digest");
+    assert_eq!(
+        node_image_digests(&socket(&node_b)).get(&tag),
+        Some(&digest),
+        "{tag} on {node_b}"
+    );
+    assert_eq!(
+        load_job_nodes(&client, &builds.name, &name).await,
+        [(node_b.clone(), "1".to_owned())],
+        "one load Job, on the Pod's node"
+    );
+    let reasons = event_reasons(&client, &app.name, &name).await;
+    assert!(reasons.iter().any(|r| r == "Loading"), "{reasons:?}");
+    eprintln!("e2e no holder: built on {node_a} (then deleted), loaded on {node_b} ({digest})");
+
+    drop(operator);
+    drop(rejoin);
+    eventually("Spegel ready again", Duration::from_secs(120), || async {
+        spegel_ready(&client).await.then_some(())
+    })
+    .await;
+    for node in &nodes {
+        remove_images(&socket(node), repository);
+    }
+}
+
+/// Registers a real node's Node again when dropped (after the test deleted it), even when the
+/// test fails.
+struct Rejoin(String);
+
+impl Drop for Rejoin {
+    fn drop(&mut self) {
+        let rejoined = Command::new(cluster_script())
+            .args(["rejoin", &self.0])
+            .status();
+        if !std::thread::panicking() {
+            assert!(rejoined.is_ok_and(|s| s.success()), "rejoin {}", self.0);
+        }
+    }
+}
+
 /// A deleted NixBuild's image is released on each node enbi put it on: removed where nothing
 /// uses it, only unpinned where a container does (which keeps running and finds it on restart).
 #[tokio::test]
@@ -1102,7 +1230,12 @@ fn start_operator_with(
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .to_string();
+    // Where the nodes' layout keeps containerd's socket (k3s's own path on a k3s-layout node),
+    // as `build.containerdSocket` of examples/values-k3s.cue says.
+    let node_socket = real_node(&["node-socket"]);
     let mut args: Vec<String> = [
+        "--containerd-socket",
+        &node_socket,
         "--build-namespace",
         builds,
         "--builder-image",

@@ -13,6 +13,11 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
 const WAIT: Duration = Duration::from_secs(90);
+/// How long a Job's completion may take to show after the control plane was down: the
+/// kube-controller-manager's Job controller retries each failed status update with a doubling
+/// delay (up to 1000 s), so a restart of a few seconds on a busy machine delays the Jobs' status
+/// by minutes, however fast the builders end.
+const RECOVERY: Duration = Duration::from_secs(300);
 
 async fn job_count(client: &Client, ns: &str) -> usize {
     Api::<Job>::namespaced(client.clone(), ns)
@@ -201,7 +206,7 @@ async fn builds_survive_restart_of(component: &str) {
     }
     let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     for name in names {
-        eventually(&format!("{name} Succeeded"), WAIT, || async {
+        eventually(&format!("{name} Succeeded"), RECOVERY, || async {
             api.get(name)
                 .await
                 .ok()
