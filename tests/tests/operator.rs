@@ -183,6 +183,109 @@ async fn annotated_deployment_gets_one_build_and_then_runs() {
     );
 }
 
+/// One tag for two systems (a Deployment's Pods on amd64 and on arm64 nodes), without a mirror:
+/// one NixBuild per system, and each system's image is built and loaded only on nodes of its own
+/// architecture, so that no node is ever handed the other architecture's image under the tag.
+#[tokio::test]
+async fn one_tag_for_two_systems_puts_each_image_only_on_nodes_of_its_system() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, _operator) = setup(&client, "systems", &[]).await;
+    let app = TestNamespace::opted_in(&client, "systems-app").await;
+    let tag = "example.test/systems:v1";
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &app.name);
+    for arch in ["amd64", "arm64"] {
+        // Two Pods of the tag on each node of the architecture.
+        let mut spec = kwok_pod_spec(tag, Some(arch));
+        spec["topologySpreadConstraints"] = json!([{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": arch}}}]);
+        let deployment = json!({
+            "metadata": {"name": arch},
+            "spec": {"replicas": 4, "selector": {"matchLabels": {"app": arch}}, "template": {
+                "metadata": {"labels": {"app": arch},
+                             "annotations": build_annotations("github:example/app", tag, "app.stream")},
+                "spec": spec,
+            }},
+        });
+        deployments
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(deployment).expect("deployment"),
+            )
+            .await
+            .expect("create");
+    }
+    let systems = eventually("a NixBuild per system", WAIT, || async {
+        let all = builds_in(&client, &app.name).await;
+        let systems: BTreeSet<String> = all.iter().map(|b| b.spec.system.clone()).collect();
+        (all.len() == 2 && systems.len() == 2).then_some(all)
+    })
+    .await;
+    let present = format!("{BUILDER_IMAGE},{tag}");
+    let api = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    for build in &systems {
+        let name = build.name_any();
+        let arch = match build.spec.system.as_str() {
+            "x86_64-linux" => "amd64",
+            "aarch64-linux" => "arm64",
+            other => panic!("unexpected system {other}"),
+        };
+        // Built on a node of its architecture, then loaded on the other one, where its Pods
+        // wait; the fake kubelet's image list stands for the node's containerd.
+        let built_on = finish_builder(&client, &builds.name, &name, 0, &success_report(tag)).await;
+        wait_phase(&client, &app.name, &name, Phase::Succeeded).await;
+        set_images_of(&client, &built_on, Some(&present)).await;
+        let loaded_on = finish_builder(&client, &builds.name, &name, 0, &success_report(tag)).await;
+        set_images_of(&client, &loaded_on, Some(&present)).await;
+        assert_ne!(built_on, loaded_on, "{name}: loaded where its Pods wait");
+        for node in [&built_on, &loaded_on] {
+            assert_eq!(node_arch(&client, node).await, arch, "{name} on {node}");
+        }
+        let holders = eventually(&format!("{name} Loaded on two nodes"), WAIT, || async {
+            let b = api.get(&name).await.ok()?;
+            let nodes = b.status.map(|s| s.image_nodes).unwrap_or_default();
+            let loaded: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| n.state == ImageNodeState::Loaded)
+                .map(|n| n.node.clone())
+                .collect();
+            (loaded.len() == 2).then_some(nodes)
+        })
+        .await;
+        for entry in holders {
+            assert_eq!(
+                node_arch(&client, &entry.node).await,
+                arch,
+                "{name}'s imageNodes"
+            );
+        }
+    }
+    // Every builder Pod, build or load, of either NixBuild ran on a node of its own system.
+    let pods = Api::<Pod>::namespaced(client.clone(), &builds.name)
+        .list(&ListParams::default())
+        .await
+        .expect("builder Pods")
+        .items;
+    assert_eq!(pods.len(), 4, "a build and a load per system");
+    for pod in pods {
+        let build = pod.labels()["enbi.hrzn.ee/nixbuild-name"].clone();
+        let system = &systems
+            .iter()
+            .find(|b| b.name_any() == build)
+            .expect("its NixBuild")
+            .spec
+            .system;
+        let node = pod.spec.and_then(|s| s.node_name).expect("scheduled");
+        let arch = node_arch(&client, &node).await;
+        assert!(
+            system.starts_with(if arch == "arm64" { "aarch64" } else { "x86_64" }),
+            "{build} ({system}) ran on {node} ({arch})"
+        );
+    }
+    set_node_images(&client, None).await;
+}
+
 /// Sets the fake kubelet's image list of one node (`None`: every image present).
 async fn set_images_of(client: &Client, node: &str, images: Option<&str>) {
     let patch = json!({"metadata": {"annotations": {"kwok.enbi.test/images": images}}});
