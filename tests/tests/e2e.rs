@@ -657,6 +657,98 @@ async fn with_a_mirror_but_no_node_left_holding_the_image_enbi_loads_where_the_p
     }
 }
 
+/// History limits never collect a Succeeded NixBuild whose image runs on the real nodes: with
+/// `--keep-succeeded 0` it stays while its Deployment runs, and a replaced replica starts on
+/// the image the node holds, never gated for a rebuild.
+#[tokio::test]
+async fn history_limits_keep_the_build_of_a_running_deployment_and_replicas_need_no_rebuild() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    builder_image_on_real_nodes();
+    let _no_mirror = NoMirror::new(&client).await;
+    let repository = "enbi.test/e2e-history";
+    let tag = fresh_tag("e2e-history");
+    let flake_url = fixture_for(&tag);
+    let builds = build_namespace(&client, "e2e-history-b").await;
+    let app = TestNamespace::opted_in(&client, "e2e-history-app").await;
+    let webhook = Webhook::install(&client, &app.name, 19468).await;
+    let repel = kwok_nodes(&client).await.join(",");
+    let operator = start_operator_with(
+        "e2e-history",
+        &builds.name,
+        &repel,
+        &["--keep-succeeded", "0", "--gc-interval-seconds", "1"],
+        Some(&webhook),
+    );
+    webhook.wait_ready(&client).await;
+    Api::<Deployment>::namespaced(client.clone(), &app.name)
+        .create(
+            &PostParams::default(),
+            &one_pod_per_real_node(&flake_url, &tag),
+        )
+        .await
+        .expect("create the Deployment");
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let running = running_pods(&pods, 2).await;
+    let jobs = load_job_nodes(&client, &builds.name, &build.name_any()).await;
+
+    // Collection runs every second and keeps no Succeeded build, except one whose image runs.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let kept = nixbuilds.get_opt(&build.name_any()).await.expect("get");
+    assert_eq!(
+        kept.as_ref().map(ResourceExt::uid),
+        Some(build.uid()),
+        "in use, so kept"
+    );
+
+    // A replica goes; its replacement starts at once on the image its node holds.
+    pods.delete(&running[0].name_any(), &DeleteParams::default())
+        .await
+        .expect("delete a replica");
+    eventually(
+        "the replacement running",
+        Duration::from_secs(120),
+        || async {
+            let again = running_pods(&pods, 2).await;
+            again
+                .iter()
+                .all(|p| p.uid() != running[0].uid())
+                .then_some(())
+        },
+    )
+    .await;
+    let all = nixbuilds.list(&ListParams::default()).await.expect("list");
+    assert_eq!(
+        all.items.iter().map(ResourceExt::uid).collect::<Vec<_>>(),
+        [build.uid()],
+        "no new NixBuild"
+    );
+    let builders = Api::<Job>::namespaced(client.clone(), &builds.name)
+        .list(&ListParams::default())
+        .await
+        .expect("jobs");
+    assert_eq!(
+        builders.items.len(),
+        1 + jobs.len(),
+        "the build's Job and its loads, nothing more"
+    );
+    assert_eq!(
+        load_job_nodes(&client, &builds.name, &build.name_any()).await,
+        jobs,
+        "no new load"
+    );
+
+    drop(operator);
+    for node in &real_nodes() {
+        remove_images(&socket(node), repository);
+    }
+}
+
 /// Registers a real node's Node again when dropped (after the test deleted it), even when the
 /// test fails.
 struct Rejoin(String);
