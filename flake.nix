@@ -32,6 +32,8 @@
             };
             cargoLock.lockFile = ./Cargo.lock;
             cargoBuildFlags = [ "--package" "enbi-operator" ];
+            # containerd-client generates its gRPC bindings with protoc at build time.
+            nativeBuildInputs = [ pkgs.protobuf ];
             # The unit tests run in CI; the integration tests need root, containerd and nix.
             doCheck = false;
             meta = {

@@ -1,27 +1,14 @@
-//! containerd, through its `ctr` command line.
-//!
-//! **Why `ctr` and not a Rust containerd API client.** containerd's gRPC API (1.6, what Debian
-//! and many nodes run) has no import call: importing an archive is client-side code in
-//! containerd's Go client (write each blob through the content service, convert a Docker
-//! `manifest.json` into an OCI manifest, create the image, unpack the layers into the
-//! snapshotter with the right GC labels). A Rust client (`containerd-client`, tonic) would have
-//! to re-implement all of it, and bring tokio into a synchronous builder. `ctr images import -`
-//! runs containerd's own import and unpack code, at the version the node runs, and reads the
-//! archive from stdin, so nothing touches the disk outside containerd's store. Measured on two
-//! cores (`bench/builder-import.sh`, 200 MiB image): enbi streaming into `ctr` took 0.85x to
-//! 1.02x the time of `ctr images import` of a ready file (which must first be written: 200 MiB
-//! of temporary disk), and the same as a plain `script | ctr images import -` pipe; a `ctr`
-//! metadata call costs about 10 ms and a build makes about ten (about 0.15 s in all).
+//! containerd, through its `ctr` command line, for the release container (`release`); and the
+//! containerd flags of `load` and `release`. The load container uses containerd's API (`api`).
 //!
 //! Every call names the socket and namespace explicitly. Output parsing is limited to
-//! `images ls` (name, digest, labels columns), `content ls` (labels), `content get` (JSON) and
-//! `events` (topic and JSON, see `advertise`).
+//! `images ls` (name, digest, labels columns), `content get` (JSON) and `snapshots ls`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use enbi_core::defaults;
 
@@ -37,8 +24,6 @@ pub enum CtrError {
     Spawn(io::Error),
     #[error("`ctr {command}` failed: {stderr}")]
     Failed { command: String, stderr: String },
-    #[error("`ctr {command}` printed something unexpected: {output}")]
-    Unexpected { command: String, output: String },
 }
 
 /// An image record.
@@ -110,62 +95,9 @@ impl Ctr {
         }
     }
 
-    /// `ctr images import` reading the archive from stdin, creating only `<base>@<digest>`
-    /// names (the archive's own names are stripped on the way, see `archive`) and unpacking
-    /// into the snapshotter the kubelet's CRI uses.
-    pub fn spawn_import(&self, base: &str) -> Result<Child, CtrError> {
-        self.command()
-            .args(["images", "import", "--base-name", base, "--digests"])
-            .args(["--snapshotter", &self.snapshotter, "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(CtrError::Spawn)
-    }
-
-    /// `ctr events` matching any of `filters`, one event a line on its stdout.
-    pub fn spawn_events(&self, filters: &[String]) -> Result<Child, CtrError> {
-        self.command()
-            .arg("events")
-            .args(filters)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(CtrError::Spawn)
-    }
-
-    /// The image named exactly `name`, if any.
-    pub fn image(&self, name: &str) -> Result<Option<Image>, CtrError> {
-        let filter = format!("name=={}", quote(name));
-        let out = self.run(&["images", "ls", &filter])?;
-        Ok(parse_images(&out).into_iter().find(|i| i.name == name))
-    }
-
     /// Every image record.
     pub fn images(&self) -> Result<Vec<Image>, CtrError> {
         Ok(parse_images(&self.run(&["images", "ls"])?))
-    }
-
-    /// Names of all images starting with `prefix`.
-    pub fn names_with_prefix(&self, prefix: &str) -> Result<Vec<String>, CtrError> {
-        let out = self.run(&["images", "ls", "--quiet"])?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|n| n.starts_with(prefix))
-            .map(str::to_owned)
-            .collect())
-    }
-
-    /// Gives image `source` the name `target` (with its labels), replacing it if `force`.
-    pub fn tag(&self, source: &str, target: &str, force: bool) -> Result<(), CtrError> {
-        let mut args = vec!["images", "tag"];
-        if force {
-            args.push("--force");
-        }
-        args.extend([source, target]);
-        self.run(&args).map(drop)
     }
 
     pub fn label_image(
@@ -202,50 +134,6 @@ impl Ctr {
         }
     }
 
-    /// A blob's labels; an error if the blob is not in the content store.
-    pub fn content_labels(&self, digest: &str) -> Result<BTreeMap<String, String>, CtrError> {
-        let mut all = self.contents_labels(&[digest.to_owned()])?;
-        Ok(all.remove(digest).unwrap_or_default())
-    }
-
-    /// The labels of each blob, in one call; an error if one is not in the content store.
-    pub fn contents_labels(
-        &self,
-        digests: &[String],
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, CtrError> {
-        // Several filters are or-ed.
-        let filters: Vec<String> = digests.iter().map(|d| format!("digest=={d}")).collect();
-        let mut args = vec!["content", "ls"];
-        args.extend(filters.iter().map(String::as_str));
-        let out = self.run(&args)?;
-        let found: BTreeMap<String, BTreeMap<String, String>> = out
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let mut fields = line.split('\t').filter(|f| !f.is_empty());
-                let digest = fields.next()?.to_owned();
-                let labels = fields.next_back().map(parse_labels).unwrap_or_default();
-                Some((digest, labels))
-            })
-            .collect();
-        match digests.iter().find(|d| !found.contains_key(*d)) {
-            Some(missing) => Err(CtrError::Unexpected {
-                command: format!("content ls {}", filters.join(" ")),
-                output: format!("no blob {missing} in the content store"),
-            }),
-            None => Ok(found),
-        }
-    }
-
-    /// Sets `labels` on a blob, keeping its other labels (GC references among them).
-    pub fn label_content(
-        &self,
-        digest: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), CtrError> {
-        self.label("content", digest, labels)
-    }
-
     /// The parents of the snapshotter's active snapshots and views: a container's root
     /// filesystem is an active snapshot whose parent is its image's chain ID.
     pub fn active_snapshot_parents(&self) -> Result<BTreeSet<String>, CtrError> {
@@ -278,11 +166,6 @@ fn parse_active_parents(out: &str) -> BTreeSet<String> {
             },
         )
         .collect()
-}
-
-/// A filter value in containerd's filter syntax.
-pub(super) fn quote(value: &str) -> String {
-    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// `ctr images ls`: `REF TYPE DIGEST SIZE PLATFORMS LABELS`, where SIZE has a space in it
