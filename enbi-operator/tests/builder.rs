@@ -246,6 +246,86 @@ fn a_tag_naming_another_image_is_refused_unless_overwriting_is_allowed() {
     );
 }
 
+#[test]
+fn the_image_digest_is_what_ctr_images_import_gives_the_same_bytes() {
+    require_tools!();
+    let ours = Containerd::start();
+    let theirs = Containerd::start();
+    let flake = Fixture::new();
+    for package in ["stream", "archive", "archive-gz"] {
+        let image = succeeded(build(
+            &ours.socket(),
+            &flake.url(),
+            package,
+            &format!("enbi-test/{package}:v1"),
+            &[],
+        ));
+        // The same bytes, as a file: what the stream script writes, or the archive (gunzipped:
+        // containerd 1.7's importer takes only a plain tar).
+        let store_path = Path::new(&image.provenance.store_path);
+        let file = ours.dir.path().join(format!("{package}.tar"));
+        let bytes = match package {
+            "stream" => Command::new(store_path).output().expect("runs").stdout,
+            _ => std::fs::read(store_path).expect("read"),
+        };
+        let mut tar = vec![];
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            use std::io::Read;
+            flate2::read::GzDecoder::new(bytes.as_slice())
+                .read_to_end(&mut tar)
+                .expect("gunzip");
+        } else {
+            tar = bytes;
+        }
+        std::fs::write(&file, tar).expect("write");
+        let file = file.display().to_string();
+        theirs.ctr_ok(&[
+            "images",
+            "import",
+            "--base-name",
+            package,
+            "--digests",
+            &file,
+        ]);
+        let name = format!("{package}@{}", image.digest);
+        assert!(
+            theirs.names().contains(&name),
+            "{name}: {:?}",
+            theirs.names()
+        );
+    }
+}
+
+#[test]
+fn a_load_of_what_the_node_has_unpacks_nothing_again() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "enbi-test/reload:v1";
+    let first = succeeded(build(&ctd.socket(), &flake.url(), "stream", tag, &[]));
+    // The tag gone, its blobs and snapshots kept (another name holds them): a new load of the
+    // same bytes writes no blob and unpacks nothing.
+    ctd.ctr_ok(&[
+        "images",
+        "tag",
+        &first.image_tag,
+        "docker.io/enbi-test/keep:v1",
+    ]);
+    ctd.ctr_ok(&["images", "rm", &first.image_tag]);
+    let snapshots = ctd.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    let (ok, report, log) = build(&ctd.socket(), &flake.url(), "stream", tag, &[]);
+    let BuildReport::Succeeded(again) = report else {
+        panic!("{ok}: {report:?}\n{log}")
+    };
+    assert!(again.imported);
+    assert_eq!(again.digest, first.digest);
+    assert_loaded(&ctd, &again, "docker.io", "enbi-test/reload");
+    assert_eq!(
+        ctd.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]),
+        snapshots
+    );
+}
+
 /// Runs `enbi-operator release` on the image enbi loaded under `tag` with `digest`.
 fn release(containerd: &Path, tag: &str, digest: &str, extra: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
