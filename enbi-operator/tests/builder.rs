@@ -252,7 +252,7 @@ fn the_image_digest_is_what_ctr_images_import_gives_the_same_bytes() {
     let ours = Containerd::start();
     let theirs = Containerd::start();
     let flake = Fixture::new();
-    for package in ["stream", "archive", "archive-gz"] {
+    for package in ["stream", "stream-layers-small", "archive", "archive-gz"] {
         let image = succeeded(build(
             &ours.socket(),
             &flake.url(),
@@ -265,7 +265,9 @@ fn the_image_digest_is_what_ctr_images_import_gives_the_same_bytes() {
         let store_path = Path::new(&image.provenance.store_path);
         let file = ours.dir.path().join(format!("{package}.tar"));
         let bytes = match package {
-            "stream" => Command::new(store_path).output().expect("runs").stdout,
+            "stream" | "stream-layers-small" => {
+                Command::new(store_path).output().expect("runs").stdout
+            }
             _ => std::fs::read(store_path).expect("read"),
         };
         let mut tar = vec![];
@@ -318,11 +320,49 @@ fn a_load_of_what_the_node_has_unpacks_nothing_again() {
         panic!("{ok}: {report:?}\n{log}")
     };
     assert!(again.imported);
+    assert!(log.contains("files: 0 written"), "{log}");
     assert_eq!(again.digest, first.digest);
     assert_loaded(&ctd, &again, "docker.io", "enbi-test/reload");
     assert_eq!(
         ctd.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]),
         snapshots
+    );
+}
+
+#[test]
+fn a_changed_layer_is_all_a_reload_writes_and_unpacks() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/layers:v1";
+    // streamLayeredImage's order and names: three layers named by their checksum, base first,
+    // each unpacked while the next streams in.
+    let (ok, report, log) = build(&ctd.socket(), &flake.url(), "stream-layers-small", tag, &[]);
+    assert!(ok, "{report:?}\n{log}");
+    assert!(
+        log.contains("files: 4 written, 0 already in the content store (0 of them not sent); layers unpacked while streaming: 3"),
+        "{log}"
+    );
+    // The top layer changed: two layers are checked and dropped (not sent to containerd),
+    // the new one and the config are written, one layer is unpacked.
+    let (ok, report, log) = build(
+        &ctd.socket(),
+        &flake.url(),
+        "stream-layers-small-changed",
+        tag,
+        &["--allow-overwrite"],
+    );
+    let BuildReport::Succeeded(image) = report else {
+        panic!("{ok}: {report:?}\n{log}")
+    };
+    assert!(
+        log.contains("files: 2 written, 2 already in the content store (2 of them not sent); layers unpacked while streaming: 1"),
+        "{log}"
+    );
+    assert_loaded(&ctd, &image, "docker.io", "enbi-test/layers");
+    assert_eq!(
+        ctd.run(tag, "changed").trim(),
+        "hello from the changed layers"
     );
 }
 

@@ -253,6 +253,16 @@ fn from_api(d: &containerd_client::types::Descriptor) -> Descriptor {
     }
 }
 
+/// What happened to the archive's files, for the log.
+#[derive(Debug, Default)]
+struct Counts {
+    written: usize,
+    /// Files the content store had: their bytes were checked and dropped.
+    had: usize,
+    /// Of those, files not even sent to containerd (their names claimed their digests).
+    not_sent: usize,
+}
+
 /// A blob of the archive, written (or found) in the content store.
 struct Blob {
     digest: String,
@@ -278,7 +288,8 @@ async fn ingest(
     });
     let (layers, unpacked) = mpsc::unbounded_channel();
     let unpacker = tokio::spawn(unpack_as_they_come(api.clone(), unpacked));
-    let written = write_entries(api, request, &mut entries, layers).await;
+    let mut counts = Counts::default();
+    let written = write_entries(api, request, &mut entries, layers, &mut counts).await;
     // The reader has ended (its channel closed), or stops at its next block now.
     drop(entries);
     let read = reader
@@ -294,11 +305,18 @@ async fn ingest(
         (Ok(_), Err(e)) => return Err(e),
         (Ok(bytes), Ok((blobs, index))) => (blobs, index.map(|i| (bytes, i))),
     };
-    match unpacker.await {
-        Ok(Err(e)) => log.line("enbi", &format!("unpacking while streaming stopped: {e}")),
-        Err(e) => log.line("enbi", &format!("unpacking while streaming stopped: {e}")),
-        Ok(Ok(())) => {}
-    }
+    let unpacked = match unpacker.await {
+        Ok(Ok(n)) => n.to_string(),
+        Ok(Err(e)) => format!("stopped ({e})"),
+        Err(e) => format!("stopped ({e})"),
+    };
+    log.line(
+        "enbi",
+        &format!(
+            "files: {} written, {} already in the content store ({} of them not sent); layers unpacked while streaming: {unpacked}",
+            counts.written, counts.had, counts.not_sent
+        ),
+    );
     let Some((bytes, (name, index))) = index else {
         return Err(ArchiveError::NoManifest.into());
     };
@@ -317,6 +335,7 @@ async fn write_entries(
     request: &Request<'_>,
     entries: &mut mpsc::Receiver<Entry>,
     layers: mpsc::UnboundedSender<Descriptor>,
+    counts: &mut Counts,
 ) -> Result<(HashMap<String, Blob>, Option<(String, Value)>), LoadError> {
     let labels = source_labels(request.tag);
     let mut blobs = HashMap::new();
@@ -359,7 +378,10 @@ async fn write_entries(
         match (writer, claimed) {
             (Some(w), _) => {
                 if w.commit(&digest, labels.clone()).await? == Written::Existed {
+                    counts.had += 1;
                     add_source(api, request.tag, &digest).await?;
+                } else {
+                    counts.written += 1;
                 }
             }
             (None, Some(claimed)) if claimed != digest => {
@@ -369,7 +391,11 @@ async fn write_entries(
                     actual: digest,
                 });
             }
-            (None, _) => add_source(api, request.tag, &digest).await?,
+            (None, _) => {
+                counts.had += 1;
+                counts.not_sent += 1;
+                add_source(api, request.tag, &digest).await?;
+            }
         }
         if looks_like_a_layer(&head) {
             let layer = Descriptor {
@@ -423,7 +449,8 @@ async fn add_source(api: &Containerd, tag: &str, digest: &str) -> Result<(), Loa
 async fn unpack_as_they_come(
     api: Containerd,
     mut layers: mpsc::UnboundedReceiver<Descriptor>,
-) -> Result<(), ApiError> {
+) -> Result<usize, ApiError> {
+    let mut unpacked = 0;
     let mut diff_ids: Vec<String> = vec![];
     while let Some(layer) = layers.recv().await {
         if layer.media_type != DOCKER_LAYER {
@@ -434,9 +461,10 @@ async fn unpack_as_they_come(
         let chain = chain_id(&diff_ids).unwrap_or_default();
         if !api.snapshot_exists(&chain).await? {
             api.unpack(&layer, parent.as_deref(), &chain).await?;
+            unpacked += 1;
         }
     }
-    Ok(())
+    Ok(unpacked)
 }
 
 /// Writes the manifest containerd's importer makes for a Docker archive's image.
