@@ -377,9 +377,9 @@ async fn write_entries(
         };
         match (writer, claimed) {
             (Some(w), _) => {
+                // A blob the store had gets its label in `tag`: it makes no creation event.
                 if w.commit(&digest, labels.clone()).await? == Written::Existed {
                     counts.had += 1;
-                    add_source(api, request.tag, &digest).await?;
                 } else {
                     counts.written += 1;
                 }
@@ -394,7 +394,6 @@ async fn write_entries(
             (None, _) => {
                 counts.had += 1;
                 counts.not_sent += 1;
-                add_source(api, request.tag, &digest).await?;
             }
         }
         if looks_like_a_layer(&head) {
@@ -423,24 +422,6 @@ fn source_labels(tag: &str) -> BTreeMap<String, String> {
         format!("{DISTRIBUTION_SOURCE_PREFIX}{registry}"),
         repository,
     )])
-}
-
-/// Adds `tag`'s repository to the distribution source label of a blob the store had.
-async fn add_source(api: &Containerd, tag: &str, digest: &str) -> Result<(), LoadError> {
-    let labels = api
-        .info(digest)
-        .await?
-        .map(|i| i.labels)
-        .unwrap_or_default();
-    let mut wanted = BTreeMap::new();
-    for (key, repository) in source_labels(tag) {
-        if let Some(value) =
-            image_archive::with_repository(labels.get(&key).map(String::as_str), &repository)
-        {
-            wanted.insert(key, value);
-        }
-    }
-    Ok(api.label_blob(digest, wanted).await?)
 }
 
 /// Unpacks uncompressed layers in the order they are written, each on the chain of those
@@ -506,9 +487,7 @@ async fn write_docker_manifest(
     let size = bytes.len() as u64;
     let mut writer = api.write(&format!("enbi-{}-manifest", std::process::id()), size);
     writer.data(bytes).await?;
-    if writer.commit(&digest, labels).await? == Written::Existed {
-        add_source(api, request.tag, &digest).await?;
-    }
+    writer.commit(&digest, labels).await?;
     Ok(Descriptor {
         media_type: DOCKER_MANIFEST.to_owned(),
         digest,
