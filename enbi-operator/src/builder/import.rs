@@ -348,7 +348,7 @@ async fn write_entries(
                 continue;
             }
             Entry::File { name, size } => (name, size),
-            Entry::Data(_) | Entry::End { .. } => continue,
+            Entry::Data(_) | Entry::End => continue,
         };
         let claimed = image_archive::named_digest(&name);
         let have = match &claimed {
@@ -360,9 +360,12 @@ async fn write_entries(
             api.write(&format!("enbi-{}-{written}", std::process::id()), size)
         });
         let mut head = Vec::new();
+        // Hashed here, not by the reader: the two threads share the work.
+        let mut hash = Sha256::new();
         let digest = loop {
             match entries.recv().await {
                 Some(Entry::Data(data)) => {
+                    hash.update(&data);
                     if head.len() < 512 {
                         head.extend_from_slice(&data[..data.len().min(512 - head.len())]);
                     }
@@ -370,7 +373,7 @@ async fn write_entries(
                         w.data(data).await?;
                     }
                 }
-                Some(Entry::End { digest }) => break digest,
+                Some(Entry::End) => break sha256_digest(&hash.finalize()),
                 // The reader stopped: its error says why.
                 _ => return Err(ArchiveError::Stopped.into()),
             }
