@@ -366,6 +366,33 @@ fn a_changed_layer_is_all_a_reload_writes_and_unpacks() {
     );
 }
 
+#[test]
+fn two_loads_of_one_image_at_once_both_succeed() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/twice:v1";
+    // The same blobs, snapshots and tag, written by two loaders at the same moment.
+    let (a, b) = std::thread::scope(|s| {
+        let load = || {
+            s.spawn(|| {
+                succeeded(build(
+                    &ctd.socket(),
+                    &flake.url(),
+                    "stream-layers-small",
+                    tag,
+                    &[],
+                ))
+            })
+        };
+        let (a, b) = (load(), load());
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert_eq!(a.digest, b.digest);
+    assert_loaded(&ctd, &a, "docker.io", "enbi-test/twice");
+    assert_eq!(ctd.run(tag, "twice").trim(), "hello from the layers");
+}
+
 /// Runs `enbi-operator release` on the image enbi loaded under `tag` with `digest`.
 fn release(containerd: &Path, tag: &str, digest: &str, extra: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");

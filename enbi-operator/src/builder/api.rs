@@ -105,6 +105,13 @@ impl Containerd {
         })
     }
 
+    /// A name for something this load makes (a write's reference, an active snapshot's key):
+    /// unique as the lease is, so that loads in other containers (whose process IDs may be the
+    /// same) never meet.
+    pub fn unique(&self, what: &str) -> String {
+        format!("{}-{what}", self.lease.as_deref().unwrap_or("enbi"))
+    }
+
     /// Ends the lease: what no image references is collected.
     pub async fn drop_lease(&self) -> Result<(), ApiError> {
         let Some(id) = &self.lease else { return Ok(()) };
@@ -284,7 +291,7 @@ impl Containerd {
         chain: &str,
     ) -> Result<String, ApiError> {
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
-        let key = format!("extract-enbi-{}-{chain}", std::process::id());
+        let key = format!("extract-{}", self.unique(chain));
         let mounts = snapshots
             .prepare(self.request(PrepareSnapshotRequest {
                 snapshotter: self.snapshotter.clone(),

@@ -187,12 +187,13 @@ async fn load_with_lease(
     result
 }
 
+/// Unique on the node: the time in nanoseconds (a container's process ID alone is not).
 fn lease_id() -> String {
-    let secs = SystemTime::now()
+    let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_nanos())
         .unwrap_or_default();
-    format!("enbi-load-{secs}-{}", std::process::id())
+    format!("enbi-load-{nanos}-{}", std::process::id())
 }
 
 async fn load_leased(
@@ -357,7 +358,7 @@ async fn write_entries(
         };
         let mut writer = (!have).then(|| {
             written += 1;
-            api.write(&format!("enbi-{}-{written}", std::process::id()), size)
+            api.write(&api.unique(&written.to_string()), size)
         });
         let mut head = Vec::new();
         // Hashed here, not by the reader: the two threads share the work.
@@ -488,7 +489,7 @@ async fn write_docker_manifest(
     let mut labels = image_archive::gc_labels(&json);
     labels.extend(source_labels(request.tag));
     let size = bytes.len() as u64;
-    let mut writer = api.write(&format!("enbi-{}-manifest", std::process::id()), size);
+    let mut writer = api.write(&api.unique("manifest"), size);
     writer.data(bytes).await?;
     writer.commit(&digest, labels).await?;
     Ok(Descriptor {
