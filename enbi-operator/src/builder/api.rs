@@ -1,4 +1,4 @@
-//! containerd's gRPC API, the calls the load container makes: content (info, labels, read,
+//! containerd's gRPC API, the calls the load and release containers make: content (info, labels, read,
 //! write), images, leases, snapshots and diff. Every call names the namespace, and the lease
 //! when one is held, so that what a load writes stays while it runs and goes with the lease if
 //! the load fails (containerd's garbage collection takes what no image references).
@@ -9,18 +9,20 @@
 //! streams in, and what the node has already is not written again. The calls used here exist
 //! unchanged in containerd 1.7 and 2.x.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    CommitSnapshotRequest, Kind, ListSnapshotsRequest, PrepareSnapshotRequest,
+    RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     ApplyRequest, CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest,
-    GetImageRequest, Image, Info, InfoRequest, ReadContentRequest, UpdateImageRequest,
-    UpdateRequest, WriteAction, WriteContentRequest, content_client::ContentClient,
-    diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
+    GetImageRequest, Image, Info, InfoRequest, ListImagesRequest, ReadContentRequest,
+    UpdateImageRequest, UpdateRequest, WriteAction, WriteContentRequest,
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    leases_client::LeasesClient,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
@@ -30,7 +32,7 @@ use futures::SinkExt;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use prost_types::FieldMask;
 
-use super::containerd::Ctr;
+use super::containerd::ContainerdArgs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -58,17 +60,17 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    pub async fn connect(ctr: &Ctr) -> Result<Self, ApiError> {
-        let channel = containerd_client::connect(&ctr.address)
+    pub async fn connect(containerd: &ContainerdArgs) -> Result<Self, ApiError> {
+        let channel = containerd_client::connect(&containerd.address)
             .await
             .map_err(|e| ApiError::Connect {
-                address: ctr.address.display().to_string(),
+                address: containerd.address.display().to_string(),
                 error: e.to_string(),
             })?;
         Ok(Self {
             channel,
-            namespace: ctr.namespace.clone(),
-            snapshotter: ctr.snapshotter.clone(),
+            namespace: containerd.namespace.clone(),
+            snapshotter: containerd.snapshotter.clone(),
             lease: None,
         })
     }
@@ -140,6 +142,33 @@ impl Containerd {
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(call_error("get image")(status)),
         }
+    }
+
+    /// Every image record of the namespace.
+    pub async fn images(&self) -> Result<Vec<Image>, ApiError> {
+        Ok(ImagesClient::new(self.channel.clone())
+            .list(self.request(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(call_error("list images"))?
+            .into_inner()
+            .images)
+    }
+
+    /// Sets labels on an image (an empty value removes one), nothing else. The record sent
+    /// carries the image's target: containerd (1.7, 2.x) fails on an update without one.
+    pub async fn label_image(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        let Some(image) = self.image(name).await? else {
+            return Ok(());
+        };
+        let image = Image {
+            labels: labels.clone().into_iter().collect(),
+            ..image
+        };
+        self.update_image(image, false).await
     }
 
     /// Creates the image record; false when the name exists already.
@@ -263,6 +292,30 @@ impl Containerd {
             total: i64::try_from(size).unwrap_or(i64::MAX),
             offset: 0,
         }
+    }
+
+    /// The parents of the snapshotter's active snapshots and views: a container's root
+    /// filesystem is an active snapshot whose parent is its image's chain ID.
+    pub async fn active_snapshot_parents(&self) -> Result<BTreeSet<String>, ApiError> {
+        let error = call_error("list snapshots");
+        let mut stream = SnapshotsClient::new(self.channel.clone())
+            .list(self.request(ListSnapshotsRequest {
+                snapshotter: self.snapshotter.clone(),
+                filters: vec![],
+            }))
+            .await
+            .map_err(&error)?
+            .into_inner();
+        let mut parents = BTreeSet::new();
+        while let Some(page) = stream.message().await.map_err(&error)? {
+            parents.extend(
+                page.info
+                    .into_iter()
+                    .filter(|i| matches!(i.kind(), Kind::Active | Kind::View))
+                    .map(|i| i.parent),
+            );
+        }
+        Ok(parents)
     }
 
     /// Whether the snapshot (a chain ID) exists.

@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 
 use super::api::{ApiError, Containerd, Written, descriptor};
 use super::archive::{self, ArchiveError, Entry};
-use super::containerd::{Ctr, CtrError};
+use super::containerd::{ContainerdArgs, SocketError};
 use super::log::LogTail;
 use super::output;
 
@@ -66,7 +66,7 @@ const LEASE_MARGIN: Duration = Duration::from_secs(600);
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
-    Ctr(#[from] CtrError),
+    Socket(#[from] SocketError),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
@@ -115,7 +115,7 @@ impl LoadError {
             | LoadError::DiffId { .. } => FailureReason::NotAnImage,
             LoadError::Timeout(_) => FailureReason::DeadlineExceeded,
             LoadError::TagConflict { .. } => FailureReason::TagConflict,
-            LoadError::Ctr(_)
+            LoadError::Socket(_)
             | LoadError::Api(_)
             | LoadError::Import(_)
             | LoadError::Manifest { .. } => FailureReason::ImportFailed,
@@ -152,30 +152,33 @@ pub struct Loaded {
 /// Loads the image of `request`, read from `stream`, into containerd. When the tag already holds
 /// this build's image, the stream is dropped unread (the build container then stops writing).
 pub fn load(
-    ctr: &Ctr,
+    containerd: &ContainerdArgs,
     request: &Request,
     stream: Box<dyn Read + Send>,
     log: &LogTail,
 ) -> Result<Loaded, LoadError> {
-    ctr.check_socket()?;
+    containerd.check_socket()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| LoadError::Import(format!("cannot start the loader's runtime: {e}")))?;
     runtime.block_on(async {
-        tokio::time::timeout(request.timeout, load_with_lease(ctr, request, stream, log))
-            .await
-            .unwrap_or(Err(LoadError::Timeout(request.timeout)))
+        tokio::time::timeout(
+            request.timeout,
+            load_with_lease(containerd, request, stream, log),
+        )
+        .await
+        .unwrap_or(Err(LoadError::Timeout(request.timeout)))
     })
 }
 
 async fn load_with_lease(
-    ctr: &Ctr,
+    containerd: &ContainerdArgs,
     request: &Request<'_>,
     stream: Box<dyn Read + Send>,
     log: &LogTail,
 ) -> Result<Loaded, LoadError> {
-    let api = Containerd::connect(ctr).await?;
+    let api = Containerd::connect(containerd).await?;
     let api = api
         .with_lease(&lease_id(), request.timeout + LEASE_MARGIN)
         .await?;
