@@ -1,7 +1,8 @@
-//! containerd's gRPC API, the calls the load and release containers make: content (info, labels, read,
-//! write), images, leases, snapshots and diff. Every call names the namespace, and the lease
-//! when one is held, so that what a load writes stays while it runs and goes with the lease if
-//! the load fails (containerd's garbage collection takes what no image references).
+//! containerd's gRPC API, the calls the load and release containers make: content (info,
+//! labels, read, write), images, leases, snapshots and diff. Every call names the namespace,
+//! and the lease when one is held, so that what a load writes stays while it runs and goes
+//! with the lease if the load fails (containerd's garbage collection takes what no image
+//! references).
 //!
 //! **Why the API and not `ctr`.** One `ctr` call costs about 28 ms on containerd 2.x, and
 //! `ctr images import` writes every layer, then unpacks them one after the other. Through the
