@@ -393,6 +393,36 @@ fn two_loads_of_one_image_at_once_both_succeed() {
     assert_eq!(ctd.run(tag, "twice").trim(), "hello from the layers");
 }
 
+#[test]
+fn an_oci_layout_keeps_its_manifest() {
+    require_tools!();
+    let theirs = Containerd::start();
+    let ours = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/oci:v1";
+    let image = succeeded(build(&theirs.socket(), &flake.url(), "stream", tag, &[]));
+    // `ctr images export` writes an OCI layout (index.json, with manifest.json beside it).
+    let file = theirs.dir.path().join("oci.tar");
+    theirs.ctr_ok(&["images", "export", &file.display().to_string(), tag]);
+    let handoff = format!(
+        "{{\"result\":\"Built\",\"storePath\":\"{}\",\"buildMs\":1}}\n",
+        image.provenance.store_path
+    );
+    let loaded = match load_from(&ours.socket(), &[], |pipe| {
+        let mut bytes = handoff.into_bytes();
+        bytes.extend(std::fs::read(&file).expect("the export"));
+        write_pipe(pipe, &bytes);
+    }) {
+        (true, BuildReport::Succeeded(loaded), _) => loaded,
+        (_, report, log) => panic!("{report:?}\n{log}"),
+    };
+    assert_eq!(loaded.digest, image.digest);
+    assert_eq!(
+        ours.run("docker.io/enbi-test/hostile:v1", "oci").trim(),
+        "hello from the stream"
+    );
+}
+
 /// Runs `enbi-operator release` on the image enbi loaded under `tag` with `digest`.
 fn release(containerd: &Path, tag: &str, digest: &str, extra: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");

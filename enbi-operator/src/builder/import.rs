@@ -348,7 +348,11 @@ async fn write_entries(
     while let Some(entry) = entries.recv().await {
         let (name, size) = match entry {
             Entry::Index { name, json } => {
-                index = Some((name, json));
+                // An OCI layout's index.json names the image, whatever manifest.json says (an
+                // exported image has both), as with containerd's importer.
+                if name == "index.json" || index.is_none() {
+                    index = Some((name, json));
+                }
                 continue;
             }
             Entry::File { name, size } => (name, size),
