@@ -32,6 +32,8 @@
             };
             cargoLock.lockFile = ./Cargo.lock;
             cargoBuildFlags = [ "--package" "enbi-operator" ];
+            # containerd-client generates its gRPC bindings with protoc at build time.
+            nativeBuildInputs = [ pkgs.protobuf ];
             # The unit tests run in CI; the integration tests need root, containerd and nix.
             doCheck = false;
             meta = {
@@ -41,21 +43,15 @@
             };
           };
 
-          # Only `ctr` from containerd: the builder talks to the node's containerd.
-          ctr = pkgs.runCommand "ctr-${pkgs.containerd.version}" { } ''
-            mkdir -p $out/bin
-            ln -s ${pkgs.containerd}/bin/ctr $out/bin/ctr
-          '';
-
           # The operator and builder image. The builder runs `nix build` with the image's own
           # store (`--store pod`, hence the Nix database of the image's paths) or the node's
-          # daemon (`--store node-daemon`), and `ctr` against the node's containerd socket.
+          # daemon (`--store node-daemon`); load and release talk to the node's containerd
+          # socket through containerd's API (no `ctr`).
           image = pkgs.dockerTools.streamLayeredImage {
             name = "localhost/enbi";
             tag = version;
             contents = [
               enbi-operator
-              ctr
               pkgs.nix
               pkgs.git # git+https flake URLs
               pkgs.cacert

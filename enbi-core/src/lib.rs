@@ -10,6 +10,7 @@ pub mod defaults;
 pub mod event;
 pub mod fault;
 pub mod gc;
+pub mod image_archive;
 pub mod job;
 pub mod keys;
 pub mod machine;

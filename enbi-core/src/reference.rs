@@ -90,10 +90,16 @@ pub fn digest_reference(tag: &str, digest: &str) -> String {
 pub fn chain_id<S: AsRef<str>>(diff_ids: &[S]) -> Option<String> {
     let (first, rest) = diff_ids.split_first()?;
     Some(rest.iter().fold(first.as_ref().to_owned(), |chain, diff| {
-        let hash = Sha256::digest(format!("{chain} {}", diff.as_ref()).as_bytes());
-        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
+        sha256_digest(&Sha256::digest(
+            format!("{chain} {}", diff.as_ref()).as_bytes(),
+        ))
     }))
+}
+
+/// A SHA-256 hash as a digest: `sha256:<hex>`.
+pub fn sha256_digest(hash: &[u8]) -> String {
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 #[cfg(test)]

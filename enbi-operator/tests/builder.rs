@@ -246,6 +246,183 @@ fn a_tag_naming_another_image_is_refused_unless_overwriting_is_allowed() {
     );
 }
 
+#[test]
+fn the_image_digest_is_what_ctr_images_import_gives_the_same_bytes() {
+    require_tools!();
+    let ours = Containerd::start();
+    let theirs = Containerd::start();
+    let flake = Fixture::new();
+    for package in ["stream", "stream-layers-small", "archive", "archive-gz"] {
+        let image = succeeded(build(
+            &ours.socket(),
+            &flake.url(),
+            package,
+            &format!("enbi-test/{package}:v1"),
+            &[],
+        ));
+        // The same bytes, as a file: what the stream script writes, or the archive (gunzipped:
+        // containerd 1.7's importer takes only a plain tar).
+        let store_path = Path::new(&image.provenance.store_path);
+        let file = ours.dir.path().join(format!("{package}.tar"));
+        let bytes = match package {
+            "stream" | "stream-layers-small" => {
+                Command::new(store_path).output().expect("runs").stdout
+            }
+            _ => std::fs::read(store_path).expect("read"),
+        };
+        let mut tar = vec![];
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            use std::io::Read;
+            flate2::read::GzDecoder::new(bytes.as_slice())
+                .read_to_end(&mut tar)
+                .expect("gunzip");
+        } else {
+            tar = bytes;
+        }
+        std::fs::write(&file, tar).expect("write");
+        let file = file.display().to_string();
+        theirs.ctr_ok(&[
+            "images",
+            "import",
+            "--base-name",
+            package,
+            "--digests",
+            &file,
+        ]);
+        let name = format!("{package}@{}", image.digest);
+        assert!(
+            theirs.names().contains(&name),
+            "{name}: {:?}",
+            theirs.names()
+        );
+    }
+}
+
+#[test]
+fn a_load_of_what_the_node_has_unpacks_nothing_again() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "enbi-test/reload:v1";
+    let first = succeeded(build(&ctd.socket(), &flake.url(), "stream", tag, &[]));
+    // The tag gone, its blobs and snapshots kept (another name holds them): a new load of the
+    // same bytes writes no blob and unpacks nothing.
+    ctd.ctr_ok(&[
+        "images",
+        "tag",
+        &first.image_tag,
+        "docker.io/enbi-test/keep:v1",
+    ]);
+    ctd.ctr_ok(&["images", "rm", &first.image_tag]);
+    let snapshots = ctd.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    let (ok, report, log) = build(&ctd.socket(), &flake.url(), "stream", tag, &[]);
+    let BuildReport::Succeeded(again) = report else {
+        panic!("{ok}: {report:?}\n{log}")
+    };
+    assert!(again.imported);
+    assert!(log.contains("files: 0 written"), "{log}");
+    assert_eq!(again.digest, first.digest);
+    assert_loaded(&ctd, &again, "docker.io", "enbi-test/reload");
+    assert_eq!(
+        ctd.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]),
+        snapshots
+    );
+}
+
+#[test]
+fn a_changed_layer_is_all_a_reload_writes_and_unpacks() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/layers:v1";
+    // streamLayeredImage's order and names: three layers named by their checksum, base first,
+    // each unpacked while the next streams in.
+    let (ok, report, log) = build(&ctd.socket(), &flake.url(), "stream-layers-small", tag, &[]);
+    assert!(ok, "{report:?}\n{log}");
+    assert!(
+        log.contains("files: 4 written, 0 already in the content store (0 of them not sent); layers unpacked while streaming: 3"),
+        "{log}"
+    );
+    // The top layer changed: two layers are checked and dropped (not sent to containerd),
+    // the new one and the config are written, one layer is unpacked.
+    let (ok, report, log) = build(
+        &ctd.socket(),
+        &flake.url(),
+        "stream-layers-small-changed",
+        tag,
+        &["--allow-overwrite"],
+    );
+    let BuildReport::Succeeded(image) = report else {
+        panic!("{ok}: {report:?}\n{log}")
+    };
+    assert!(
+        log.contains("files: 2 written, 2 already in the content store (2 of them not sent); layers unpacked while streaming: 1"),
+        "{log}"
+    );
+    assert_loaded(&ctd, &image, "docker.io", "enbi-test/layers");
+    assert_eq!(
+        ctd.run(tag, "changed").trim(),
+        "hello from the changed layers"
+    );
+}
+
+#[test]
+fn two_loads_of_one_image_at_once_both_succeed() {
+    require_tools!();
+    let ctd = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/twice:v1";
+    // The same blobs, snapshots and tag, written by two loaders at the same moment.
+    let (a, b) = std::thread::scope(|s| {
+        let load = || {
+            s.spawn(|| {
+                succeeded(build(
+                    &ctd.socket(),
+                    &flake.url(),
+                    "stream-layers-small",
+                    tag,
+                    &[],
+                ))
+            })
+        };
+        let (a, b) = (load(), load());
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert_eq!(a.digest, b.digest);
+    assert_loaded(&ctd, &a, "docker.io", "enbi-test/twice");
+    assert_eq!(ctd.run(tag, "twice").trim(), "hello from the layers");
+}
+
+#[test]
+fn an_oci_layout_keeps_its_manifest() {
+    require_tools!();
+    let theirs = Containerd::start();
+    let ours = Containerd::start();
+    let flake = Fixture::new();
+    let tag = "docker.io/enbi-test/oci:v1";
+    let image = succeeded(build(&theirs.socket(), &flake.url(), "stream", tag, &[]));
+    // `ctr images export` writes an OCI layout (index.json, with manifest.json beside it).
+    let file = theirs.dir.path().join("oci.tar");
+    theirs.ctr_ok(&["images", "export", &file.display().to_string(), tag]);
+    let handoff = format!(
+        "{{\"result\":\"Built\",\"storePath\":\"{}\",\"buildMs\":1}}\n",
+        image.provenance.store_path
+    );
+    let loaded = match load_from(&ours.socket(), &[], |pipe| {
+        let mut bytes = handoff.into_bytes();
+        bytes.extend(std::fs::read(&file).expect("the export"));
+        write_pipe(pipe, &bytes);
+    }) {
+        (true, BuildReport::Succeeded(loaded), _) => loaded,
+        (_, report, log) => panic!("{report:?}\n{log}"),
+    };
+    assert_eq!(loaded.digest, image.digest);
+    assert_eq!(
+        ours.run("docker.io/enbi-test/hostile:v1", "oci").trim(),
+        "hello from the stream"
+    );
+}
+
 /// Runs `enbi-operator release` on the image enbi loaded under `tag` with `digest`.
 fn release(containerd: &Path, tag: &str, digest: &str, extra: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");

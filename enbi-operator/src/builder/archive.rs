@@ -1,20 +1,17 @@
-//! Passes an image archive (Docker `manifest.json` or OCI `index.json` layout) through on its
-//! way to containerd, with its image names removed.
+//! Reads an image archive (Docker `manifest.json` or OCI `index.json` layout) as it streams
+//! from the build container, entry by entry, for the import to write into containerd.
 //!
-//! `ctr images import` (1.6) always creates the names a Docker archive's `RepoTags` carries,
-//! whatever `--base-name` says, and would so overwrite an existing tag before enbi could check
-//! for a conflict. Stripping the names in the stream leaves containerd only the digest
-//! reference enbi asks for (`--base-name <temporary> --digests`); enbi then tags the image
-//! itself. Only the two small JSON entries are rewritten; the layers stream through unchanged,
-//! so the image's digests are those of the original archive.
+//! The stream comes from the flake's code: it must be a well-formed tar of bounded size, its
+//! `manifest.json`/`index.json` small and valid JSON. The archive's own image names are never
+//! used (the import names the image itself), so an archive cannot overwrite a tag.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use serde_json::Value;
 
 /// The JSON entries and extension headers are small; anything larger is not an image archive.
 const MAX_SMALL_BYTES: u64 = 16 * 1024 * 1024;
-/// Entry data is copied in blocks this large: few system calls, full pipes.
+/// Entry data is read in blocks this large: few system calls, full pipes.
 const COPY_BYTES: usize = 1 << 20;
 const BLOCK: usize = 512;
 
@@ -42,38 +39,44 @@ pub enum ArchiveError {
     /// Reading the image failed.
     #[error("reading the image failed: {0}")]
     Read(io::Error),
-    /// Writing to containerd failed: containerd's own error says why.
-    #[error("writing the image to containerd failed: {0}")]
-    Write(io::Error),
+    /// Whoever took the entries stopped (its own error says why).
+    #[error("the import stopped taking the image")]
+    Stopped,
 }
 
-/// Copies the tar stream `input` to `output` without image names; returns the bytes written.
-/// The stream comes from the flake's code: it must be a well-formed tar of at most `limit`
-/// bytes, every JSON entry small and valid.
+/// What the archive holds, in stream order.
+#[derive(Debug)]
+pub enum Entry {
+    /// A regular file begins (its data follows, then [`Entry::End`]).
+    File {
+        name: String,
+        size: u64,
+    },
+    Data(Vec<u8>),
+    End,
+    /// `manifest.json` or `index.json`, parsed (instead of `File`).
+    Index {
+        name: String,
+        json: Value,
+    },
+}
+
+/// Reads the tar stream `input` (at most `limit` bytes) and hands each entry to `take`;
+/// returns the bytes read. Errors of `take` stop the reading ([`ArchiveError::Stopped`]).
 ///
-/// A small tar reader of its own rather than the `tar` crate's entry API: entry data is copied
-/// in 1 MiB blocks straight from one pipe to the other (the crate copies in 8 KiB steps
-/// through two buffers), so enbi adds no measurable time to a plain `script | ctr` pipe.
-/// Extension headers (GNU long names, PAX) pass through with their entry, and are dropped
-/// with a rewritten JSON entry, whose new header needs none.
-pub fn strip_names(
+/// A small tar reader of its own rather than the `tar` crate's entry API: entry data moves in
+/// 1 MiB blocks (the crate copies in 8 KiB steps through two buffers). GNU long names and PAX
+/// headers are understood.
+pub fn read_entries(
     input: impl Read,
-    mut output: impl Write,
     limit: u64,
+    mut take: impl FnMut(Entry) -> Result<(), ArchiveError>,
 ) -> Result<u64, ArchiveError> {
     // One byte over the limit is enough to know.
     let mut input = input.take(limit.saturating_add(1));
-    let mut written = 0u64;
-    let mut buffer = vec![0u8; COPY_BYTES];
-    let mut pending: Vec<u8> = Vec::new();
     let mut long_name: Option<String> = None;
     let mut pax_size: Option<u64> = None;
     let mut seen_manifest = false;
-    let mut emit = |bytes: &[u8], written: &mut u64| -> Result<(), ArchiveError> {
-        output.write_all(bytes).map_err(ArchiveError::Write)?;
-        *written += bytes.len() as u64;
-        Ok(())
-    };
     let mut first = true;
     loop {
         let mut header = [0u8; BLOCK];
@@ -107,47 +110,48 @@ pub fn strip_names(
                 long_name = path.or(long_name);
                 pax_size = pax;
             }
-            pending.extend_from_slice(&header);
-            pending.extend_from_slice(&data);
             continue;
         }
         let name = long_name.take().unwrap_or_else(|| header_name(&header));
-        let name = name.trim_start_matches("./");
-        let regular = matches!(header[156], b'0' | 0);
+        let name = name.trim_start_matches("./").to_owned();
+        let regular = matches!(kind, b'0' | 0);
         if regular && (name == "manifest.json" || name == "index.json") {
             seen_manifest = true;
             let data = read_small(&mut input, padded)?;
-            let json = without_names(name, &data[..size as usize])?;
-            let mut header = header;
-            set_size(&mut header, json.len() as u64);
-            pending.clear();
-            emit(&header, &mut written)?;
-            emit(&json, &mut written)?;
-            let pad = (BLOCK - json.len() % BLOCK) % BLOCK;
-            emit(&[0u8; BLOCK][..pad], &mut written)?;
+            let json = serde_json::from_slice(&data[..size as usize]).map_err(|e| {
+                ArchiveError::BadJson {
+                    entry: name.clone(),
+                    error: e.to_string(),
+                }
+            })?;
+            take(Entry::Index { name, json })?;
             continue;
         }
-        emit(&pending, &mut written)?;
-        pending.clear();
-        emit(&header, &mut written)?;
-        let mut left = padded;
+        if regular {
+            take(Entry::File { name, size })?;
+        }
+        let mut left = size;
         while left > 0 {
-            let want = buffer
-                .len()
-                .min(usize::try_from(left).unwrap_or(usize::MAX));
-            let n = match input.read(&mut buffer[..want]) {
+            let want = COPY_BYTES.min(usize::try_from(left).unwrap_or(usize::MAX));
+            let mut buffer = vec![0u8; want];
+            let n = match input.read(&mut buffer) {
                 Ok(0) if input.limit() == 0 => return Err(ArchiveError::TooLarge(limit)),
                 Ok(0) => return Err(ArchiveError::CutShort("ended inside an entry")),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ArchiveError::Read(e)),
             };
-            emit(&buffer[..n], &mut written)?;
+            buffer.truncate(n);
             left -= n as u64;
+            if regular {
+                take(Entry::Data(buffer))?;
+            }
+        }
+        skip(&mut input, padded - size, limit)?;
+        if regular {
+            take(Entry::End)?;
         }
     }
-    emit(&[0u8; 2 * BLOCK], &mut written)?;
-    output.flush().map_err(ArchiveError::Write)?;
     // Read the source to its end (tar pads with zeros) so a producing script is not cut off.
     io::copy(&mut input, &mut io::sink()).map_err(ArchiveError::Read)?;
     if input.limit() == 0 {
@@ -156,7 +160,20 @@ pub fn strip_names(
     if !seen_manifest {
         return Err(ArchiveError::NoManifest);
     }
-    Ok(written)
+    Ok(limit.saturating_add(1) - input.limit())
+}
+
+/// Skips an entry's padding.
+fn skip(input: &mut io::Take<impl Read>, bytes: u64, limit: u64) -> Result<(), ArchiveError> {
+    let mut pad = [0u8; BLOCK];
+    let bytes = bytes as usize;
+    input
+        .read_exact(&mut pad[..bytes])
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof if input.limit() == 0 => ArchiveError::TooLarge(limit),
+            io::ErrorKind::UnexpectedEof => ArchiveError::CutShort("ended inside an entry"),
+            _ => ArchiveError::Read(e),
+        })
 }
 
 /// Reads one block; false at a clean end of input.
@@ -222,13 +239,6 @@ fn octal(field: &[u8]) -> Result<u64, ArchiveError> {
     u64::from_str_radix(text, 8).map_err(|_| ArchiveError::NotTar(format!("a bad number {text:?}")))
 }
 
-fn set_size(header: &mut [u8; BLOCK], size: u64) {
-    header[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    header[148..156].copy_from_slice(b"        ");
-    let sum: u64 = header.iter().map(|b| u64::from(*b)).sum();
-    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-}
-
 fn cstr(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
@@ -266,36 +276,6 @@ fn pax_records(body: &[u8]) -> (Option<String>, Option<u64>) {
     (path, size)
 }
 
-/// `manifest.json` without `RepoTags`, or `index.json` without name annotations.
-fn without_names(entry: &str, json: &[u8]) -> Result<Vec<u8>, ArchiveError> {
-    let bad = |error: String| ArchiveError::BadJson {
-        entry: entry.to_owned(),
-        error,
-    };
-    let mut value: Value = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
-    if entry == "manifest.json" {
-        for image in value
-            .as_array_mut()
-            .ok_or_else(|| bad("not a list".into()))?
-        {
-            if let Some(image) = image.as_object_mut() {
-                image.insert("RepoTags".into(), Value::Array(vec![]));
-            }
-        }
-    } else if let Some(manifests) = value.get_mut("manifests").and_then(Value::as_array_mut) {
-        for manifest in manifests {
-            if let Some(annotations) = manifest
-                .get_mut("annotations")
-                .and_then(Value::as_object_mut)
-            {
-                annotations.remove("io.containerd.image.name");
-                annotations.remove("org.opencontainers.image.ref.name");
-            }
-        }
-    }
-    serde_json::to_vec(&value).map_err(|e| bad(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,59 +299,48 @@ mod tests {
         bytes
     }
 
-    fn entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
-        let mut archive = tar::Archive::new(bytes);
-        archive
-            .entries()
-            .expect("entries")
-            .map(|e| {
-                let mut e = e.expect("entry");
-                let mut data = Vec::new();
-                e.read_to_end(&mut data).expect("read");
-                (e.path().expect("path").to_string_lossy().into_owned(), data)
-            })
-            .collect()
+    /// The files and JSON entries `read_entries` hands over.
+    fn read(bytes: &[u8], limit: u64) -> Result<Vec<(String, Vec<u8>)>, ArchiveError> {
+        let mut got: Vec<(String, Vec<u8>)> = vec![];
+        read_entries(bytes, limit, |entry| {
+            match entry {
+                Entry::File { name, size } => got.push((name, Vec::with_capacity(size as usize))),
+                Entry::Data(data) => got.last_mut().expect("a file").1.extend(data),
+                Entry::End => {}
+                Entry::Index { name, json } => got.push((name, json.to_string().into_bytes())),
+            }
+            Ok(())
+        })?;
+        Ok(got)
     }
 
     #[test]
-    fn strips_repo_tags_and_keeps_layers() {
+    fn reads_files_and_the_manifest() {
         let long = format!("{}/layer.tar", "a".repeat(120));
-        let manifest = format!(
-            r#"[{{"Config":"config.json","RepoTags":["docker.io/library/x:1"],"Layers":["{long}"]}}]"#
-        );
-        let layer = vec![7u8; 100_000];
+        let manifest = format!(r#"[{{"Config":"config.json","Layers":["{long}"]}}]"#);
+        let layer = vec![7u8; 3_000_000];
         let input = tar(&[
             (long.as_str(), &layer),
-            ("config.json", b"{}"),
+            ("./config.json", b"{}"),
             ("manifest.json", manifest.as_bytes()),
         ]);
-        let mut out = Vec::new();
-        let written = strip_names(input.as_slice(), &mut out, u64::MAX).expect("rewrites");
-        assert_eq!(written, out.len() as u64);
-        let got = entries(&out);
+        let got = read(&input, u64::MAX).expect("reads");
         assert_eq!(got[0], (long.clone(), layer));
         assert_eq!(got[1], ("config.json".into(), b"{}".to_vec()));
-        let manifest: Value = serde_json::from_slice(&got[2].1).expect("json");
-        assert_eq!(manifest[0]["RepoTags"], serde_json::json!([]));
-        assert_eq!(manifest[0]["Layers"][0], long.as_str());
-    }
-
-    #[test]
-    fn strips_oci_name_annotations() {
-        let index = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:ab","annotations":{"io.containerd.image.name":"docker.io/library/x:1","org.opencontainers.image.ref.name":"1","keep":"me"}}]}"#;
-        let mut out = Vec::new();
-        strip_names(tar(&[("index.json", index)]).as_slice(), &mut out, u64::MAX)
-            .expect("rewrites");
-        let index: Value = serde_json::from_slice(&entries(&out)[0].1).expect("json");
-        assert_eq!(
-            index["manifests"][0]["annotations"],
-            serde_json::json!({"keep": "me"})
-        );
+        let json: Value = serde_json::from_slice(&got[2].1).expect("json");
+        assert_eq!(json[0]["Layers"][0], long.as_str());
+        let mut stopped = 0;
+        let result = read_entries(input.as_slice(), u64::MAX, |_| {
+            stopped += 1;
+            Err(ArchiveError::Stopped)
+        });
+        assert!(matches!(result, Err(ArchiveError::Stopped)));
+        assert_eq!(stopped, 1);
     }
 
     #[test]
     fn refuses_what_is_not_an_image_archive() {
-        let strip = |bytes: &[u8]| strip_names(bytes, Vec::new(), u64::MAX);
+        let strip = |bytes: &[u8]| read(bytes, u64::MAX);
         assert!(matches!(
             strip(&b"#!/bin/sh\necho hello\n"[..]),
             Err(ArchiveError::CutShort(_))
@@ -400,14 +369,14 @@ mod tests {
     fn refuses_images_over_the_limit() {
         let input = tar(&[("layer.tar", &[7u8; 10_000]), ("manifest.json", b"[]")]);
         let size = input.len() as u64;
-        assert!(strip_names(input.as_slice(), Vec::new(), size).is_ok());
+        assert!(read(&input, size).is_ok());
         assert!(matches!(
-            strip_names(input.as_slice(), Vec::new(), 5000),
+            read(&input, 5000),
             Err(ArchiveError::TooLarge(5000))
         ));
         // Padding past the end counts too: an endless stream of zeros is refused.
         assert!(matches!(
-            strip_names(input.as_slice(), Vec::new(), size - 1),
+            read(&input, size - 1),
             Err(ArchiveError::TooLarge(_))
         ));
     }

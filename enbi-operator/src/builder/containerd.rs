@@ -1,58 +1,25 @@
-//! containerd, through its `ctr` command line.
-//!
-//! **Why `ctr` and not a Rust containerd API client.** containerd's gRPC API (1.6, what Debian
-//! and many nodes run) has no import call: importing an archive is client-side code in
-//! containerd's Go client (write each blob through the content service, convert a Docker
-//! `manifest.json` into an OCI manifest, create the image, unpack the layers into the
-//! snapshotter with the right GC labels). A Rust client (`containerd-client`, tonic) would have
-//! to re-implement all of it, and bring tokio into a synchronous builder. `ctr images import -`
-//! runs containerd's own import and unpack code, at the version the node runs, and reads the
-//! archive from stdin, so nothing touches the disk outside containerd's store. Measured on two
-//! cores (`bench/builder-import.sh`, 200 MiB image): enbi streaming into `ctr` took 0.85x to
-//! 1.02x the time of `ctr images import` of a ready file (which must first be written: 200 MiB
-//! of temporary disk), and the same as a plain `script | ctr images import -` pipe; a `ctr`
-//! metadata call costs about 10 ms and a build makes about ten (about 0.15 s in all).
-//!
-//! Every call names the socket and namespace explicitly. Output parsing is limited to
-//! `images ls` (name, digest, labels columns), `content ls` (labels), `content get` (JSON) and
-//! `events` (topic and JSON, see `advertise`).
+//! The containerd flags of `load` and `release`, and the early check that the socket is there
+//! (a gRPC dial to a missing socket only times out). Both talk to containerd through its API
+//! (`api`).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
 
 use enbi_core::defaults;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CtrError {
+pub enum SocketError {
     #[error(
         "the containerd socket {0} does not exist: mount the node's containerd socket into the builder at --containerd-address"
     )]
     NoSocket(String),
     #[error("{0} is not a socket: point --containerd-address at containerd's socket")]
     NotSocket(String),
-    #[error("cannot run `ctr` ({0}): the builder image must have containerd's ctr on its PATH")]
-    Spawn(io::Error),
-    #[error("`ctr {command}` failed: {stderr}")]
-    Failed { command: String, stderr: String },
-    #[error("`ctr {command}` printed something unexpected: {output}")]
-    Unexpected { command: String, output: String },
 }
 
-/// An image record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Image {
-    pub name: String,
-    pub digest: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// `ctr` bound to one socket and namespace; also the containerd flags of `load` and
-/// `release`.
+/// Where containerd is and which of its namespaces and snapshotters the kubelet's CRI uses.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Ctr {
+pub struct ContainerdArgs {
     /// containerd's socket.
     #[arg(
         long = "containerd-address",
@@ -72,312 +39,14 @@ pub struct Ctr {
     pub snapshotter: String,
 }
 
-impl Ctr {
-    fn command(&self) -> Command {
-        let mut command = Command::new("ctr");
-        command
-            .arg("--address")
-            .arg(&self.address)
-            .arg("--namespace")
-            .arg(&self.namespace)
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Result<String, CtrError> {
-        let output: Output = self
-            .command()
-            .args(args)
-            .output()
-            .map_err(CtrError::Spawn)?;
-        if output.status.success() {
-            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-        } else {
-            Err(CtrError::Failed {
-                command: args.join(" "),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            })
-        }
-    }
-
-    /// Fails early and clearly when the socket is missing (a ctr dial only times out).
-    pub fn check_socket(&self) -> Result<(), CtrError> {
+impl ContainerdArgs {
+    /// Fails early and clearly when the socket is missing.
+    pub fn check_socket(&self) -> Result<(), SocketError> {
         let shown = self.address.display().to_string();
         match std::fs::metadata(&self.address) {
-            Err(_) => Err(CtrError::NoSocket(shown)),
-            Ok(meta) if !meta.file_type().is_socket() => Err(CtrError::NotSocket(shown)),
+            Err(_) => Err(SocketError::NoSocket(shown)),
+            Ok(meta) if !meta.file_type().is_socket() => Err(SocketError::NotSocket(shown)),
             Ok(_) => Ok(()),
         }
-    }
-
-    /// `ctr images import` reading the archive from stdin, creating only `<base>@<digest>`
-    /// names (the archive's own names are stripped on the way, see `archive`) and unpacking
-    /// into the snapshotter the kubelet's CRI uses.
-    pub fn spawn_import(&self, base: &str) -> Result<Child, CtrError> {
-        self.command()
-            .args(["images", "import", "--base-name", base, "--digests"])
-            .args(["--snapshotter", &self.snapshotter, "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(CtrError::Spawn)
-    }
-
-    /// `ctr events` matching any of `filters`, one event a line on its stdout.
-    pub fn spawn_events(&self, filters: &[String]) -> Result<Child, CtrError> {
-        self.command()
-            .arg("events")
-            .args(filters)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(CtrError::Spawn)
-    }
-
-    /// The image named exactly `name`, if any.
-    pub fn image(&self, name: &str) -> Result<Option<Image>, CtrError> {
-        let filter = format!("name=={}", quote(name));
-        let out = self.run(&["images", "ls", &filter])?;
-        Ok(parse_images(&out).into_iter().find(|i| i.name == name))
-    }
-
-    /// Every image record.
-    pub fn images(&self) -> Result<Vec<Image>, CtrError> {
-        Ok(parse_images(&self.run(&["images", "ls"])?))
-    }
-
-    /// Names of all images starting with `prefix`.
-    pub fn names_with_prefix(&self, prefix: &str) -> Result<Vec<String>, CtrError> {
-        let out = self.run(&["images", "ls", "--quiet"])?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|n| n.starts_with(prefix))
-            .map(str::to_owned)
-            .collect())
-    }
-
-    /// Gives image `source` the name `target` (with its labels), replacing it if `force`.
-    pub fn tag(&self, source: &str, target: &str, force: bool) -> Result<(), CtrError> {
-        let mut args = vec!["images", "tag"];
-        if force {
-            args.push("--force");
-        }
-        args.extend([source, target]);
-        self.run(&args).map(drop)
-    }
-
-    pub fn label_image(
-        &self,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), CtrError> {
-        self.label("images", name, labels)
-    }
-
-    pub fn remove(&self, names: &[String]) -> Result<(), CtrError> {
-        if names.is_empty() {
-            return Ok(());
-        }
-        let mut args = vec!["images", "rm"];
-        args.extend(names.iter().map(String::as_str));
-        self.run(&args).map(drop)
-    }
-
-    /// A blob's bytes (manifests and configs: small).
-    pub fn content(&self, digest: &str) -> Result<Vec<u8>, CtrError> {
-        let output = self
-            .command()
-            .args(["content", "get", digest])
-            .output()
-            .map_err(CtrError::Spawn)?;
-        if output.status.success() {
-            Ok(output.stdout)
-        } else {
-            Err(CtrError::Failed {
-                command: format!("content get {digest}"),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            })
-        }
-    }
-
-    /// A blob's labels; an error if the blob is not in the content store.
-    pub fn content_labels(&self, digest: &str) -> Result<BTreeMap<String, String>, CtrError> {
-        let mut all = self.contents_labels(&[digest.to_owned()])?;
-        Ok(all.remove(digest).unwrap_or_default())
-    }
-
-    /// The labels of each blob, in one call; an error if one is not in the content store.
-    pub fn contents_labels(
-        &self,
-        digests: &[String],
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, CtrError> {
-        // Several filters are or-ed.
-        let filters: Vec<String> = digests.iter().map(|d| format!("digest=={d}")).collect();
-        let mut args = vec!["content", "ls"];
-        args.extend(filters.iter().map(String::as_str));
-        let out = self.run(&args)?;
-        let found: BTreeMap<String, BTreeMap<String, String>> = out
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let mut fields = line.split('\t').filter(|f| !f.is_empty());
-                let digest = fields.next()?.to_owned();
-                let labels = fields.next_back().map(parse_labels).unwrap_or_default();
-                Some((digest, labels))
-            })
-            .collect();
-        match digests.iter().find(|d| !found.contains_key(*d)) {
-            Some(missing) => Err(CtrError::Unexpected {
-                command: format!("content ls {}", filters.join(" ")),
-                output: format!("no blob {missing} in the content store"),
-            }),
-            None => Ok(found),
-        }
-    }
-
-    /// Sets `labels` on a blob, keeping its other labels (GC references among them).
-    pub fn label_content(
-        &self,
-        digest: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), CtrError> {
-        self.label("content", digest, labels)
-    }
-
-    /// The parents of the snapshotter's active snapshots and views: a container's root
-    /// filesystem is an active snapshot whose parent is its image's chain ID.
-    pub fn active_snapshot_parents(&self) -> Result<BTreeSet<String>, CtrError> {
-        let out = self.run(&["snapshots", "--snapshotter", &self.snapshotter, "ls"])?;
-        Ok(parse_active_parents(&out))
-    }
-
-    /// `ctr <store> label <target> k=v…`, for images and content alike.
-    fn label(
-        &self,
-        store: &str,
-        target: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), CtrError> {
-        let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let mut args = vec![store, "label", target];
-        args.extend(pairs.iter().map(String::as_str));
-        self.run(&args).map(drop)
-    }
-}
-
-/// `ctr snapshots ls`: `KEY PARENT KIND`, the parent empty for a base layer.
-fn parse_active_parents(out: &str) -> BTreeSet<String> {
-    out.lines()
-        .skip(1)
-        .filter_map(
-            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
-                [_, parent, "Active" | "View"] => Some(parent.to_owned()),
-                _ => None,
-            },
-        )
-        .collect()
-}
-
-/// A filter value in containerd's filter syntax.
-pub(super) fn quote(value: &str) -> String {
-    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// `ctr images ls`: `REF TYPE DIGEST SIZE PLATFORMS LABELS`, where SIZE has a space in it
-/// ("1.9 MiB"); REF, TYPE and DIGEST come first and LABELS last, none with spaces.
-fn parse_images(out: &str) -> Vec<Image> {
-    out.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 5 || !fields[2].starts_with("sha256:") {
-                return None;
-            }
-            Some(Image {
-                name: fields[0].to_owned(),
-                digest: fields[2].to_owned(),
-                labels: parse_labels(fields[fields.len() - 1]),
-            })
-        })
-        .collect()
-}
-
-/// `k=v,k=v` as ctr prints labels ("-" for none); a value may itself hold commas (the
-/// distribution source label lists repositories), so a piece that does not start with
-/// `key=` continues the previous value.
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut last: Option<String> = None;
-    for piece in text.trim().split(',') {
-        match piece.split_once('=') {
-            Some((k, v)) if is_label_key(k) => {
-                labels.insert(k.to_owned(), v.to_owned());
-                last = Some(k.to_owned());
-            }
-            _ => {
-                if let Some(v) = last.as_ref().and_then(|k| labels.get_mut(k)) {
-                    v.push(',');
-                    v.push_str(piece);
-                }
-            }
-        }
-    }
-    labels
-}
-
-fn is_label_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "./-_".contains(c))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_images_ls() {
-        let out = "REF                   TYPE                                                 DIGEST                                                                  SIZE    PLATFORMS   LABELS                              \n\
-docker.io/library/x:1 application/vnd.docker.distribution.manifest.v2+json sha256:dc41587e9cc96035e89766179cf2679fde542f9b22b14f4b1e76be563a501712 1.9 MiB linux/amd64 a=b,io.cri-containerd.pinned=pinned \n\
-docker.io/library/y:1 application/vnd.docker.distribution.manifest.v2+json sha256:dc41587e9cc96035e89766179cf2679fde542f9b22b14f4b1e76be563a501712 1.9 MiB linux/amd64 - \n";
-        let images = parse_images(out);
-        assert_eq!(images.len(), 2);
-        assert_eq!(images[0].name, "docker.io/library/x:1");
-        assert_eq!(
-            images[0].digest,
-            "sha256:dc41587e9cc96035e89766179cf2679fde542f9b22b14f4b1e76be563a501712"
-        );
-        assert_eq!(images[0].labels["io.cri-containerd.pinned"], "pinned");
-        assert!(images[1].labels.is_empty());
-    }
-
-    #[test]
-    fn parses_the_parents_of_active_snapshots() {
-        let out = "KEY                                                                     PARENT                                                                  KIND      \n\
-sha256:aa sha256:bb Committed \n\
-sha256:bb  Committed \n\
-5f0c3e1b sha256:aa Active \n\
-prepare-x  Active \n\
-view-1 sha256:cc View \n";
-        assert_eq!(
-            parse_active_parents(out),
-            BTreeSet::from(["sha256:aa".to_owned(), "sha256:cc".to_owned()])
-        );
-    }
-
-    #[test]
-    fn parses_labels_with_commas_in_values() {
-        let labels = parse_labels(
-            "containerd.io/gc.ref.content.l.0=sha256:5b,containerd.io/distribution.source.docker.io=library/x,library/y,b=c",
-        );
-        assert_eq!(
-            labels["containerd.io/distribution.source.docker.io"],
-            "library/x,library/y"
-        );
-        assert_eq!(labels["containerd.io/gc.ref.content.l.0"], "sha256:5b");
-        assert_eq!(labels["b"], "c");
-        assert!(parse_labels("-").is_empty());
     }
 }

@@ -1,65 +1,94 @@
-//! Importing the image stream into containerd under its tag, without a temporary file, without
-//! ever changing a tag that names another image (unless overwriting is allowed). This runs in
-//! the load container; the stream comes from the build container and is checked on the way
-//! ([`archive::strip_names`]).
+//! Importing the image stream into containerd under its tag, through containerd's API
+//! (`api`), without a temporary file, without ever changing a tag that names another image
+//! (unless overwriting is allowed). This runs in the load container; the stream comes from the
+//! build container and is checked on the way (`archive`).
 //!
-//! **Knowing the digest.** A `streamLayeredImage` image has no digest until it is streamed, and
-//! an archive's manifest digest is only known once containerd has converted it. So:
+//! **Fast path.** enbi labels every image it loads with the Nix store path it came from
+//! (`enbi.hrzn.ee/store-path`). A store path names one build of one derivation, and image
+//! builds are reproducible, so if the tag already carries this label (and its blobs are all
+//! there) the image is the one this build would produce: nothing is streamed.
 //!
-//! 1. *Fast path.* enbi labels every image it loads with the Nix store path it came from
-//!    (`enbi.hrzn.ee/store-path`). A store path names one build of one derivation, and image
-//!    builds are reproducible, so if the tag already carries this label (and its blobs are all
-//!    there) the image is the one this build would produce: nothing is streamed.
-//! 2. Otherwise the image is imported under a temporary digest-only name
-//!    (`enbi-import-<time>-<pid>@sha256:…`; the archive's own names are stripped in the stream),
-//!    which tells the digest, then compared with the tag: absent, the tag is created; the same
-//!    digest, nothing changes; another digest, [`LoadError::TagConflict`] unless
-//!    `--allow-overwrite`. The temporary name is removed in every case; containerd's GC then
-//!    drops the content of a refused image.
+//! **Otherwise**, everything happens under a lease (so a failed load leaves nothing behind once
+//! it ends, and containerd's garbage collection cannot take a blob while the load runs):
 //!
-//! **Labels.** Each blob (manifest, config, layers) gets `containerd.io/distribution.source.
-//! <registry>=<repository>` (merged with what is there), and the image a digest reference
-//! `<registry>/<repository>@<digest>`, as a pull through the CRI would leave them: Spegel only
-//! advertises images that have both, and only blobs labelled as they are created (`advertise`).
-//! `--pin` adds `io.cri-containerd.pinned=pinned`.
+//! 1. Each file of the archive is written into the content store as it streams in, with the
+//!    labels a CRI pull would give it. A file whose name claims a digest the store has
+//!    (`streamLayeredImage` names layers by their checksum before their bytes) is read and
+//!    checked, not written.
+//! 2. Each layer is unpacked into the snapshotter as soon as it is written, on top of the layers
+//!    before it, while the next one streams in (`streamLayeredImage` writes base layers first).
+//!    A chain the snapshotter has is not unpacked again.
+//! 3. At the end, the image's manifest is the one containerd's importer would write for the
+//!    archive (`enbi_core::image_archive`), so the digest is what `ctr images import` gives;
+//!    what was unpacked out of order is unpacked again in the manifest's order.
+//! 4. The tag is created, or compared: the same digest, nothing changes; another digest,
+//!    [`LoadError::TagConflict`] unless `--allow-overwrite`.
+//!
+//! **Labels.** Each blob gets `containerd.io/distribution.source.<registry>=<repository>` as it
+//! is created (merged with what is there on blobs the store had), and the image a digest
+//! reference `<registry>/<repository>@<digest>`, as a pull through the CRI leaves them: Spegel
+//! only advertises images that have both, and only blobs labelled as they are created.
+//! `--pin` adds `io.cri-containerd.pinned=pinned`. Image records are created and updated with
+//! all their labels in one call each.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use containerd_client::services::v1::Image;
+use enbi_core::image_archive::{
+    self, ArchiveImageError, DISTRIBUTION_SOURCE_PREFIX, DOCKER_LAYER, DOCKER_MANIFEST, Descriptor,
+    GC_SNAPSHOT_PREFIX, UNCOMPRESSED,
+};
 use enbi_core::keys;
 use enbi_core::reason::FailureReason;
-use enbi_core::reference::{digest_reference, registry_and_repository};
+use enbi_core::reference::{chain_id, digest_reference, registry_and_repository, sha256_digest};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 
-use super::advertise::LabelOnCreate;
-use super::archive::{self, ArchiveError};
-use super::containerd::{Ctr, CtrError};
+use super::api::{ApiError, Containerd, Written, descriptor};
+use super::archive::{self, ArchiveError, Entry};
+use super::containerd::{ContainerdArgs, SocketError};
 use super::log::LogTail;
 use super::output;
-use super::process::wait_until;
 
 /// Where the image came from, as the OCI annotations name it: the locked flake and its commit.
 pub const SOURCE_LABEL: &str = "org.opencontainers.image.source";
 pub const REVISION_LABEL: &str = "org.opencontainers.image.revision";
 /// The CRI's label for images its garbage collection must keep.
 pub const PINNED_LABEL: &str = "io.cri-containerd.pinned";
-/// Prefix of temporary image names.
-const TEMPORARY_PREFIX: &str = "enbi-import-";
+/// Queued image data between the archive reader and containerd, in blocks of up to 1 MiB.
+const QUEUED_BLOCKS: usize = 8;
+/// How long a lease outlives the import timeout, should the loader die holding it.
+const LEASE_MARGIN: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
-    Ctr(#[from] CtrError),
+    Socket(#[from] SocketError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Image(#[from] ArchiveImageError),
     #[error("containerd refused the image: {0}")]
     Import(String),
     #[error("loading the image ran past {0:?}; raise --import-timeout (ENBI_IMPORT_TIMEOUT)")]
     Timeout(Duration),
-    #[error("the archive holds {0} images; enbi loads exactly one image per build")]
-    ImageCount(usize),
+    #[error("the archive's {name} is {actual}, not {claimed} as its name says")]
+    Misnamed {
+        name: String,
+        claimed: String,
+        actual: String,
+    },
+    #[error("layer {layer} unpacks to {actual}, but the image's config says {expected}")]
+    DiffId {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
     #[error("the image's manifest {digest} cannot be read: {error}")]
     Manifest { digest: String, error: String },
     #[error(
@@ -75,18 +104,21 @@ pub enum LoadError {
 impl LoadError {
     pub fn reason(&self) -> FailureReason {
         match self {
-            LoadError::ImageCount(_) => FailureReason::NotAnImage,
             // The stream stopped: the build container's image script failed or was killed.
             LoadError::Archive(ArchiveError::Read(_) | ArchiveError::CutShort(_)) => {
                 FailureReason::BuildFailed
             }
-            LoadError::Archive(ArchiveError::Write(_)) => FailureReason::ImportFailed,
-            LoadError::Archive(_) => FailureReason::NotAnImage,
+            LoadError::Archive(ArchiveError::Stopped) => FailureReason::ImportFailed,
+            LoadError::Archive(_)
+            | LoadError::Image(_)
+            | LoadError::Misnamed { .. }
+            | LoadError::DiffId { .. } => FailureReason::NotAnImage,
             LoadError::Timeout(_) => FailureReason::DeadlineExceeded,
             LoadError::TagConflict { .. } => FailureReason::TagConflict,
-            LoadError::Ctr(_) | LoadError::Import(_) | LoadError::Manifest { .. } => {
-                FailureReason::ImportFailed
-            }
+            LoadError::Socket(_)
+            | LoadError::Api(_)
+            | LoadError::Import(_)
+            | LoadError::Manifest { .. } => FailureReason::ImportFailed,
         }
     }
 }
@@ -120,32 +152,79 @@ pub struct Loaded {
 /// Loads the image of `request`, read from `stream`, into containerd. When the tag already holds
 /// this build's image, the stream is dropped unread (the build container then stops writing).
 pub fn load(
-    ctr: &Ctr,
+    containerd: &ContainerdArgs,
     request: &Request,
     stream: Box<dyn Read + Send>,
     log: &LogTail,
 ) -> Result<Loaded, LoadError> {
-    ctr.check_socket()?;
-    let deadline = Instant::now() + request.timeout;
-    if let Some(existing) = ctr.image(request.tag)?
+    containerd.check_socket()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| LoadError::Import(format!("cannot start the loader's runtime: {e}")))?;
+    runtime.block_on(async {
+        tokio::time::timeout(
+            request.timeout,
+            load_with_lease(containerd, request, stream, log),
+        )
+        .await
+        .unwrap_or(Err(LoadError::Timeout(request.timeout)))
+    })
+}
+
+async fn load_with_lease(
+    containerd: &ContainerdArgs,
+    request: &Request<'_>,
+    stream: Box<dyn Read + Send>,
+    log: &LogTail,
+) -> Result<Loaded, LoadError> {
+    let api = Containerd::connect(containerd).await?;
+    let api = api
+        .with_lease(&lease_id(), request.timeout + LEASE_MARGIN)
+        .await?;
+    let result = load_leased(&api, request, stream, log).await;
+    // What the image references stays; the rest (a failed load's blobs) is collected.
+    if let Err(e) = api.drop_lease().await {
+        log.line("enbi", &format!("warning: {e}"));
+    }
+    result
+}
+
+/// Unique on the node: the time in nanoseconds (a container's process ID alone is not).
+fn lease_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("enbi-load-{nanos}-{}", std::process::id())
+}
+
+async fn load_leased(
+    api: &Containerd,
+    request: &Request<'_>,
+    stream: Box<dyn Read + Send>,
+    log: &LogTail,
+) -> Result<Loaded, LoadError> {
+    if let Some(existing) = api.image(request.tag).await?
         && existing
             .labels
             .get(keys::IMAGE_STORE_PATH)
             .map(String::as_str)
             == Some(request.store_path)
+        && let Some(target) = existing.target.as_ref().map(from_api)
     {
-        match label(ctr, request, &existing.digest) {
-            Ok(size) => {
+        match tag(api, request, &target, log).await {
+            Ok(tagged) => {
                 log.line(
                     "enbi",
                     &format!(
                         "{} is already {} from {}: nothing to import",
-                        request.tag, existing.digest, request.store_path
+                        request.tag, target.digest, request.store_path
                     ),
                 );
                 return Ok(Loaded {
-                    digest: existing.digest,
-                    size,
+                    digest: target.digest,
+                    size: tagged.size,
                     bytes_streamed: 0,
                     imported: false,
                 });
@@ -156,96 +235,453 @@ pub fn load(
             ),
         }
     }
+    let (bytes_streamed, target) = ingest(api, request, stream, log).await?;
+    log.line(
+        "enbi",
+        &format!("imported {bytes_streamed} bytes as {}", target.digest),
+    );
+    let tagged = tag(api, request, &target, log).await?;
+    Ok(Loaded {
+        digest: target.digest,
+        size: tagged.size,
+        bytes_streamed,
+        imported: tagged.imported,
+    })
+}
 
-    let base = temporary_base();
-    let advertiser = LabelOnCreate::start(ctr, request.tag, &base)?;
-    let result = import_and_tag(ctr, request, stream, &base, deadline, log);
-    // The temporary name goes in every case; on failure containerd's GC drops the content.
-    // Its deletion also ends the advertiser's subscription.
-    let mut marked = false;
-    match ctr.names_with_prefix(&format!("{base}@")) {
-        Ok(names) => match ctr.remove(&names) {
-            Ok(()) => marked = !names.is_empty(),
-            Err(e) => log.line("enbi", &format!("warning: cannot remove {names:?}: {e}")),
-        },
-        Err(e) => log.line(
-            "enbi",
-            &format!("warning: cannot list temporary images: {e}"),
-        ),
+fn from_api(d: &containerd_client::types::Descriptor) -> Descriptor {
+    Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: u64::try_from(d.size).unwrap_or_default(),
     }
-    let labelled = advertiser.stop(marked);
-    log.line(
-        "enbi",
-        &format!("labelled {labelled} blobs as they were created, for registry mirrors"),
-    );
-    result
 }
 
-fn temporary_base() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    format!("{TEMPORARY_PREFIX}{secs}-{}", std::process::id())
+/// What happened to the archive's files, for the log.
+#[derive(Debug, Default)]
+struct Counts {
+    written: usize,
+    /// Files the content store had: their bytes were checked and dropped.
+    had: usize,
+    /// Of those, files not even sent to containerd (their names claimed their digests).
+    not_sent: usize,
 }
 
-fn import_and_tag(
-    ctr: &Ctr,
-    request: &Request,
+/// A blob of the archive, written (or found) in the content store.
+struct Blob {
+    digest: String,
+    size: u64,
+    /// Its first bytes: what kind of blob it is.
+    head: Vec<u8>,
+}
+
+/// Streams the archive into the content store, unpacking layers as they come; returns the
+/// bytes read and the image's descriptor (its manifest, or the index of an OCI layout).
+async fn ingest(
+    api: &Containerd,
+    request: &Request<'_>,
     stream: Box<dyn Read + Send>,
-    base: &str,
-    deadline: Instant,
     log: &LogTail,
-) -> Result<Loaded, LoadError> {
-    let (bytes_streamed, temporary) = import(ctr, request, stream, base, deadline, log)?;
-    let digest = temporary
-        .split_once('@')
-        .map(|(_, d)| d.to_owned())
-        .unwrap_or_default();
+) -> Result<(u64, Descriptor), LoadError> {
+    let (send, mut entries) = mpsc::channel(QUEUED_BLOCKS);
+    let max_bytes = request.max_bytes;
+    let reader = std::thread::spawn(move || {
+        archive::read_entries(output::decompressed(stream), max_bytes, |entry| {
+            send.blocking_send(entry).map_err(|_| ArchiveError::Stopped)
+        })
+    });
+    let (layers, unpacked) = mpsc::unbounded_channel();
+    let unpacker = tokio::spawn(unpack_as_they_come(api.clone(), unpacked));
+    let mut counts = Counts::default();
+    let written = write_entries(api, request, &mut entries, layers, &mut counts).await;
+    // The reader has ended (its channel closed), or stops at its next block now.
+    drop(entries);
+    let read = reader
+        .join()
+        .unwrap_or(Err(ArchiveError::Read(std::io::Error::other(
+            "the reader panicked",
+        ))));
+    // A malformed or cut stream explains a failure better than containerd does; a reader
+    // stopped because the writing failed does not.
+    let (blobs, index) = match (read, written) {
+        (Err(ArchiveError::Stopped), Err(e)) => return Err(e),
+        (Err(e), _) => return Err(e.into()),
+        (Ok(_), Err(e)) => return Err(e),
+        (Ok(bytes), Ok((blobs, index))) => (blobs, index.map(|i| (bytes, i))),
+    };
+    let unpacked = match unpacker.await {
+        Ok(Ok(n)) => n.to_string(),
+        Ok(Err(e)) => format!("stopped ({e})"),
+        Err(e) => format!("stopped ({e})"),
+    };
     log.line(
         "enbi",
-        &format!("imported {bytes_streamed} bytes as {digest}"),
+        &format!(
+            "files: {} written, {} already in the content store ({} of them not sent); layers unpacked while streaming: {unpacked}",
+            counts.written, counts.had, counts.not_sent
+        ),
     );
-    let size = label_content(ctr, request.tag, &digest)?;
+    let Some((bytes, (name, index))) = index else {
+        return Err(ArchiveError::NoManifest.into());
+    };
+    let target = if name == "index.json" {
+        image_archive::oci_image(&index)?
+    } else {
+        write_docker_manifest(api, request, &blobs, &index).await?
+    };
+    Ok((bytes, target))
+}
 
-    let mut imported = true;
-    match ctr.image(request.tag)? {
-        None => {
-            if let Err(e) = ctr.tag(&temporary, request.tag, false) {
-                // Another builder may have tagged it meanwhile: look again.
-                match ctr.image(request.tag)? {
-                    Some(now) if now.digest == digest => imported = false,
-                    Some(now) => return Err(conflict(request, &now.digest, &digest)),
-                    None => return Err(e.into()),
+/// Writes each file of the archive as it streams in; layers go to the unpacker once written.
+/// Returns the blobs by entry name, and the archive's `manifest.json` or `index.json`.
+async fn write_entries(
+    api: &Containerd,
+    request: &Request<'_>,
+    entries: &mut mpsc::Receiver<Entry>,
+    layers: mpsc::UnboundedSender<Descriptor>,
+    counts: &mut Counts,
+) -> Result<(HashMap<String, Blob>, Option<(String, Value)>), LoadError> {
+    let labels = source_labels(request.tag);
+    let mut blobs = HashMap::new();
+    let mut index = None;
+    let mut written = 0usize;
+    while let Some(entry) = entries.recv().await {
+        let (name, size) = match entry {
+            Entry::Index { name, json } => {
+                // An OCI layout's index.json names the image, whatever manifest.json says (an
+                // exported image has both), as with containerd's importer.
+                if name == "index.json" || index.is_none() {
+                    index = Some((name, json));
+                }
+                continue;
+            }
+            Entry::File { name, size } => (name, size),
+            Entry::Data(_) | Entry::End => continue,
+        };
+        let claimed = image_archive::named_digest(&name);
+        let have = match &claimed {
+            Some(digest) => api.info(digest).await?.is_some(),
+            None => false,
+        };
+        let mut writer = (!have).then(|| {
+            written += 1;
+            api.write(&api.unique(&written.to_string()), size)
+        });
+        let mut head = Vec::new();
+        // Hashed here, not by the reader: the two threads share the work.
+        let mut hash = Sha256::new();
+        let digest = loop {
+            match entries.recv().await {
+                Some(Entry::Data(data)) => {
+                    hash.update(&data);
+                    if head.len() < 512 {
+                        head.extend_from_slice(&data[..data.len().min(512 - head.len())]);
+                    }
+                    if let Some(w) = writer.as_mut() {
+                        w.data(data).await?;
+                    }
+                }
+                Some(Entry::End) => break sha256_digest(&hash.finalize()),
+                // The reader stopped: its error says why.
+                _ => return Err(ArchiveError::Stopped.into()),
+            }
+        };
+        match (writer, claimed) {
+            (Some(w), _) => {
+                // A blob the store had gets its label in `tag`: it makes no creation event.
+                if w.commit(&digest, labels.clone()).await? == Written::Existed {
+                    counts.had += 1;
+                } else {
+                    counts.written += 1;
                 }
             }
+            (None, Some(claimed)) if claimed != digest => {
+                return Err(LoadError::Misnamed {
+                    name,
+                    claimed,
+                    actual: digest,
+                });
+            }
+            (None, _) => {
+                counts.had += 1;
+                counts.not_sent += 1;
+            }
         }
-        Some(existing) if existing.digest == digest => imported = false,
-        Some(existing) if request.allow_overwrite => {
+        if looks_like_a_layer(&head) {
+            let layer = Descriptor {
+                media_type: image_archive::layer_media_type(&digest, &head)?.to_owned(),
+                digest: digest.clone(),
+                size,
+            };
+            // The unpacker may have stopped; the layer is then unpacked at the end.
+            let _ = layers.send(layer);
+        }
+        blobs.insert(image_archive::clean(&name), Blob { digest, size, head });
+    }
+    Ok((blobs, index))
+}
+
+/// A tar (its first header's checksum holds) or a gzip stream.
+fn looks_like_a_layer(head: &[u8]) -> bool {
+    head.starts_with(&[0x1f, 0x8b]) || <&[u8; 512]>::try_from(head).is_ok_and(archive::checksum_ok)
+}
+
+/// The distribution source label of blobs created for `tag`.
+fn source_labels(tag: &str) -> BTreeMap<String, String> {
+    let (registry, repository) = registry_and_repository(tag);
+    BTreeMap::from([(
+        format!("{DISTRIBUTION_SOURCE_PREFIX}{registry}"),
+        repository,
+    )])
+}
+
+/// Unpacks uncompressed layers in the order they are written, each on the chain of those
+/// before it, while the next streams in. Only a head start: the manifest's order is checked
+/// at the end ([`unpack`]), and a layer whose diff ID is not its digest (compressed) ends it.
+async fn unpack_as_they_come(
+    api: Containerd,
+    mut layers: mpsc::UnboundedReceiver<Descriptor>,
+) -> Result<usize, ApiError> {
+    let mut unpacked = 0;
+    let mut diff_ids: Vec<String> = vec![];
+    while let Some(layer) = layers.recv().await {
+        if layer.media_type != DOCKER_LAYER {
+            break;
+        }
+        let parent = chain_id(&diff_ids);
+        diff_ids.push(layer.digest.clone());
+        let chain = chain_id(&diff_ids).unwrap_or_default();
+        if !api.snapshot_exists(&chain).await? {
+            api.unpack(&layer, parent.as_deref(), &chain).await?;
+            unpacked += 1;
+        }
+    }
+    Ok(unpacked)
+}
+
+/// Writes the manifest containerd's importer makes for a Docker archive's image.
+async fn write_docker_manifest(
+    api: &Containerd,
+    request: &Request<'_>,
+    blobs: &HashMap<String, Blob>,
+    manifest: &Value,
+) -> Result<Descriptor, LoadError> {
+    let image = image_archive::docker_image(manifest)?;
+    let blob = |name: &str| {
+        blobs
+            .get(name)
+            .ok_or_else(|| ArchiveImageError::Missing(name.to_owned()))
+    };
+    let config = blob(&image.config)?;
+    let config = Descriptor {
+        media_type: String::new(),
+        digest: config.digest.clone(),
+        size: config.size,
+    };
+    let layers = image
+        .layers
+        .iter()
+        .map(|name| {
+            let layer = blob(name)?;
+            Ok(Descriptor {
+                media_type: image_archive::layer_media_type(&layer.digest, &layer.head)?.to_owned(),
+                digest: layer.digest.clone(),
+                size: layer.size,
+            })
+        })
+        .collect::<Result<Vec<_>, ArchiveImageError>>()?;
+    let bytes = image_archive::docker_manifest(&config, &layers);
+    let digest = sha256_digest(&Sha256::digest(&bytes));
+    let json: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let mut labels = image_archive::gc_labels(&json);
+    labels.extend(source_labels(request.tag));
+    let size = bytes.len() as u64;
+    let mut writer = api.write(&api.unique("manifest"), size);
+    writer.data(bytes).await?;
+    writer.commit(&digest, labels).await?;
+    Ok(Descriptor {
+        media_type: DOCKER_MANIFEST.to_owned(),
+        digest,
+        size,
+    })
+}
+
+/// An image's parts as the content store has them.
+struct Parts {
+    /// Every blob: the target, the platform's manifest of an index, config, layers.
+    blobs: Vec<(Descriptor, Role)>,
+    layers: Vec<Descriptor>,
+    diff_ids: Vec<String>,
+}
+
+/// What a blob is to its image, for its labels.
+enum Role {
+    /// An index or manifest, with the labels that keep its children.
+    Parent(BTreeMap<String, String>),
+    Config,
+    Layer(String),
+}
+
+async fn read_json(api: &Containerd, digest: &str) -> Result<Value, LoadError> {
+    let error = |error: String| LoadError::Manifest {
+        digest: digest.to_owned(),
+        error,
+    };
+    if api.info(digest).await?.is_none() {
+        return Err(error("not in the content store".into()));
+    }
+    let bytes = api.read(digest).await?;
+    serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))
+}
+
+async fn parts(api: &Containerd, target: &Descriptor) -> Result<Parts, LoadError> {
+    let json = read_json(api, &target.digest).await?;
+    let mut blobs = vec![(
+        target.clone(),
+        Role::Parent(image_archive::gc_labels(&json)),
+    )];
+    let manifest = if image_archive::is_index(&target.media_type, &json) {
+        let arch = enbi_core::system::from_nix(&format!("{}-linux", std::env::consts::ARCH))
+            .map_or("amd64", |s| s.arch);
+        let manifest =
+            image_archive::platform_manifest(&json, arch).ok_or_else(|| LoadError::Manifest {
+                digest: target.digest.clone(),
+                error: format!("no manifest for linux/{arch}"),
+            })?;
+        let json = read_json(api, &manifest.digest).await?;
+        blobs.push((manifest, Role::Parent(image_archive::gc_labels(&json))));
+        json
+    } else {
+        json
+    };
+    let (config, layers) = image_archive::manifest_parts(&manifest)?;
+    let diff_ids = image_archive::diff_ids(&read_json(api, &config.digest).await?)?;
+    if diff_ids.len() != layers.len() {
+        return Err(ArchiveImageError::Malformed(
+            "config",
+            format!("{} diff IDs for {} layers", diff_ids.len(), layers.len()),
+        )
+        .into());
+    }
+    blobs.push((config, Role::Config));
+    for (layer, diff_id) in layers.iter().zip(&diff_ids) {
+        blobs.push((layer.clone(), Role::Layer(diff_id.clone())));
+    }
+    Ok(Parts {
+        blobs,
+        layers,
+        diff_ids,
+    })
+}
+
+/// Unpacks what the snapshotter lacks of the image's chain, in the manifest's order; returns
+/// the chain ID of its top layer.
+async fn unpack(api: &Containerd, parts: &Parts) -> Result<String, LoadError> {
+    let mut parent: Option<String> = None;
+    for (i, layer) in parts.layers.iter().enumerate() {
+        let chain = chain_id(&parts.diff_ids[..=i]).unwrap_or_default();
+        if !api.snapshot_exists(&chain).await? {
+            let diff_id = api.unpack(layer, parent.as_deref(), &chain).await?;
+            if diff_id != parts.diff_ids[i] {
+                return Err(LoadError::DiffId {
+                    layer: layer.digest.clone(),
+                    expected: parts.diff_ids[i].clone(),
+                    actual: diff_id,
+                });
+            }
+        }
+        parent = Some(chain);
+    }
+    Ok(parent.unwrap_or_default())
+}
+
+/// The image's tag and digest reference set.
+struct Tagged {
+    size: u64,
+    imported: bool,
+}
+
+/// Checks that the image is whole and unpacked, labels its blobs and names it under the tag
+/// and its digest reference.
+async fn tag(
+    api: &Containerd,
+    request: &Request<'_>,
+    target: &Descriptor,
+    log: &LogTail,
+) -> Result<Tagged, LoadError> {
+    let parts = parts(api, target).await?;
+    let chain = unpack(api, &parts).await?;
+    let mut size = 0;
+    let repository = source_labels(request.tag);
+    for (blob, role) in &parts.blobs {
+        size += blob.size;
+        let Some(info) = api.info(&blob.digest).await? else {
+            return Err(LoadError::Manifest {
+                digest: target.digest.clone(),
+                error: format!("{} is not in the content store", blob.digest),
+            });
+        };
+        let mut wanted = match role {
+            Role::Parent(labels) => labels.clone(),
+            Role::Config => BTreeMap::from([(
+                format!("{GC_SNAPSHOT_PREFIX}{}", api.snapshotter),
+                chain.clone(),
+            )]),
+            Role::Layer(diff_id) => BTreeMap::from([(UNCOMPRESSED.to_owned(), diff_id.clone())]),
+        };
+        for (key, repository) in &repository {
+            if let Some(value) =
+                image_archive::with_repository(info.labels.get(key).map(String::as_str), repository)
+            {
+                wanted.insert(key.clone(), value);
+            }
+        }
+        wanted.retain(|k, v| info.labels.get(k) != Some(v));
+        api.label_blob(&blob.digest, wanted).await?;
+    }
+
+    let labels: HashMap<String, String> = image_labels(request).into_iter().collect();
+    let record = |name: &str| Image {
+        name: name.to_owned(),
+        labels: labels.clone(),
+        target: Some(descriptor(target)),
+        created_at: None,
+        updated_at: None,
+    };
+    let digest = &target.digest;
+    let mut imported = true;
+    if !api.create_image(record(request.tag)).await? {
+        let existing = api
+            .image(request.tag)
+            .await?
+            .and_then(|i| i.target)
+            .map(|t| t.digest)
+            .unwrap_or_default();
+        if &existing == digest {
+            imported = false;
+            api.update_image(record(request.tag), false).await?;
+        } else if request.allow_overwrite {
             log.line(
                 "enbi",
                 &format!(
-                    "overwriting {} ({} -> {digest}): --allow-overwrite",
-                    request.tag, existing.digest
+                    "overwriting {} ({existing} -> {digest}): --allow-overwrite",
+                    request.tag
                 ),
             );
-            ctr.tag(&temporary, request.tag, true)?;
-            let old = digest_reference(request.tag, &existing.digest);
-            if let Err(e) = ctr.remove(std::slice::from_ref(&old)) {
+            api.update_image(record(request.tag), true).await?;
+            let old = digest_reference(request.tag, &existing);
+            if let Err(e) = api.delete_image(&old).await {
                 log.line("enbi", &format!("note: {old} not removed: {e}"));
             }
+        } else {
+            return Err(conflict(request, &existing, digest));
         }
-        Some(existing) => return Err(conflict(request, &existing.digest, &digest)),
     }
-    // Labelled once tagged: containerd 2.x's `ctr images tag` does not copy labels (1.6 did).
-    ctr.label_image(request.tag, &image_labels(request))?;
-    ctr.tag(request.tag, &digest_reference(request.tag, &digest), true)?;
-    Ok(Loaded {
-        digest,
-        size,
-        bytes_streamed,
-        imported,
-    })
+    let by_digest = digest_reference(request.tag, digest);
+    if !api.create_image(record(&by_digest)).await? {
+        api.update_image(record(&by_digest), true).await?;
+    }
+    Ok(Tagged { size, imported })
 }
 
 fn conflict(request: &Request, existing: &str, built: &str) -> LoadError {
@@ -280,210 +716,20 @@ fn image_labels(request: &Request) -> BTreeMap<String, String> {
     labels
 }
 
-/// Streams the image into `ctr images import`; returns the bytes streamed and the temporary
-/// image name.
-fn import(
-    ctr: &Ctr,
-    request: &Request,
-    stream: Box<dyn Read + Send>,
-    base: &str,
-    deadline: Instant,
-    log: &LogTail,
-) -> Result<(u64, String), LoadError> {
-    let mut child = ctr.spawn_import(base)?;
-    let stderr_text = Arc::new(Mutex::new(String::new()));
-    let mut forwarders = vec![];
-    if let Some(stdout) = child.stdout.take() {
-        forwarders.push(log.forward("containerd", stdout, |_| {}));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        let text = stderr_text.clone();
-        forwarders.push(log.forward("containerd", stderr, move |line| {
-            let mut text = text.lock().unwrap_or_else(PoisonError::into_inner);
-            if text.len() < 2048 {
-                text.push_str(line.trim_end());
-                text.push(' ');
-            }
-        }));
-    }
-    let Some(stdin) = child.stdin.take() else {
-        let _ = child.kill();
-        return Err(LoadError::Import("ctr has no stdin".into()));
-    };
-    output::widen_pipe(&stdin);
-    let max_bytes = request.max_bytes;
-    let pump = std::thread::spawn(move || {
-        let mut stdin = stdin;
-        let result = archive::strip_names(output::decompressed(stream), &mut stdin, max_bytes);
-        let _ = stdin.flush();
-        result
-    });
-
-    let status = wait_until(&mut child, deadline).map_err(|e| LoadError::Import(e.to_string()))?;
-    for f in forwarders {
-        let _ = f.join();
-    }
-    // ctr has exited (or was killed), so the pump's writes fail rather than block.
-    let pumped = pump
-        .join()
-        .unwrap_or_else(|_| Err(ArchiveError::Write(std::io::Error::other("pump panicked"))));
-    let Some(status) = status else {
-        return Err(LoadError::Timeout(request.timeout));
-    };
-    // A malformed or cut stream explains ctr's failure better than ctr does; a write that
-    // failed because ctr stopped does not.
-    let bytes = match pumped {
-        Ok(bytes) => bytes,
-        Err(ArchiveError::Write(_)) if !status.success() => 0,
-        Err(e) => return Err(e.into()),
-    };
-    if !status.success() {
-        let stderr = stderr_text
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        return Err(LoadError::Import(format!(
-            "ctr images import exited with {status}: {}",
-            stderr.trim()
-        )));
-    }
-    let names = ctr.names_with_prefix(&format!("{base}@"))?;
-    Ok((bytes, the_image(ctr, names)?))
-}
-
-/// The one image among the names an import created. containerd 1.6 names one image per
-/// archive; 2.x (the transfer service) also names the index it wraps a Docker archive in, and
-/// the manifests of an OCI index. The image is the only manifest (as 1.6 names it, so digests
-/// stay the same across containerd versions), else the only index.
-fn the_image(ctr: &Ctr, names: Vec<String>) -> Result<String, LoadError> {
-    if let [one] = names.as_slice() {
-        return Ok(one.clone());
-    }
-    let (mut manifests, mut indexes) = (vec![], vec![]);
-    for name in &names {
-        let digest = name.split_once('@').map(|(_, d)| d).unwrap_or_default();
-        let json: Value =
-            serde_json::from_slice(&ctr.content(digest)?).map_err(|e| LoadError::Manifest {
-                digest: digest.to_owned(),
-                error: e.to_string(),
-            })?;
-        if json.get("manifests").is_some() {
-            indexes.push(name.clone());
-        } else {
-            manifests.push(name.clone());
-        }
-    }
-    match (manifests.as_slice(), indexes.as_slice()) {
-        ([one], _) | (_, [one]) => Ok(one.clone()),
-        _ => Err(LoadError::ImageCount(names.len())),
-    }
-}
-
-/// Puts Spegel's distribution source label on every blob of the image and returns its size
-/// (manifest, config and layers, as containerd counts it). Fails if a blob is missing.
-fn label_content(ctr: &Ctr, tag: &str, digest: &str) -> Result<u64, LoadError> {
-    let (registry, repository) = registry_and_repository(tag);
-    let key = format!("containerd.io/distribution.source.{registry}");
-    let blobs = blobs(ctr, digest)?;
-    let digests: Vec<String> = blobs.iter().map(|b| b.0.clone()).collect();
-    let mut labels = ctr.contents_labels(&digests)?;
-    for digest in &digests {
-        let mut value = labels
-            .get_mut(digest)
-            .and_then(|l| l.remove(&key))
-            .unwrap_or_default();
-        if !value.split(',').any(|r| r == repository) {
-            if !value.is_empty() {
-                value.push(',');
-            }
-            value.push_str(&repository);
-            ctr.label_content(digest, &BTreeMap::from([(key.clone(), value)]))?;
-        }
-    }
-    let size = blobs.iter().map(|b| b.1).sum();
-    Ok(size)
-}
-
-/// Labels an image that is already there (fast path): content, digest reference, image labels.
-fn label(ctr: &Ctr, request: &Request, digest: &str) -> Result<u64, LoadError> {
-    let size = label_content(ctr, request.tag, digest)?;
-    ctr.label_image(request.tag, &image_labels(request))?;
-    ctr.tag(request.tag, &digest_reference(request.tag, digest), true)?;
-    Ok(size)
-}
-
-/// Digest and size of the image's blobs: the manifest (or index and the manifests of it that
-/// are present), configs and layers.
-fn blobs(ctr: &Ctr, digest: &str) -> Result<Vec<(String, u64)>, LoadError> {
-    let manifest_error = |error: String| LoadError::Manifest {
-        digest: digest.to_owned(),
-        error,
-    };
-    let bytes = ctr.content(digest)?;
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| manifest_error(e.to_string()))?;
-    let mut blobs = vec![(digest.to_owned(), bytes.len() as u64)];
-    if let Some(manifests) = json.get("manifests").and_then(Value::as_array) {
-        for m in manifests {
-            let Some(d) = m.get("digest").and_then(Value::as_str) else {
-                continue;
-            };
-            // Other platforms' manifests are not imported; skip what is absent.
-            if ctr.content_labels(d).is_ok() {
-                blobs.extend(blobs_of_manifest(ctr, d)?);
-            }
-        }
-        return Ok(blobs);
-    }
-    blobs.extend(descriptors(&json).map_err(manifest_error)?);
-    Ok(blobs)
-}
-
-fn blobs_of_manifest(ctr: &Ctr, digest: &str) -> Result<Vec<(String, u64)>, LoadError> {
-    let bytes = ctr.content(digest)?;
-    let error = |error: String| LoadError::Manifest {
-        digest: digest.to_owned(),
-        error,
-    };
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))?;
-    let mut blobs = vec![(digest.to_owned(), bytes.len() as u64)];
-    blobs.extend(descriptors(&json).map_err(error)?);
-    Ok(blobs)
-}
-
-/// The config and layer descriptors of a manifest.
-fn descriptors(manifest: &Value) -> Result<Vec<(String, u64)>, String> {
-    let config = manifest.get("config").ok_or("no config")?;
-    let layers = manifest
-        .get("layers")
-        .and_then(Value::as_array)
-        .ok_or("no layers")?;
-    std::iter::once(config)
-        .chain(layers)
-        .map(|d| {
-            let digest = d.get("digest").and_then(Value::as_str);
-            let size = d.get("size").and_then(Value::as_u64);
-            digest
-                .zip(size)
-                .map(|(d, s)| (d.to_owned(), s))
-                .ok_or_else(|| format!("a descriptor without digest or size: {d}"))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn reads_manifest_descriptors() {
-        let manifest = serde_json::json!({
-            "config": {"digest": "sha256:c", "size": 206},
-            "layers": [{"digest": "sha256:l", "size": 1985536}],
-        });
-        assert_eq!(
-            descriptors(&manifest),
-            Ok(vec![("sha256:c".into(), 206), ("sha256:l".into(), 1985536)])
-        );
-        assert!(descriptors(&serde_json::json!({})).is_err());
+    fn tells_layers_from_other_blobs() {
+        let mut tar = vec![0u8; 512];
+        tar[..4].copy_from_slice(b"bin/");
+        tar[148..156].copy_from_slice(b"        ");
+        let sum: u32 = tar.iter().map(|b| u32::from(*b)).sum();
+        tar[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        assert!(looks_like_a_layer(&tar));
+        assert!(looks_like_a_layer(b"\x1f\x8b\x08"));
+        assert!(!looks_like_a_layer(br#"{"architecture":"amd64"}"#));
+        assert!(!looks_like_a_layer(&tar[..100]));
     }
 }

@@ -18,7 +18,7 @@ use tracing::field::Empty;
 use tracing::info_span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::containerd::{Ctr, CtrError};
+use super::containerd::{ContainerdArgs, SocketError};
 use super::import::{self, LoadError, Request};
 use super::log::LogTail;
 use super::pipe::{self, PipeError};
@@ -36,7 +36,7 @@ pub struct LoadArgs {
     #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = defaults::IMAGE_PIPE)]
     pub image_pipe: PathBuf,
     #[command(flatten)]
-    pub containerd: Ctr,
+    pub containerd: ContainerdArgs,
     /// Pin the image (`io.cri-containerd.pinned=pinned`) so the kubelet's image GC keeps it.
     #[arg(long, env = "ENBI_PIN")]
     pub pin: bool,
@@ -70,7 +70,7 @@ enum LoaderError {
     #[error("invalid image tag: {0}")]
     Invalid(String),
     #[error(transparent)]
-    Ctr(#[from] CtrError),
+    Socket(#[from] SocketError),
     #[error(transparent)]
     Pipe(#[from] PipeError),
     #[error(transparent)]
@@ -81,7 +81,7 @@ impl LoaderError {
     fn reason(&self) -> FailureReason {
         match self {
             LoaderError::Invalid(_) => FailureReason::EvalFailed,
-            LoaderError::Ctr(_) => FailureReason::ImportFailed,
+            LoaderError::Socket(_) => FailureReason::ImportFailed,
             LoaderError::Pipe(PipeError::NeverOpened) => FailureReason::DeadlineExceeded,
             // What the build container wrote, or failed to write.
             LoaderError::Pipe(_) => FailureReason::BuildFailed,
@@ -161,10 +161,10 @@ fn load(
         .check(&args.image_tag)
         .map_err(LoaderError::Invalid)?;
     let tag = normalise(&args.image_tag);
-    let ctr = &args.containerd;
+    let containerd = &args.containerd;
     // Before a long build: without containerd there is nowhere to put the image. Exiting now
     // also stops the build container (it watches the pipe).
-    ctr.check_socket()?;
+    containerd.check_socket()?;
     let build_deadline = started + Duration::from_secs(args.build_timeout);
     let (handoff, stream) = pipe::read_handoff(pipe, build_deadline)?;
     let built = match handoff {
@@ -178,7 +178,7 @@ fn load(
     let import_started = Instant::now();
     let loaded = step("import", || {
         import::load(
-            ctr,
+            containerd,
             &Request {
                 tag: &tag,
                 store_path: &built.provenance.store_path,

@@ -5,15 +5,17 @@
 //!   then the image, into the pipe (`output`). It runs the flake's code, so it has no
 //!   containerd socket and no API token.
 //! - `enbi-operator load` (`loader`): reads the pipe, checks the stream (`archive`), imports it
-//!   into the node's containerd under the NixBuild's tag (`import`, `containerd`) and reports the
-//!   result as JSON in its termination message (`report`). It runs only enbi's code.
+//!   into the node's containerd under the NixBuild's tag through containerd's API (`import`,
+//!   `api`) and reports the result as JSON in its termination message (`report`). It runs only
+//!   enbi's code.
 //!
 //! A release Job's one container runs `enbi-operator release` (`release`): it unpins and
 //! removes a deleted NixBuild's image on its node, unless a container there uses it.
 //!
-//! Both are synchronous: child processes, with threads for the pipes.
+//! Both are synchronous (child processes, with threads for the pipes), except the import, which
+//! runs its containerd calls on a runtime of its own.
 
-mod advertise;
+mod api;
 mod archive;
 mod build;
 mod containerd;

@@ -23,7 +23,8 @@ use enbi_core::release::ReleaseReport;
 use enbi_core::validation::IMAGE_TAG;
 use serde_json::Value;
 
-use super::containerd::{Ctr, CtrError, Image};
+use super::api::{ApiError, Containerd};
+use super::containerd::{ContainerdArgs, SocketError};
 use super::import::PINNED_LABEL;
 use super::log::LogTail;
 use super::report;
@@ -42,7 +43,7 @@ pub struct ReleaseArgs {
     #[arg(long, env = "ENBI_KEEP_DIGEST_REFERENCE")]
     pub keep_digest_reference: bool,
     #[command(flatten)]
-    pub containerd: Ctr,
+    pub containerd: ContainerdArgs,
     /// Where the JSON report goes (the container's termination message).
     #[arg(
         long,
@@ -59,13 +60,29 @@ enum ReleaseError {
     #[error("invalid image digest {0:?}: expected sha256:<64 hex digits>")]
     Digest(String),
     #[error(transparent)]
-    Ctr(#[from] CtrError),
+    Socket(#[from] SocketError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("cannot start the release's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// An image record: its name, its target's digest, its labels.
+struct Image {
+    name: String,
+    digest: String,
+    labels: BTreeMap<String, String>,
 }
 
 /// Releases the image and writes the report; the exit code says whether it worked.
 pub fn run(args: ReleaseArgs) -> ExitCode {
     let log = LogTail::stdout();
-    match release(&args, &log) {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ReleaseError::Runtime)
+        .and_then(|runtime| runtime.block_on(release(&args, &log)));
+    match result {
         Ok(done) => {
             report::write(&done.encode(), &args.termination_log, &log);
             ExitCode::SUCCESS
@@ -77,7 +94,7 @@ pub fn run(args: ReleaseArgs) -> ExitCode {
     }
 }
 
-fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseError> {
+async fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseError> {
     IMAGE_TAG
         .check(&args.image_tag)
         .map_err(ReleaseError::Tag)?;
@@ -85,11 +102,20 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
     if !is_image_id(digest) {
         return Err(ReleaseError::Digest(digest.clone()));
     }
-    let ctr = &args.containerd;
-    ctr.check_socket()?;
+    args.containerd.check_socket()?;
+    let api = Containerd::connect(&args.containerd).await?;
     let tag = normalise(&args.image_tag);
     let by_digest = digest_reference(&tag, digest);
-    let images = ctr.images()?;
+    let images: Vec<Image> = api
+        .images()
+        .await?
+        .into_iter()
+        .map(|i| Image {
+            name: i.name,
+            digest: i.target.map(|t| t.digest).unwrap_or_default(),
+            labels: i.labels.into_iter().collect(),
+        })
+        .collect();
     for image in images
         .iter()
         .filter(|i| i.name == tag || i.name == by_digest)
@@ -112,7 +138,7 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
     if ours.is_empty() {
         log.line("enbi", &format!("{tag} ({digest}) is not here"));
     } else {
-        done.in_use = in_use(ctr, digest, log)?;
+        done.in_use = in_use(&api, digest, log).await?;
         let (keep, remove): (Vec<&Image>, Vec<&Image>) = ours
             .into_iter()
             .partition(|i| done.in_use || (args.keep_digest_reference && i.name == by_digest));
@@ -123,16 +149,16 @@ fn release(args: &ReleaseArgs, log: &LogTail) -> Result<ReleaseReport, ReleaseEr
             labels.insert(keys::RELEASED.to_owned(), "true".to_owned());
         }
         for image in &keep {
-            ctr.label_image(&image.name, &labels)?;
+            api.label_image(&image.name, &labels).await?;
             if image.labels.contains_key(PINNED_LABEL) {
                 done.unpinned.push(image.name.clone());
             }
         }
         let names = remove.into_iter().map(|i| i.name.clone()).collect();
         done.removed = with_ids(&images, digest, names);
-        ctr.remove(&done.removed)?;
+        delete(&api, &done.removed).await?;
     }
-    done.swept = sweep(ctr, &images, digest, log)?;
+    done.swept = sweep(&api, &images, digest, log).await?;
     log.line(
         "enbi",
         &format!(
@@ -169,7 +195,12 @@ fn with_ids(images: &[Image], digest: &str, mut names: Vec<String>) -> Vec<Strin
 /// Removes the images earlier releases left because a container used them (labelled
 /// `enbi.hrzn.ee/released`), now that none does; an image with any other name (a load that
 /// claimed it again clears the label) is not touched. `skip` is the image released now.
-fn sweep(ctr: &Ctr, images: &[Image], skip: &str, log: &LogTail) -> Result<Vec<String>, CtrError> {
+async fn sweep(
+    api: &Containerd,
+    images: &[Image],
+    skip: &str,
+    log: &LogTail,
+) -> Result<Vec<String>, ApiError> {
     let mut left: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for image in images
         .iter()
@@ -185,11 +216,11 @@ fn sweep(ctr: &Ctr, images: &[Image], skip: &str, log: &LogTail) -> Result<Vec<S
     }
     let mut swept = vec![];
     for (digest, names) in left {
-        if names.iter().any(String::is_empty) || in_use(ctr, digest, log)? {
+        if names.iter().any(String::is_empty) || in_use(api, digest, log).await? {
             continue;
         }
         let names = with_ids(images, digest, names);
-        ctr.remove(&names)?;
+        delete(api, &names).await?;
         swept.extend(names);
     }
     Ok(swept)
@@ -204,23 +235,22 @@ fn is_image_id(name: &str) -> bool {
 /// Whether a container on the node uses the image of manifest `digest`. Unsure (an index, an
 /// unreadable manifest or config) counts as in use: a release never removes what it cannot
 /// rule out.
-fn in_use(ctr: &Ctr, digest: &str, log: &LogTail) -> Result<bool, CtrError> {
-    let Some(chain) = chain_of(ctr, digest) else {
+async fn in_use(api: &Containerd, digest: &str, log: &LogTail) -> Result<bool, ApiError> {
+    let Some(chain) = chain_of(api, digest).await else {
         log.line(
             "enbi",
             &format!("cannot read the layers of {digest}; treating it as in use"),
         );
         return Ok(true);
     };
-    Ok(ctr.active_snapshot_parents()?.contains(&chain))
+    Ok(api.active_snapshot_parents().await?.contains(&chain))
 }
 
 /// The chain ID of the image of manifest `digest`, from its config's `rootfs.diff_ids`.
-fn chain_of(ctr: &Ctr, digest: &str) -> Option<String> {
-    let json =
-        |digest: &str| -> Option<Value> { serde_json::from_slice(&ctr.content(digest).ok()?).ok() };
-    let manifest = json(digest)?;
-    let config = json(manifest.pointer("/config/digest")?.as_str()?)?;
+async fn chain_of(api: &Containerd, digest: &str) -> Option<String> {
+    let manifest: Value = serde_json::from_slice(&api.read(digest).await.ok()?).ok()?;
+    let config = manifest.pointer("/config/digest")?.as_str()?;
+    let config: Value = serde_json::from_slice(&api.read(config).await.ok()?).ok()?;
     let diff_ids: Vec<&str> = config
         .pointer("/rootfs/diff_ids")?
         .as_array()?
@@ -228,4 +258,11 @@ fn chain_of(ctr: &Ctr, digest: &str) -> Option<String> {
         .map(Value::as_str)
         .collect::<Option<_>>()?;
     chain_id(&diff_ids)
+}
+
+async fn delete(api: &Containerd, names: &[String]) -> Result<(), ApiError> {
+    for name in names {
+        api.delete_image(name).await?;
+    }
+    Ok(())
 }
