@@ -556,6 +556,8 @@ pub struct JobView {
     pub termination_message: Option<String>,
     /// Whether the load container terminated (false if its Pod vanished first).
     pub terminated: bool,
+    /// When the Job completed (its `status.completionTime`), if it did.
+    pub completed: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 /// Reads a builder Job and its Pod (if the Pod still exists).
@@ -601,6 +603,11 @@ pub fn observe(job: &Job, pod: Option<&Pod>) -> JobView {
             .and_then(|t| t.message.clone())
             .filter(|m| !m.is_empty()),
         terminated: terminated.is_some(),
+        completed: job
+            .status
+            .as_ref()
+            .and_then(|s| s.completion_time.as_ref())
+            .map(|t| t.0),
     }
 }
 

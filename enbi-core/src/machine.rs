@@ -32,6 +32,12 @@ use crate::report::BuildReport;
 use crate::spread;
 use crate::{backoff, capacity, policy};
 
+/// How often a Succeeded Job whose report is not seen yet is looked at again.
+const REPORT_POLL: Duration = Duration::from_secs(2);
+/// How long after a Job's completion its report may still be missing from the Pods' cache
+/// before the build fails for want of it (`InvalidReport`).
+const REPORT_GRACE: SignedDuration = SignedDuration::from_secs(60);
+
 /// Retry behaviour, and how images spread to other nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -425,6 +431,12 @@ impl Step<'_> {
 
     fn read_success(&mut self, view: &JobView) {
         let Some(text) = view.termination_message.as_deref() else {
+            // The Jobs' cache can be ahead of the Pods' (both lists are redone after an
+            // apiserver restart): a report not seen yet is awaited, for a while.
+            if !view.terminated && !self.report_overdue(view) {
+                self.requeue_after = Some(REPORT_POLL);
+                return;
+            }
             return self.fail(
                 FailureReason::InvalidReport,
                 "the builder exited 0 without a report".into(),
@@ -475,6 +487,12 @@ impl Step<'_> {
             Ok(BuildReport::Failed(f)) => self.fail(f.reason, with_tail(&f.message, &f.log_tail)),
             Err(e) => self.fail(FailureReason::InvalidReport, e.to_string()),
         }
+    }
+
+    /// Whether a completed Job's report should have been seen by now.
+    fn report_overdue(&self, view: &JobView) -> bool {
+        view.completed
+            .is_none_or(|at| self.obs.now.duration_since(at) > REPORT_GRACE)
     }
 
     fn read_failure(&mut self, view: &JobView, job_reason: Option<&str>) {

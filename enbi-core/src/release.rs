@@ -381,6 +381,7 @@ mod tests {
             node: None,
             termination_message: message.map(str::to_owned),
             terminated: message.is_some(),
+            completed: None,
         }
     }
 

@@ -417,6 +417,7 @@ mod tests {
             node: Some("b".into()),
             termination_message: message,
             terminated: true,
+            completed: None,
         }
     }
 

@@ -66,6 +66,7 @@ fn view(b: &NixBuild, state: JobState, message: Option<String>, terminated: bool
         node: Some("arm-0".into()),
         termination_message: message,
         terminated,
+        completed: None,
     }
 }
 
@@ -374,6 +375,23 @@ fn deadline_crash_and_bad_reports_have_their_reasons() {
         let d = decide(observe(&b, Some(&v), 1), &settings());
         assert_eq!(d.status.failure_reason.as_deref(), Some(reason));
     }
+}
+
+/// A Job seen Complete before its Pod's termination (the two caches relist apart after an
+/// apiserver restart) is no failure: the report is awaited, up to a minute after completion.
+#[test]
+fn a_report_not_seen_yet_is_awaited_for_a_while() {
+    let mut b = build();
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    let mut v = view(&b, JobState::Succeeded, None, false);
+    v.completed = Some(at(10));
+    let d = decide(observe(&b, Some(&v), 15), &settings());
+    assert_eq!(d.status.failure_reason, None);
+    assert_eq!(d.status.phase, first.status.phase);
+    assert_eq!(d.requeue_after, Some(std::time::Duration::from_secs(2)));
+    let d = decide(observe(&b, Some(&v), 75), &settings());
+    assert_eq!(d.status.failure_reason.as_deref(), Some("InvalidReport"));
 }
 
 #[test]
