@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::validation::{self, FLAKE_URL, IMAGE_TAG, PACKAGE_NAME, garde_rules};
+use crate::validation::{self, FLAKE_URL, IMAGE_TAG, PACKAGE_NAME, SECRET_NAME, garde_rules};
 
 /// What to build and what to call the image. Immutable: a different build is a new NixBuild.
 #[derive(
@@ -52,6 +52,20 @@ pub struct NixBuildSpec {
     #[schemars(extend("maxLength" = 64))]
     #[garde(custom(garde_rules::system))]
     pub system: String,
+    /// Secret in this namespace with credentials to fetch a private flake (keys `access-tokens`,
+    /// `netrc`, `ssh-privatekey` with `known_hosts`); only the build's `build` container sees them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[garde(dive)]
+    pub fetch_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the NixBuild's own namespace.
+#[derive(KubeSchema, Validate, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SecretRef {
+    #[x_kube(validation = SECRET_NAME.cel())]
+    #[schemars(extend("maxLength" = SECRET_NAME.max_len))]
+    #[garde(custom(garde_rules::secret_name))]
+    pub name: String,
 }
 
 /// Where a build is in its life.
@@ -252,6 +266,7 @@ mod tests {
             package_name: "app.stream".into(),
             image_tag: "app:1".into(),
             system: "aarch64-linux".into(),
+            fetch_secret_ref: None,
         };
         assert_eq!(
             spec.installable(),

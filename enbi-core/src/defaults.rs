@@ -21,6 +21,8 @@ pub const JOB_TTL_SECONDS: i32 = 3600;
 /// The `emptyDir` the build and load containers share, and the FIFO in it.
 pub const HANDOFF_DIR: &str = "/run/enbi";
 pub const IMAGE_PIPE: &str = "/run/enbi/image";
+/// Where the `build` container finds the build's fetch credentials (`fetch`), when it has any.
+pub const FETCH_CREDENTIALS_DIR: &str = "/run/enbi-fetch";
 /// Seconds the build container's evaluation and build may take, and the load container waits
 /// for its result, when the Job does not say (it always does: 3/4 of its deadline).
 pub const BUILDER_BUILD_TIMEOUT_SECONDS: u64 = 3000;

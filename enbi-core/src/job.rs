@@ -24,7 +24,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource,
     ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
@@ -277,6 +277,7 @@ pub fn render(
     let build_timeout = (deadline * 3 / 4).to_string();
     let import_timeout = (deadline / 6).to_string();
     let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let fetch_credentials = spec.fetch_secret_ref.is_some();
     let build_args = strings(&[
         "build",
         "--image-pipe",
@@ -291,7 +292,15 @@ pub fn render(
         settings.store.as_str(),
         "--build-timeout",
         &build_timeout,
-    ]);
+    ])
+    .into_iter()
+    .chain(
+        fetch_credentials
+            .then(|| strings(&["--fetch-credentials", defaults::FETCH_CREDENTIALS_DIR]))
+            .into_iter()
+            .flatten(),
+    )
+    .collect();
     let load_args = strings(&[
         "load",
         "--image-pipe",
@@ -334,6 +343,26 @@ pub fn render(
         build_mounts.extend([m, sm, mount("home", BUILD_HOME, false)]);
         build_env.push(env("HOME", BUILD_HOME));
         build_user = Some(BUILD_USER);
+    }
+    // The credentials' copy bears the Job's name (`fetch::copy`). Readable by the build user
+    // alone: its group is the Pod's fsGroup, the build user's.
+    let mut fs_group = None;
+    if fetch_credentials {
+        volumes.push(Volume {
+            name: "fetch-credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(purpose.job_name(build)),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        build_mounts.push(mount(
+            "fetch-credentials",
+            defaults::FETCH_CREDENTIALS_DIR,
+            true,
+        ));
+        fs_group = build_user.filter(|user| *user != 0);
     }
     let mut common_env: Vec<EnvVar> = trace
         .map(|t| env("TRACEPARENT", &t.to_string()))
@@ -398,6 +427,10 @@ pub fn render(
         affinity: Some(affinity),
         containers: vec![build_container, load_container],
         volumes: Some(volumes),
+        security_context: fs_group.map(|group| PodSecurityContext {
+            fs_group: Some(group),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     // `kubectl logs job/<name>` shows the build's log (nix's output).
@@ -520,7 +553,7 @@ fn job(
                             type_: "RuntimeDefault".into(),
                             ..Default::default()
                         }),
-                        ..Default::default()
+                        ..pod.security_context.clone().unwrap_or_default()
                     }),
                     ..pod
                 }),
@@ -627,6 +660,7 @@ mod tests {
                 package_name: "chog-docker.stream-layered".into(),
                 image_tag: "nossa.ee/talya/chog:f5d531177a7330e9b270c15cca5df0eb72b8684c".into(),
                 system: "aarch64-linux".into(),
+                fetch_secret_ref: None,
             },
         );
         b.metadata.namespace = Some("apps".into());
@@ -664,6 +698,57 @@ mod tests {
             &BuilderSettings::default(),
         );
         insta::assert_yaml_snapshot!(job);
+    }
+
+    #[test]
+    fn fetch_credentials_reach_the_build_container_alone() {
+        let mut build = build();
+        build.spec.fetch_secret_ref = Some(crate::crd::SecretRef {
+            name: "creds".into(),
+        });
+        for (store, fs_group) in [
+            (StoreMode::Pod, None),
+            (StoreMode::NodeDaemon, Some(BUILD_USER)),
+        ] {
+            let settings = BuilderSettings {
+                store,
+                ..Default::default()
+            };
+            let purpose = Purpose::Load {
+                node: "n1".into(),
+                round: 1,
+            };
+            let job = render(&build, &purpose, Affinity::default(), None, &settings);
+            let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find_map(|v| v.secret.clone())
+                .expect("a Secret volume");
+            // The copy beside the Job, not the user's Secret, which is in another namespace.
+            assert_eq!(volume.secret_name, Some(purpose.job_name(&build)));
+            let [build_container, load_container] = &pod.containers[..] else {
+                panic!("two containers")
+            };
+            let mounted = |c: &Container| {
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .any(|m| m.mount_path == defaults::FETCH_CREDENTIALS_DIR)
+            };
+            assert!(mounted(build_container) && !mounted(load_container));
+            let args = build_container.args.clone().expect("args");
+            assert!(
+                args.windows(2)
+                    .any(|w| w == ["--fetch-credentials", defaults::FETCH_CREDENTIALS_DIR])
+            );
+            assert_eq!(
+                pod.security_context.and_then(|c| c.fs_group),
+                fs_group,
+                "{store:?}"
+            );
+        }
     }
 
     #[test]

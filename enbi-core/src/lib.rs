@@ -9,6 +9,7 @@ pub mod crd;
 pub mod defaults;
 pub mod event;
 pub mod fault;
+pub mod fetch;
 pub mod gc;
 pub mod image_archive;
 pub mod job;

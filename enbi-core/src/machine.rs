@@ -30,7 +30,7 @@ use crate::placement::{NoEligibleNode, Placement};
 use crate::reason::{FailureReason, WaitReason};
 use crate::report::BuildReport;
 use crate::spread;
-use crate::{backoff, capacity, policy};
+use crate::{backoff, capacity, fetch, policy};
 
 /// How often a Succeeded Job whose report is not seen yet is looked at again.
 const REPORT_POLL: Duration = Duration::from_secs(2);
@@ -80,6 +80,8 @@ pub struct Observation<'a> {
     pub job: Option<&'a JobView>,
     /// `Err(rule)` when policy forbids the build.
     pub policy: Result<(), policy::Denial>,
+    /// `Err(why)` when the build names a fetch Secret it cannot use (read before an attempt).
+    pub fetch_secret: Result<(), fetch::Unusable>,
     pub placement: Result<Placement, NoEligibleNode>,
     /// `Err(why)` when a concurrency limit is reached.
     pub capacity: Result<(), capacity::Full>,
@@ -283,6 +285,9 @@ impl Step<'_> {
     fn start_attempt(&mut self) {
         if let Err(rule) = self.obs.policy.clone() {
             return self.finish_failed(FailureReason::PolicyDenied, rule.to_string());
+        }
+        if let Err(why) = self.obs.fetch_secret.clone() {
+            return self.finish_failed(FailureReason::FetchSecretUnusable, why.to_string());
         }
         if let Some(fault) = self.obs.fault {
             self.status.phase = Some(Phase::Pending);
@@ -498,7 +503,10 @@ impl Step<'_> {
     fn read_failure(&mut self, view: &JobView, job_reason: Option<&str>) {
         let report = view.termination_message.as_deref().map(BuildReport::parse);
         match (report, job_reason) {
-            (Some(Ok(BuildReport::Failed(f))), _) => self.fail(f.reason, with_tail(&f.message, &f.log_tail)),
+            (Some(Ok(BuildReport::Failed(f))), _) => {
+                let message = format!("{}{}", f.message, self.fetched_with(f.reason));
+                self.fail(f.reason, with_tail(&message, &f.log_tail))
+            }
             (_, Some("DeadlineExceeded")) => self.fail(
                 FailureReason::DeadlineExceeded,
                 format!("builder Job {} ran past its deadline", view.name),
@@ -511,6 +519,20 @@ impl Step<'_> {
                 FailureReason::BuilderLost,
                 format!("builder Job {} failed before its container finished (node lost or Pod deleted)", view.name),
             ),
+        }
+    }
+
+    /// For a failure to fetch or evaluate: which fetch Secret the builder had, if any, since
+    /// wrong credentials fail that way.
+    fn fetched_with(&self, reason: FailureReason) -> String {
+        let build = self.obs.build;
+        match &build.spec.fetch_secret_ref {
+            Some(secret) if reason == FailureReason::EvalFailed => format!(
+                " (fetched with the credentials of Secret {}/{}, spec.fetchSecretRef)",
+                kube::ResourceExt::namespace(build).unwrap_or_default(),
+                secret.name
+            ),
+            _ => String::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Who may build what. A NixBuild writes an image into a node's containerd under any tag it
 //! names, so the operator checks, before anything runs: the namespace, the flake URL's prefix,
-//! and the image tag against patterns (optionally per namespace). Empty lists allow everything.
+//! and the image tag against patterns (optionally per namespace). Empty lists allow everything,
+//! except fetch Secrets, which only the namespaces listed may name.
 
 use crate::crd::NixBuildSpec;
 use crate::reference;
@@ -20,6 +21,9 @@ pub struct Policy {
     pub allowed_namespaces: Vec<String>,
     pub flake_url_prefixes: Vec<String>,
     pub tag_rules: Vec<TagRule>,
+    /// Namespaces whose builds may name a fetch Secret (`spec.fetchSecretRef`); empty: none,
+    /// `*`: all. The operator reads those Secrets, so the list is opt-in.
+    pub fetch_secret_namespaces: Vec<String>,
 }
 
 /// Why the policy refuses a build; its message names the field and the rule.
@@ -37,6 +41,11 @@ pub enum Denial {
         tag: String,
         namespace: String,
         patterns: Vec<String>,
+    },
+    #[error("spec.fetchSecretRef: namespace {namespace} may not use fetch Secrets (allowed: {})", if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") })]
+    FetchSecret {
+        namespace: String,
+        allowed: Vec<String>,
     },
 }
 
@@ -59,6 +68,17 @@ pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<()
         return Err(Denial::FlakeUrl {
             url: spec.flake_url.clone(),
             prefixes: policy.flake_url_prefixes.clone(),
+        });
+    }
+    if spec.fetch_secret_ref.is_some()
+        && !policy
+            .fetch_secret_namespaces
+            .iter()
+            .any(|n| n == namespace || n == "*")
+    {
+        return Err(Denial::FetchSecret {
+            namespace: namespace.to_owned(),
+            allowed: policy.fetch_secret_namespaces.clone(),
         });
     }
     let rules: Vec<&TagRule> = policy
@@ -107,6 +127,7 @@ mod tests {
             package_name: "p".into(),
             image_tag: tag.into(),
             system: "x86_64-linux".into(),
+            fetch_secret_ref: None,
         }
     }
 
@@ -133,6 +154,7 @@ mod tests {
                     pattern: "localhost/ci-*:*".into(),
                 },
             ],
+            fetch_secret_namespaces: vec![],
         };
         let ok = spec("git+https://nossa.ee/~talya/chog", "nossa.ee/talya/chog:1");
         assert_eq!(check(&policy, "apps", &ok), Ok(()));
@@ -179,6 +201,30 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn only_listed_namespaces_may_name_a_fetch_secret() {
+        let mut private = spec("git+ssh://git@git.example/r", "localhost/app:1");
+        private.fetch_secret_ref = Some(crate::crd::SecretRef {
+            name: "creds".into(),
+        });
+        let err = check(&Policy::default(), "team", &private).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.fetchSecretRef: namespace team may not use fetch Secrets (allowed: none)"
+        );
+        let listed = Policy {
+            fetch_secret_namespaces: vec!["team".into()],
+            ..Default::default()
+        };
+        assert_eq!(check(&listed, "team", &private), Ok(()));
+        assert!(check(&listed, "other", &private).is_err());
+        let all = Policy {
+            fetch_secret_namespaces: vec!["*".into()],
+            ..Default::default()
+        };
+        assert_eq!(check(&all, "other", &private), Ok(()));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum FailureReason {
     InvalidReport,
     /// The operator's policy does not allow this build.
     PolicyDenied,
+    /// The fetch Secret the build names is missing or holds no usable credentials.
+    FetchSecretUnusable,
 }
 
 impl FailureReason {
@@ -41,6 +43,7 @@ impl FailureReason {
             Self::BuilderCrashed => "BuilderCrashed",
             Self::InvalidReport => "InvalidReport",
             Self::PolicyDenied => "PolicyDenied",
+            Self::FetchSecretUnusable => "FetchSecretUnusable",
         }
     }
 

@@ -123,6 +123,16 @@ pub static IMAGE_TAG: FieldRule = FieldRule {
                app@sha256:<64 hex>",
 };
 
+/// `spec.fetchSecretRef.name`: a Secret's name, a DNS subdomain (RFC 1123).
+pub static SECRET_NAME: FieldRule = FieldRule {
+    regexes: LazyLock::new(|| compile(&SECRET_NAME)),
+    field: "fetchSecretRef.name",
+    pattern: r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*$",
+    limits: &[],
+    max_len: 253,
+    expected: "a Secret's name: lowercase letters, digits, '-' and '.', such as flake-credentials",
+};
+
 impl FieldRule {
     /// The admission message when a value breaks this rule.
     pub fn message(&self) -> String {
@@ -203,6 +213,9 @@ pub(crate) mod garde_rules {
     pub fn image_tag(value: &str, _: &()) -> garde::Result {
         to_garde(IMAGE_TAG.check(value))
     }
+    pub fn secret_name(value: &str, _: &()) -> garde::Result {
+        to_garde(SECRET_NAME.check(value))
+    }
     pub fn system(value: &str, _: &()) -> garde::Result {
         to_garde(check_system(value))
     }
@@ -252,7 +265,7 @@ mod tests {
     /// point at most); every rule here stays under the runtime limit even so.
     #[test]
     fn cel_cost_estimate_stays_within_the_apiservers_limits() {
-        for rule in [&FLAKE_URL, &PACKAGE_NAME, &IMAGE_TAG] {
+        for rule in [&FLAKE_URL, &PACKAGE_NAME, &IMAGE_TAG, &SECRET_NAME] {
             let traversal = (4 * rule.max_len).div_ceil(10);
             let cost: usize = std::iter::once(rule.pattern)
                 .chain(rule.limits.iter().map(|l| l.pattern))

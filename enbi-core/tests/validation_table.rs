@@ -3,7 +3,7 @@
 
 mod common;
 
-use enbi_core::crd::NixBuildSpec;
+use enbi_core::crd::{NixBuildSpec, SecretRef};
 use garde::Validate;
 use serde_json::json;
 
@@ -15,6 +15,7 @@ fn base() -> NixBuildSpec {
         package_name: "chog-docker.stream-layered".into(),
         image_tag: "nossa.ee/talya/chog:f5d531177a7330e9b270c15cca5df0eb72b8684c".into(),
         system: "aarch64-linux".into(),
+        fetch_secret_ref: None,
     }
 }
 
@@ -25,6 +26,7 @@ fn with(field: &str, value: &str) -> NixBuildSpec {
         "packageName" => spec.package_name = value.into(),
         "imageTag" => spec.image_tag = value.into(),
         "system" => spec.system = value.into(),
+        "fetchSecretRef.name" => spec.fetch_secret_ref = Some(SecretRef { name: value.into() }),
         other => panic!("unknown field {other}"),
     }
     spec
@@ -54,7 +56,10 @@ fn max_length(field: &str) -> usize {
     let crd = serde_json::to_value(<enbi_core::crd::NixBuild as kube::CustomResourceExt>::crd())
         .expect("the CRD serialises");
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
-    let max = &schema["properties"]["spec"]["properties"][field]["maxLength"];
+    let max = field
+        .split('.')
+        .fold(&schema["properties"]["spec"], |s, f| &s["properties"][f])["maxLength"]
+        .clone();
     usize::try_from(max.as_u64().expect("every spec field has a maxLength"))
         .expect("maxLength fits usize")
 }

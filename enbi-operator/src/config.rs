@@ -135,6 +135,10 @@ pub struct RunArgs {
     /// Flake URL prefixes allowed (comma-separated; empty: all).
     #[arg(long, env = "ENBI_ALLOWED_FLAKE_PREFIXES", value_delimiter = ',')]
     pub allowed_flake_prefixes: Vec<String>,
+    /// Namespaces whose NixBuilds may name a fetch Secret, `spec.fetchSecretRef`
+    /// (comma-separated; empty: none; `*`: all). The operator needs `get` on Secrets there.
+    #[arg(long, env = "ENBI_FETCH_SECRET_NAMESPACES", value_delimiter = ',')]
+    pub fetch_secret_namespaces: Vec<String>,
     /// Image tag patterns allowed, `pattern` or `namespace=pattern`, `*` as wildcard
     /// (comma-separated; empty: all).
     #[arg(long, env = "ENBI_ALLOWED_IMAGE_TAGS", value_delimiter = ',')]
@@ -209,6 +213,7 @@ impl RunArgs {
             &mut self.watch_namespaces,
             &mut self.allowed_namespaces,
             &mut self.allowed_flake_prefixes,
+            &mut self.fetch_secret_namespaces,
             &mut self.allowed_image_tags,
             &mut self.webhook_hosts,
         ] {
@@ -319,6 +324,7 @@ impl RunArgs {
             allowed_namespaces: self.allowed_namespaces.clone(),
             flake_url_prefixes: self.allowed_flake_prefixes.clone(),
             tag_rules,
+            fetch_secret_namespaces: self.fetch_secret_namespaces.clone(),
         }
     }
 }

@@ -14,9 +14,10 @@ use enbi_core::keys;
 use enbi_core::machine::{self, Decision, Observation};
 use enbi_core::placement::{self, NodeView};
 use enbi_core::trace::TraceContext;
-use enbi_core::{backoff, capacity, census, conditions, policy, release, spread};
+use enbi_core::{backoff, capacity, census, conditions, fetch, policy, release, spread};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
@@ -242,7 +243,28 @@ async fn apply(
     if matches!(build.phase(), Phase::Succeeded | Phase::Failed) {
         ctx.pods.build_changed(build, &ctx.pod_stores).await;
     }
-    let decision = decide(build, namespace, ctx, ctx.settings_fault.as_ref());
+    let mut decision = decide(build, namespace, ctx, ctx.settings_fault.as_ref(), Ok(()));
+    // The fetch Secret is read only when a Job is about to be made, which needs its copy.
+    let mut credentials = None;
+    if build.spec.fetch_secret_ref.is_some()
+        && (decision.create_job.is_some() || !decision.loads.is_empty())
+    {
+        match read_fetch_secret(build, namespace, ctx).await? {
+            Ok(found) => credentials = Some(found),
+            Err(why) if decision.create_job.is_some() => {
+                decision = decide(build, namespace, ctx, ctx.settings_fault.as_ref(), Err(why));
+            }
+            // A load of a Succeeded build: its Job waits for the copy until its deadline, and
+            // the load is retried as any failed load; this says why.
+            Err(why) => {
+                let warning = enbi_core::event::Event::warning(
+                    enbi_core::reason::FailureReason::FetchSecretUnusable.as_str(),
+                    why.to_string(),
+                );
+                publish(build, &[warning], ctx).await;
+            }
+        }
+    }
     // What this reconcile decided, on its span: a trace reads as the build's history.
     let span = tracing::Span::current();
     span.record(
@@ -253,7 +275,8 @@ async fn apply(
         span.record("enbi.reason", c.reason.as_str());
     }
     span.record("enbi.job_applied", decision.create_job.is_some());
-    if let Err(e) = execute(build, namespace, &decision, trace, ctx).await {
+    let credentials = credentials.as_ref();
+    if let Err(e) = execute(build, namespace, &decision, trace, credentials, ctx).await {
         // A fault of the installation kept the Job from being made: the build says why it
         // waits, and the error still backs the reconcile off until the fault is fixed.
         if let Error::Job(_) = e
@@ -261,8 +284,8 @@ async fn apply(
                 .api_status()
                 .and_then(|s| fault::of_api_error(s, &ctx.builder.namespace))
         {
-            let held = decide(build, namespace, ctx, Some(&fault));
-            execute(build, namespace, &held, trace, ctx).await?;
+            let held = decide(build, namespace, ctx, Some(&fault), Ok(()));
+            execute(build, namespace, &held, trace, credentials, ctx).await?;
         }
         return Err(e);
     }
@@ -272,7 +295,13 @@ async fn apply(
 }
 
 /// Gathers what `machine::decide` needs from the caches and settings, and decides.
-fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault>) -> Decision {
+fn decide(
+    build: &NixBuild,
+    namespace: &str,
+    ctx: &Context,
+    fault: Option<&Fault>,
+    fetch_secret: Result<(), fetch::Unusable>,
+) -> Decision {
     let nodes: Vec<NodeView> = ctx
         .nodes
         .state()
@@ -312,6 +341,7 @@ fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault
             build,
             job: job.as_ref(),
             policy: policy::check(&ctx.policy, namespace, &build.spec),
+            fetch_secret,
             placement,
             capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
             spread,
@@ -326,28 +356,69 @@ fn decide(build: &NixBuild, namespace: &str, ctx: &Context, fault: Option<&Fault
     )
 }
 
+/// The fetch Secret `build` names, read from its namespace: its credentials, or why they cannot
+/// be used. Only an error that may pass (not a 404, not a 403) fails the reconcile.
+async fn read_fetch_secret(
+    build: &NixBuild,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Result<Credentials, fetch::Unusable>, Error> {
+    let name = build
+        .spec
+        .fetch_secret_ref
+        .as_ref()
+        .map(|s| s.name.as_str())
+        .unwrap_or_default();
+    let url = &build.spec.flake_url;
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
+    let data = match secrets.get_opt(name).await {
+        Ok(secret) => secret.map(|s| s.data.unwrap_or_default()),
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            return Ok(Err(fetch::Unusable::Unreadable {
+                namespace: namespace.into(),
+                name: name.into(),
+                url: url.clone(),
+                error: status.message,
+            }));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(fetch::usable(namespace, name, url, data.as_ref()))
+}
+
+/// The keys of a fetch Secret that a builder gets (`fetch::usable`).
+type Credentials = BTreeMap<String, ByteString>;
+
 /// Carries out a decision: Job first, then status (so a lost status write only repeats an
-/// idempotent apply), then Events.
+/// idempotent apply), then Events. Each Job gets its copy of the fetch credentials, if any,
+/// right after it: the kubelet retries the Pod's mount until the copy is there.
 async fn execute(
     build: &NixBuild,
     namespace: &str,
     decision: &Decision,
     trace: Option<&TraceContext>,
+    credentials: Option<&Credentials>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.builder.namespace);
+    let apply = PatchParams::apply(keys::MANAGER).force();
     let apply_job = |purpose: Purpose, affinity| {
         let manifest = job::render(build, &purpose, affinity, trace, &ctx.builder);
-        let jobs = jobs.clone();
+        let (jobs, secrets, apply) = (jobs.clone(), secrets.clone(), apply.clone());
         async move {
-            jobs.patch(
-                &manifest.name_any(),
-                &PatchParams::apply(keys::MANAGER).force(),
-                &Patch::Apply(&manifest),
-            )
-            .await
-            .map(|job| job.name_any())
-            .map_err(Error::Job)
+            let job = jobs
+                .patch(&manifest.name_any(), &apply, &Patch::Apply(&manifest))
+                .await
+                .map_err(Error::Job)?;
+            if let Some(credentials) = credentials {
+                let copy = fetch::copy(&job, credentials.clone());
+                secrets
+                    .patch(&job.name_any(), &apply, &Patch::Apply(&copy))
+                    .await
+                    .map_err(Error::Job)?;
+            }
+            Ok::<_, Error>(job.name_any())
         }
     };
     if let Some(plan) = &decision.create_job {

@@ -135,19 +135,21 @@ mod tests {
     /// argument the Job passes is a flag of `build`/`load`, with the value the build asked for.
     #[test]
     fn the_jobs_arguments_are_the_builders_flags() {
-        let build = NixBuild::new(
-            "app",
-            NixBuildSpec {
-                flake_url: "git+https://example.test/app?rev=1".into(),
-                package_name: "app.stream".into(),
-                image_tag: "example.test/app:v1".into(),
-                system: "aarch64-linux".into(),
-            },
-        );
-        for (store, pin, overwrite) in [
-            (StoreMode::Pod, true, false),
-            (StoreMode::NodeDaemon, false, true),
+        for (store, pin, overwrite, fetch_secret) in [
+            (StoreMode::Pod, true, false, None),
+            (StoreMode::NodeDaemon, false, true, Some("creds")),
         ] {
+            let build = NixBuild::new(
+                "app",
+                NixBuildSpec {
+                    flake_url: "git+https://example.test/app?rev=1".into(),
+                    package_name: "app.stream".into(),
+                    image_tag: "example.test/app:v1".into(),
+                    system: "aarch64-linux".into(),
+                    fetch_secret_ref: fetch_secret
+                        .map(|name| enbi_core::crd::SecretRef { name: name.into() }),
+                },
+            );
             let settings = BuilderSettings {
                 store,
                 pin,
@@ -181,6 +183,11 @@ mod tests {
                 assert_eq!(b.package_name, build.spec.package_name);
                 assert_eq!(b.system, build.spec.system);
                 assert_eq!(b.store, store);
+                assert_eq!(
+                    b.fetch_credentials.is_some(),
+                    fetch_secret.is_some(),
+                    "{store:?}"
+                );
                 let Command::Load(l) = parse(of(job::LOAD_CONTAINER)) else {
                     panic!("the load container runs `load`")
                 };

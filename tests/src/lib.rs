@@ -395,6 +395,7 @@ pub fn nixbuild_spec(tag: &str) -> enbi_core::crd::NixBuildSpec {
         package_name: "app".into(),
         image_tag: tag.into(),
         system: "x86_64-linux".into(),
+        fetch_secret_ref: None,
     }
 }
 

@@ -31,7 +31,12 @@ async fn every_bad_spec_is_refused_naming_its_field() {
     let mut cases: Vec<(String, Value)> = vec![];
     for case in spec_fields().into_iter().filter(|c| !c.valid) {
         let mut spec = valid_spec();
-        spec[&case.field] = json!(case.value());
+        // A dotted field is a nested one: `fetchSecretRef.name`.
+        let slot = case
+            .field
+            .split('.')
+            .fold(&mut spec, |object, key| &mut object[key]);
+        *slot = json!(case.value());
         cases.push((case.field.clone(), spec));
     }
     for field in ["flakeUrl", "packageName", "imageTag", "system"] {

@@ -313,6 +313,7 @@ async fn pods_that_need_no_build_or_cannot_have_one_are_not_gated() {
         package_name: "app.stream".into(),
         image_tag: built.into(),
         system: "x86_64-linux".into(),
+        fetch_secret_ref: None,
     };
     let name = enbi_core::naming::nixbuild_name(&spec);
     Api::<NixBuild>::namespaced(client.clone(), &s.app.name)

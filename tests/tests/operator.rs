@@ -47,6 +47,7 @@ fn spec(tag: &str, system: &str) -> NixBuildSpec {
         package_name: "app.stream".into(),
         image_tag: tag.into(),
         system: system.into(),
+        fetch_secret_ref: None,
     }
 }
 

@@ -548,6 +548,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
             package_name: "missing".into(),
             image_tag: "example.test/broken:v1".into(),
             system: system(),
+            fetch_secret_ref: None,
         },
     );
     nixbuilds

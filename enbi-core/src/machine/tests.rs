@@ -17,6 +17,7 @@ fn build() -> NixBuild {
             package_name: "app.stream".into(),
             image_tag: TAG.into(),
             system: "aarch64-linux".into(),
+            fetch_secret_ref: None,
         },
     );
     b.metadata.namespace = Some("apps".into());
@@ -46,6 +47,7 @@ fn observe<'a>(b: &'a NixBuild, job: Option<&'a JobView>, now: i64) -> Observati
         build: b,
         job,
         policy: Ok(()),
+        fetch_secret: Ok(()),
         placement: place(&b.spec.system, &nodes(), &[], None),
         capacity: Ok(()),
         spread: Default::default(),
@@ -427,6 +429,54 @@ fn policy_denial_fails_without_a_job() {
     assert_eq!(d.status.phase, Some(Phase::Failed));
     assert_eq!(d.status.failure_reason.as_deref(), Some("PolicyDenied"));
     assert_eq!(d.status.attempts, 0);
+}
+
+#[test]
+fn an_unusable_fetch_secret_fails_without_a_job() {
+    let b = build();
+    let mut obs = observe(&b, None, 0);
+    obs.fetch_secret = Err(crate::fetch::Unusable::Missing {
+        namespace: "apps".into(),
+        name: "creds".into(),
+        url: "github:o/r".into(),
+    });
+    let d = decide(obs, &settings());
+    assert!(d.create_job.is_none());
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        d.status.failure_reason.as_deref(),
+        Some("FetchSecretUnusable")
+    );
+    let message = d.status.failure_message.expect("a message");
+    assert!(message.contains("Secret apps/creds") && message.contains("github:o/r"));
+}
+
+#[test]
+fn a_failed_fetch_names_the_fetch_secret_it_used() {
+    let mut b = build();
+    b.spec.fetch_secret_ref = Some(crate::crd::SecretRef {
+        name: "creds".into(),
+    });
+    let first = decide(observe(&b, None, 0), &settings());
+    apply(&mut b, &first);
+    for (reason, named) in [
+        (FailureReason::EvalFailed, true),
+        (FailureReason::BuildFailed, false),
+    ] {
+        let failed = view(
+            &b,
+            JobState::Failed { reason: None },
+            Some(failure_report(reason)),
+            true,
+        );
+        let d = decide(observe(&b, Some(&failed), 10), &settings());
+        let message = d.status.failure_message.expect("a message");
+        assert_eq!(
+            message.contains("credentials of Secret apps/creds"),
+            named,
+            "{message}"
+        );
+    }
 }
 
 #[test]

@@ -67,6 +67,7 @@ pub fn spec(
         package_name: get(keys::POD_PACKAGE_NAME)?,
         image_tag: get(keys::POD_IMAGE_TAG)?,
         system,
+        fetch_secret_ref: None,
     };
     spec.validate().map_err(|report| {
         AnnotationError::Invalid(

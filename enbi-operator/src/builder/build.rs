@@ -18,7 +18,8 @@ use super::log::LogTail;
 use enbi_core::defaults;
 use enbi_core::job::StoreMode;
 
-use super::nix::{self, NixError};
+use super::credentials;
+use super::nix::{self, Nix, NixError};
 use super::output::{self, OutputError};
 use super::pipe::{self, Watch};
 use super::{join_trace, millis, step};
@@ -45,6 +46,9 @@ pub struct BuildArgs {
     /// The FIFO the load container reads the image from.
     #[arg(long, env = "ENBI_IMAGE_PIPE", default_value = defaults::IMAGE_PIPE)]
     pub image_pipe: PathBuf,
+    /// Directory of the build's fetch credentials (the copy of its `spec.fetchSecretRef`).
+    #[arg(long, env = "ENBI_FETCH_CREDENTIALS")]
+    pub fetch_credentials: Option<PathBuf>,
     /// Node the build runs on, for the trace (the Job sets it from `spec.nodeName`).
     #[arg(long, env = "ENBI_NODE_NAME")]
     pub node_name: Option<String>,
@@ -54,6 +58,8 @@ pub struct BuildArgs {
 enum BuildError {
     #[error("invalid build input: {0}")]
     Invalid(String),
+    #[error("cannot read the fetch credentials: {0}")]
+    Credentials(std::io::Error),
     #[error(transparent)]
     Nix(#[from] NixError),
     #[error(transparent)]
@@ -66,6 +72,7 @@ impl BuildError {
         match self {
             // The apiserver refuses such specs; one that gets here cannot build on retry.
             BuildError::Invalid(_) => FailureReason::EvalFailed,
+            BuildError::Credentials(_) => FailureReason::FetchSecretUnusable,
             BuildError::Nix(e) => e.reason(),
             BuildError::Output(_) => FailureReason::NotAnImage,
         }
@@ -160,20 +167,38 @@ fn build(
         .map_err(|e| invalid("packageName", e))?;
     check_system(&args.system).map_err(|e| invalid("system", e))?;
 
+    // Kept until nix is done: dropping it removes the private copy.
+    let credentials = args
+        .fetch_credentials
+        .as_deref()
+        .map(|dir| credentials::prepare(dir, std::env::var("NIX_CONFIG").ok().as_deref()))
+        .transpose()
+        .map_err(BuildError::Credentials)?;
+    if let Some(c) = &credentials {
+        log.line("enbi", &format!("fetch credentials: {}", c.keys.join(", ")));
+    }
+    let nix = Nix {
+        store: args.store,
+        env: credentials
+            .as_ref()
+            .map(|c| c.env.clone())
+            .unwrap_or_default(),
+    };
     let (locked, drv) = step("evaluate", || {
-        let locked = nix::lock(&args.flake_url, args.store, deadline, log)?;
+        let locked = nix::lock(&args.flake_url, &nix, deadline, log)?;
         let spec = NixBuildSpec {
             flake_url: locked.url.clone(),
             package_name: args.package_name.clone(),
             system: args.system.clone(),
             image_tag: String::new(),
+            fetch_secret_ref: None,
         };
-        let drv = nix::evaluate(&spec.installable(), args.store, deadline, log)?;
+        let drv = nix::evaluate(&spec.installable(), &nix, deadline, log)?;
         Ok::<_, BuildError>((locked, drv))
     })?;
     // An output that is not an image fails the build step: nothing will be streamed.
     let (store_path, output) = step("build", || {
-        let store_path = nix::build(&drv, &locked.url, args.store, deadline, log)?;
+        let store_path = nix::build(&drv, &locked.url, &nix, deadline, log)?;
         log.line("enbi", &format!("built {}", store_path.display()));
         let output = output::detect(&store_path)?;
         Ok::<_, BuildError>((store_path, output))

@@ -3,7 +3,8 @@
 //! - `enbi-operator build` (`build`): locks, evaluates and builds
 //!   `<flakeUrl>#packages.<system>.<packageName>` with nix (`nix`), and writes what it built,
 //!   then the image, into the pipe (`output`). It runs the flake's code, so it has no
-//!   containerd socket and no API token.
+//!   containerd socket and no API token; it alone gets the build's fetch credentials
+//!   (`credentials`).
 //! - `enbi-operator load` (`loader`): reads the pipe, checks the stream (`archive`), imports it
 //!   into the node's containerd under the NixBuild's tag through containerd's API (`import`,
 //!   `api`) and reports the result as JSON in its termination message (`report`). It runs only
@@ -19,6 +20,7 @@ mod api;
 mod archive;
 mod build;
 mod containerd;
+mod credentials;
 mod import;
 mod loader;
 mod log;

@@ -117,18 +117,26 @@ impl Verdict {
     }
 }
 
+/// How nix runs: with which store, and with what more in its environment (the fetch
+/// credentials' settings).
+#[derive(Debug, Clone)]
+pub struct Nix {
+    pub store: StoreMode,
+    pub env: Vec<(String, String)>,
+}
+
 /// The flake as Nix locks it (`nix flake metadata --json`): the locked URL, which pins a
 /// revision or a NAR hash, to evaluate and to report as the image's provenance.
 pub fn lock(
     flake_url: &str,
-    store: StoreMode,
+    nix: &Nix,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<Locked, NixError> {
     let json = run(
         &["flake", "metadata", "--json", flake_url],
         flake_url,
-        store,
+        nix,
         deadline,
         log,
     )?;
@@ -157,7 +165,7 @@ fn parse_metadata(json: &str) -> Option<Locked> {
 /// step of its own, so the trace shows evaluation apart from building.
 pub fn evaluate(
     installable: &str,
-    store: StoreMode,
+    nix: &Nix,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<String, NixError> {
@@ -165,7 +173,7 @@ pub fn evaluate(
     let drv = run(
         &["eval", "--raw", &attribute],
         installable,
-        store,
+        nix,
         deadline,
         log,
     )?;
@@ -181,14 +189,14 @@ pub fn evaluate(
 pub fn build(
     drv: &str,
     installable: &str,
-    store: StoreMode,
+    nix: &Nix,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<PathBuf, NixError> {
     let json = run(
         &["build", "--json", "--no-link", "--print-build-logs", drv],
         installable,
-        store,
+        nix,
         deadline,
         log,
     )?;
@@ -200,7 +208,7 @@ pub fn build(
 fn run(
     args: &[&str],
     installable: &str,
-    store: StoreMode,
+    nix: &Nix,
     deadline: Instant,
     log: &LogTail,
 ) -> Result<String, NixError> {
@@ -210,10 +218,11 @@ fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    match store {
+    match nix.store {
         StoreMode::NodeDaemon => command.env("NIX_REMOTE", "daemon"),
         StoreMode::Pod => command.env_remove("NIX_REMOTE"),
     };
+    command.envs(nix.env.iter().map(|(k, v)| (k, v)));
     log.line("enbi", &format!("nix {}", args.join(" ")));
     let mut child = command.spawn().map_err(NixError::Spawn)?;
     let verdict = Arc::new(Mutex::new(Verdict::default()));
