@@ -30,7 +30,7 @@ use enbi_tests::host::{Fixture, NIX_CONFIG};
 use enbi_tests::{OPERATOR_LOCK, Operator, TestNamespace, Webhook, build_namespace, eventually};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -1661,5 +1661,223 @@ fn host_system() -> &'static str {
     match std::env::consts::ARCH {
         "aarch64" => "aarch64-linux",
         _ => "x86_64-linux",
+    }
+}
+
+/// `tests/cluster/git-server ARGS`: the private git servers on the real nodes' bridge.
+fn git_server(args: &[&str]) -> String {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/git-server"))
+        .args(args)
+        .output()
+        .expect("git-server runs");
+    assert!(
+        out.status.success(),
+        "git-server {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A Secret of `files` (keys named as enbi reads them) from `dir`.
+fn fetch_secret(name: &str, dir: &Path, files: &[&str]) -> Secret {
+    let data: BTreeMap<String, String> = files
+        .iter()
+        .map(|f| {
+            let value = std::fs::read_to_string(dir.join(f)).expect("a credential file");
+            ((*f).to_owned(), value)
+        })
+        .collect();
+    serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).expect("secret")
+}
+
+/// Private flakes on real git servers, over HTTP with basic auth and over SSH: each builds with
+/// the right Secret, fails with the wrong one or none, naming the Secret and the URL and never
+/// a credential; a Secret that is missing fails before any Job.
+#[tokio::test]
+async fn private_flakes_build_with_their_fetch_secret_only() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    builder_image_on_real_nodes();
+    let servers: BTreeMap<String, String> = git_server(&["up"])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let salt = format!(
+        "p{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_millis()
+    );
+    let fixture = Fixture::salted(&salt);
+    let repository = format!("private-{salt}");
+    git_server(&[
+        "publish",
+        &fixture.dir.path().display().to_string(),
+        &repository,
+    ]);
+    let http = format!("git+{}/{repository}.git?ref=main", servers["HTTP"]);
+    let ssh = format!("git+{}/{repository}.git?ref=main", servers["SSH"]);
+
+    let builds = build_namespace(&client, "private-b").await;
+    let repel = kwok_nodes(&client).await.join(",");
+    let app = TestNamespace::new(&client, "private").await;
+    let operator = start_operator_with(
+        "private",
+        &builds.name,
+        &repel,
+        &["--fetch-secret-namespaces", &app.name],
+        None,
+    );
+    let credentials = Path::new(&servers["CREDENTIALS"]);
+    let secrets = Api::<Secret>::namespaced(client.clone(), &app.name);
+    for (name, dir, files) in [
+        ("http", "right", &["netrc"][..]),
+        ("http-wrong", "wrong", &["netrc"][..]),
+        ("ssh", "right", &["ssh-privatekey", "known_hosts"][..]),
+        ("ssh-wrong", "wrong", &["ssh-privatekey", "known_hosts"][..]),
+    ] {
+        secrets
+            .create(
+                &PostParams::default(),
+                &fetch_secret(name, &credentials.join(dir), files),
+            )
+            .await
+            .expect("create the Secret");
+    }
+    // What must never show: the passwords and the private keys' lines.
+    let secret_values: Vec<String> = ["right", "wrong"]
+        .iter()
+        .flat_map(|dir| {
+            let netrc =
+                std::fs::read_to_string(credentials.join(dir).join("netrc")).expect("netrc");
+            let password = netrc
+                .split_whitespace()
+                .last()
+                .expect("a password")
+                .to_owned();
+            let key =
+                std::fs::read_to_string(credentials.join(dir).join("ssh-privatekey")).expect("key");
+            let lines: Vec<String> = key
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned)
+                .collect();
+            std::iter::once(password).chain(lines)
+        })
+        .collect();
+
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let cases: [(&str, &str, Option<&str>, Option<&str>); 7] = [
+        ("http", &http, Some("http"), None),
+        ("http-wrong", &http, Some("http-wrong"), Some("EvalFailed")),
+        ("http-none", &http, None, Some("EvalFailed")),
+        ("ssh", &ssh, Some("ssh"), None),
+        ("ssh-wrong", &ssh, Some("ssh-wrong"), Some("EvalFailed")),
+        ("ssh-none", &ssh, None, Some("EvalFailed")),
+        ("missing", &http, Some("nope"), Some("FetchSecretUnusable")),
+    ];
+    for (name, url, secret, _) in &cases {
+        let mut spec = json!({
+            "flakeUrl": url,
+            "packageName": "stream",
+            "imageTag": format!("enbi.test/private-{name}:{salt}"),
+            "system": host_system(),
+        });
+        if let Some(secret) = secret {
+            spec["fetchSecretRef"] = json!({"name": secret});
+        }
+        let build: NixBuild = serde_json::from_value(json!({
+            "apiVersion": "enbi.hrzn.ee/v1alpha1",
+            "kind": "NixBuild",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("nixbuild");
+        nixbuilds
+            .create(&PostParams::default(), &build)
+            .await
+            .expect("create the NixBuild");
+    }
+    for (name, url, secret, failure) in &cases {
+        let done = eventually(
+            &format!("the {name} build to end"),
+            Duration::from_secs(240),
+            || async {
+                let b = nixbuilds.get(name).await.ok()?;
+                matches!(b.phase(), Phase::Failed | Phase::Succeeded).then_some(b)
+            },
+        )
+        .await;
+        let status = done.status.clone().expect("status");
+        assert_eq!(
+            status.failure_reason.as_deref(),
+            *failure,
+            "{name}: {status:?}\noperator log:\n{}",
+            operator.logs()
+        );
+        let message = status.failure_message.clone().unwrap_or_default();
+        let events: Vec<String> = events_about(&client, &app.name, name)
+            .await
+            .into_iter()
+            .filter_map(|e| e.message)
+            .collect();
+        eprintln!("{name}: {:?} {message}", done.phase());
+        for shown in std::iter::once(&message)
+            .chain(&events)
+            .chain(std::iter::once(&operator.logs()))
+        {
+            for value in &secret_values {
+                assert!(
+                    !shown.contains(value.as_str()),
+                    "{name} shows a credential: {shown}"
+                );
+            }
+        }
+        if failure.is_some() {
+            let url = url.split('?').next().expect("a URL");
+            assert!(message.contains(url), "{name} names the URL: {message}");
+            if let Some(secret) = secret {
+                let named = format!("Secret {}/{secret}", app.name);
+                assert!(message.contains(&named), "{name} names {named}: {message}");
+            }
+        }
+    }
+    // The missing Secret's build never had a Job; the others' copies belong to their Jobs.
+    let jobs = Api::<Job>::namespaced(client.clone(), &builds.name);
+    let builder_secrets = Api::<Secret>::namespaced(client.clone(), &builds.name);
+    let of =
+        |name: &str| ListParams::default().labels(&format!("enbi.hrzn.ee/nixbuild-name={name}"));
+    assert!(
+        jobs.list(&of("missing"))
+            .await
+            .expect("jobs")
+            .items
+            .is_empty()
+    );
+    for name in ["http", "ssh-wrong"] {
+        let job = jobs.list(&of(name)).await.expect("jobs").items.remove(0);
+        let copy = builder_secrets
+            .get(&job.name_any())
+            .await
+            .expect("the Job's copy");
+        let owner = &copy.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Job", job.uid().unwrap_or_default().as_str())
+        );
+    }
+    // The images of the right Secrets are on a node.
+    let images: Vec<String> = real_nodes()
+        .iter()
+        .flat_map(|n| node_images(&socket(n)))
+        .collect();
+    for name in ["http", "ssh"] {
+        let tag = format!("enbi.test/private-{name}:{salt}");
+        assert!(images.iter().any(|i| i == &tag), "{tag} in {images:?}");
     }
 }
