@@ -13,6 +13,10 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
 
+use crate::crd::SecretRef;
+use crate::keys;
+use crate::validation::SECRET_NAME;
+
 /// Nix's `access-tokens` setting: `host=token` pairs (GitHub, GitLab and Gitea APIs).
 pub const ACCESS_TOKENS: &str = "access-tokens";
 /// A netrc file: HTTP basic auth for git over HTTP(S) and Nix's own downloads.
@@ -99,6 +103,18 @@ pub fn usable(
     Ok(known)
 }
 
+/// The fetch Secret a namespace names for the builds its Pods ask for (its annotation
+/// [`keys::NAMESPACE_FETCH_SECRET`]): `Err` with the problem when the value is no Secret name.
+pub fn of_namespace(annotations: &BTreeMap<String, String>) -> Result<Option<SecretRef>, String> {
+    let Some(name) = annotations.get(keys::NAMESPACE_FETCH_SECRET) else {
+        return Ok(None);
+    };
+    SECRET_NAME
+        .check(name)
+        .map(|()| Some(SecretRef { name: name.clone() }))
+        .map_err(|e| format!("annotation {} {e}", keys::NAMESPACE_FETCH_SECRET))
+}
+
 /// The copy of the credentials for `job`, named as the Job (its Pod mounts it by that name),
 /// owned by it so that the Job's deletion takes it along.
 pub fn copy(job: &Job, credentials: BTreeMap<String, ByteString>) -> Secret {
@@ -127,7 +143,6 @@ pub fn copy(job: &Job, credentials: BTreeMap<String, ByteString>) -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys;
 
     fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
         pairs
@@ -164,6 +179,23 @@ mod tests {
             assert!(error.contains(why), "{error}");
             assert!(!error.contains("s3cret"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_namespace_names_a_valid_secret_or_says_why_not() {
+        let annotated = |v: &str| BTreeMap::from([(keys::NAMESPACE_FETCH_SECRET.into(), v.into())]);
+        assert_eq!(of_namespace(&BTreeMap::new()), Ok(None));
+        assert_eq!(
+            of_namespace(&annotated("creds")),
+            Ok(Some(SecretRef {
+                name: "creds".into()
+            }))
+        );
+        let error = of_namespace(&annotated("Not/A Name")).unwrap_err();
+        assert!(
+            error.starts_with("annotation enbi.hrzn.ee/fetch-secret must be"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub const POD_IMAGE_TAG: &str = key!("nixbuild-imageTag");
 pub const POD_PACKAGE_NAME: &str = key!("nixbuild-packageName");
 pub const POD_SYSTEM: &str = key!("nixbuild-system");
 
+// Namespace annotations.
+/// The fetch Secret (`spec.fetchSecretRef`) of the NixBuilds its annotated Pods ask for.
+pub const NAMESPACE_FETCH_SECRET: &str = key!("fetch-secret");
+
 // Labels.
 /// On a Namespace: `enabled` lets its annotated Pods ask for builds.
 pub const POD_BUILDS: &str = key!("pod-builds");

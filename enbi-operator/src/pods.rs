@@ -12,7 +12,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use enbi_core::crd::NixBuild;
+use enbi_core::crd::{NixBuild, SecretRef};
+use enbi_core::fetch;
 use enbi_core::keys;
 use enbi_core::pod::actions::{self as podactions, Notice, PodAction};
 use enbi_core::pod::findings::{self, Finding};
@@ -20,8 +21,8 @@ use enbi_core::pod::gate;
 use enbi_core::pod::request::{self, BuildRequest};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Node, ObjectReference, Pod,
-    PodSpec, PodStatus,
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Namespace, Node,
+    ObjectReference, Pod, PodSpec, PodStatus,
 };
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -340,6 +341,25 @@ impl PodWatcher {
 
     /// Makes sure the NixBuild exists: creates it unless the cache has it or this process
     /// created it already.
+    /// The fetch Secret `namespace` gives the builds its Pods ask for, read as one is made. A
+    /// value that names no Secret is logged and not used: the build then fails its fetch.
+    async fn fetch_secret_of(&self, namespace: &str) -> Option<SecretRef> {
+        let found = Api::<Namespace>::all(self.client.clone())
+            .get_metadata_opt(namespace)
+            .await;
+        let annotations = match found {
+            Ok(ns) => ns.map(|ns| ns.metadata.annotations.unwrap_or_default())?,
+            Err(e) => {
+                warn!(%namespace, error = %e, "reading the namespace's fetch Secret");
+                return None;
+            }
+        };
+        fetch::of_namespace(&annotations)
+            .inspect_err(|e| warn!(%namespace, "{e}"))
+            .ok()
+            .flatten()
+    }
+
     async fn ensure_build(&self, pod: &Pod, request: &BuildRequest) {
         let namespace = pod.namespace().unwrap_or_default();
         let key = ObjectRef::<NixBuild>::new(&request.name).within(&namespace);
@@ -360,6 +380,7 @@ impl PodWatcher {
             return;
         }
         let mut build = NixBuild::new(&request.name, request.spec.clone());
+        build.spec.fetch_secret_ref = self.fetch_secret_of(&namespace).await;
         build.metadata.namespace = Some(namespace.clone());
         // Made with the controller's finalizer, so that its first reconcile need not add it
         // (a write per build, and one that could race the first status write).

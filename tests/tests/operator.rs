@@ -14,7 +14,7 @@ use enbi_tests::{
     success_report, wait_phase,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -883,4 +883,97 @@ async fn pods_in_a_namespace_not_opted_in_get_one_warning_and_no_build() {
             .is_empty(),
         "not gated"
     );
+}
+
+/// A namespace's fetch Secret (its `enbi.hrzn.ee/fetch-secret` annotation) goes to the builds
+/// its Pods ask for; each builder Job gets a copy of the Secret's known keys, owned by the Job
+/// and mounted into its `build` container alone.
+#[tokio::test]
+async fn a_namespaces_fetch_secret_reaches_its_pods_builds_as_a_copy_owned_by_the_job() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let app = TestNamespace::opted_in(&client, "fetch-app").await;
+    let (builds, _operator) =
+        setup(&client, "fetch", &["--fetch-secret-namespaces", &app.name]).await;
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &app.name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"enbi.hrzn.ee/fetch-secret": "creds"}}}),
+            ),
+        )
+        .await
+        .expect("annotate the namespace");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"},
+        "stringData": {"netrc": "machine git.example login u password p\n", "unrelated": "x"},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the Secret");
+    let tag = "example.test/private:v1";
+    let pod = kwok_pod(
+        "private",
+        tag,
+        build_annotations("git+https://git.example/app", tag, "app.stream"),
+        Some("arm64"),
+    );
+    Api::<Pod>::namespaced(client.clone(), &app.name)
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create the Pod");
+
+    let build = eventually("the Pod watcher's NixBuild", WAIT, || async {
+        builds_in(&client, &app.name).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        build
+            .spec
+            .fetch_secret_ref
+            .as_ref()
+            .map(|s| s.name.as_str()),
+        Some("creds")
+    );
+    let job = eventually("the builder Job", WAIT, || async {
+        jobs_for(&client, &builds.name, &build.name_any())
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let copy = eventually("the Job's copy of the Secret", WAIT, || async {
+        Api::<Secret>::namespaced(client.clone(), &builds.name)
+            .get_opt(&job.name_any())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let keys: Vec<&String> = copy.data.iter().flatten().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["netrc"], "only the keys enbi reads");
+    let owner = &copy.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), Some(owner.uid.clone())),
+        ("Job", job.uid())
+    );
+    let pod_spec = job
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("the Job's Pod spec");
+    let mounting: Vec<&str> = pod_spec
+        .containers
+        .iter()
+        .filter(|c| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "fetch-credentials")
+        })
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(mounting, ["build"]);
 }
