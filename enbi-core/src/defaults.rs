@@ -23,6 +23,8 @@ pub const HANDOFF_DIR: &str = "/run/enbi";
 pub const IMAGE_PIPE: &str = "/run/enbi/image";
 /// Where the `build` container finds the build's fetch credentials (`fetch`), when it has any.
 pub const FETCH_CREDENTIALS_DIR: &str = "/run/enbi-fetch";
+/// Where the `build` container finds the key that signs what it pushes to a binary cache.
+pub const CACHE_SIGNING_KEY_DIR: &str = "/run/enbi-cache";
 /// Seconds the build container's evaluation and build may take, and the load container waits
 /// for its result, when the Job does not say (it always does: 3/4 of its deadline).
 pub const BUILDER_BUILD_TIMEOUT_SECONDS: u64 = 3000;

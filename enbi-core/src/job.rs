@@ -92,6 +92,22 @@ pub struct BuilderSettings {
     pub env: Vec<EnvVar>,
     /// Tolerations of the builder Pods; placement counts a tainted node only if they tolerate it.
     pub tolerations: Vec<Toleration>,
+    pub cache: Cache,
+}
+
+/// Binary caches: builders substitute from them, and push every build's closure to one, so
+/// that a load on another node, or a rebuild after a node is lost, substitutes instead of
+/// building.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cache {
+    /// Nix's `extra-substituters`, e.g. `http://cache.example`.
+    pub substituters: Vec<String>,
+    /// Nix's `extra-trusted-public-keys`, `name:base64`.
+    pub trusted_public_keys: Vec<String>,
+    /// Store URL each build's closure is copied to (`nix copy --to`), e.g. `http://cache.example`.
+    pub push_to: Option<String>,
+    /// Secret of the build namespace whose key `secret-key` signs what is pushed.
+    pub signing_secret: Option<String>,
 }
 
 impl Default for BuilderSettings {
@@ -111,6 +127,7 @@ impl Default for BuilderSettings {
             resources: None,
             env: vec![],
             tolerations: vec![],
+            cache: Cache::default(),
         }
     }
 }
@@ -300,6 +317,7 @@ pub fn render(
             .into_iter()
             .flatten(),
     )
+    .chain(cache_args(&settings.cache))
     .collect();
     let load_args = strings(&[
         "load",
@@ -344,8 +362,8 @@ pub fn render(
         build_env.push(env("HOME", BUILD_HOME));
         build_user = Some(BUILD_USER);
     }
-    // The credentials' copy bears the Job's name (`fetch::copy`). Readable by the build user
-    // alone: its group is the Pod's fsGroup, the build user's.
+    // The credentials' copy bears the Job's name (`fetch::copy`). Secrets are readable by the
+    // build user alone: their group is the Pod's fsGroup, the build user's.
     let mut fs_group = None;
     if fetch_credentials {
         volumes.push(Volume {
@@ -362,6 +380,30 @@ pub fn render(
             defaults::FETCH_CREDENTIALS_DIR,
             true,
         ));
+    }
+    // The signing key only where something is pushed.
+    let signing_secret = settings
+        .cache
+        .push_to
+        .as_ref()
+        .and(settings.cache.signing_secret.as_ref());
+    if let Some(secret) = signing_secret {
+        volumes.push(Volume {
+            name: "cache-signing-key".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        build_mounts.push(mount(
+            "cache-signing-key",
+            defaults::CACHE_SIGNING_KEY_DIR,
+            true,
+        ));
+    }
+    if fetch_credentials || signing_secret.is_some() {
         fs_group = build_user.filter(|user| *user != 0);
     }
     let mut common_env: Vec<EnvVar> = trace
@@ -441,6 +483,28 @@ pub fn render(
         pod,
         settings,
     )
+}
+
+/// The build container's binary-cache flags.
+fn cache_args(cache: &Cache) -> Vec<String> {
+    let mut args = vec![];
+    let mut list = |flag: &str, values: &[String]| {
+        if !values.is_empty() {
+            args.extend([flag.to_owned(), values.join(",")]);
+        }
+    };
+    list("--substituters", &cache.substituters);
+    list("--trusted-public-keys", &cache.trusted_public_keys);
+    if let Some(to) = &cache.push_to {
+        args.extend(["--push-to".to_owned(), to.clone()]);
+        if cache.signing_secret.is_some() {
+            args.extend([
+                "--push-signing-key".to_owned(),
+                format!("{}/secret-key", defaults::CACHE_SIGNING_KEY_DIR),
+            ]);
+        }
+    }
+    args
 }
 
 /// What a release Job releases, on which node (`release::Plan::target`).
@@ -747,6 +811,62 @@ mod tests {
                 pod.security_context.and_then(|c| c.fs_group),
                 fs_group,
                 "{store:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_build_container_gets_the_caches_and_the_signing_key_only_to_push() {
+        let cache = Cache {
+            substituters: vec!["http://cache.example".into(), "https://c2.example".into()],
+            trusted_public_keys: vec!["cache.example-1:AAAA".into()],
+            push_to: Some("http://cache.example".into()),
+            signing_secret: Some("cache-key".into()),
+        };
+        for (push_to, signs) in [(cache.push_to.clone(), true), (None, false)] {
+            let settings = BuilderSettings {
+                store: StoreMode::NodeDaemon,
+                cache: Cache {
+                    push_to,
+                    ..cache.clone()
+                },
+                ..Default::default()
+            };
+            let job = render(
+                &build(),
+                &Purpose::Build(1),
+                Affinity::default(),
+                None,
+                &settings,
+            );
+            let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+            let args = pod.containers[0].args.clone().expect("args");
+            let after = |flag: &str| {
+                args.iter()
+                    .position(|a| a == flag)
+                    .map(|i| args[i + 1].as_str())
+            };
+            assert_eq!(
+                after("--substituters"),
+                Some("http://cache.example,https://c2.example")
+            );
+            assert_eq!(after("--trusted-public-keys"), Some("cache.example-1:AAAA"));
+            assert_eq!(after("--push-to").is_some(), signs);
+            assert_eq!(
+                after("--push-signing-key"),
+                signs.then_some("/run/enbi-cache/secret-key")
+            );
+            let key_volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find_map(|v| v.secret.as_ref()?.secret_name.clone());
+            assert_eq!(key_volume, signs.then(|| "cache-key".to_owned()));
+            let load_mounts = pod.containers[1].volume_mounts.clone().expect("mounts");
+            assert!(!load_mounts.iter().any(|m| m.name == "cache-signing-key"));
+            assert_eq!(
+                pod.security_context.and_then(|c| c.fs_group),
+                signs.then_some(BUILD_USER)
             );
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use enbi_core::defaults;
-use enbi_core::job::{BuilderSettings, StoreMode};
+use enbi_core::job::{BuilderSettings, Cache, StoreMode};
 use enbi_core::optin::PodBuildNamespaces;
 use enbi_core::policy::{Policy, TagRule};
 use enbi_core::{gc, machine, spread};
@@ -78,6 +78,21 @@ pub struct RunArgs {
     /// Where builders keep their Nix store.
     #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = StoreMode::Pod)]
     pub store_mode: StoreMode,
+    /// Binary caches builders substitute from, as Nix store URLs (comma-separated; Nix's
+    /// extra-substituters). With --store-mode node-daemon the node's daemon uses only those it
+    /// trusts (its trusted-substituters).
+    #[arg(long, env = "ENBI_CACHE_SUBSTITUTERS", value_delimiter = ',')]
+    pub cache_substituters: Vec<String>,
+    /// Public keys of those caches, `name:base64` (comma-separated; extra-trusted-public-keys).
+    #[arg(long, env = "ENBI_CACHE_TRUSTED_PUBLIC_KEYS", value_delimiter = ',')]
+    pub cache_trusted_public_keys: Vec<String>,
+    /// Binary cache every build's closure is copied to, as a Nix store URL (empty: none).
+    #[arg(long, env = "ENBI_CACHE_PUSH_TO", default_value = "")]
+    pub cache_push_to: String,
+    /// Secret of the build namespace whose key `secret-key` (a Nix signing key) signs what is
+    /// pushed (empty: unsigned).
+    #[arg(long, env = "ENBI_CACHE_SIGNING_SECRET", default_value = "")]
+    pub cache_signing_secret: String,
     /// containerd socket on the nodes.
     #[arg(
         long,
@@ -210,6 +225,8 @@ impl RunArgs {
         for list in [
             &mut self.node_repel,
             &mut self.builder_tolerations,
+            &mut self.cache_substituters,
+            &mut self.cache_trusted_public_keys,
             &mut self.watch_namespaces,
             &mut self.allowed_namespaces,
             &mut self.allowed_flake_prefixes,
@@ -247,6 +264,12 @@ impl RunArgs {
                 .filter(|t| !t.is_empty())
                 .filter_map(|t| parse_toleration(t).ok())
                 .collect(),
+            cache: Cache {
+                substituters: self.cache_substituters.clone(),
+                trusted_public_keys: self.cache_trusted_public_keys.clone(),
+                push_to: Some(self.cache_push_to.clone()).filter(|s| !s.is_empty()),
+                signing_secret: Some(self.cache_signing_secret.clone()).filter(|s| !s.is_empty()),
+            },
             ..BuilderSettings::default()
         }
     }

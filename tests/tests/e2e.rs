@@ -1814,6 +1814,7 @@ async fn private_flakes_build_with_their_fetch_secret_only() {
         )
         .await;
         let status = done.status.clone().expect("status");
+        eprintln!("{name}: {:?} {:?}", done.phase(), status.failure_message);
         assert_eq!(
             status.failure_reason.as_deref(),
             *failure,
@@ -1826,7 +1827,6 @@ async fn private_flakes_build_with_their_fetch_secret_only() {
             .into_iter()
             .filter_map(|e| e.message)
             .collect();
-        eprintln!("{name}: {:?} {message}", done.phase());
         for shown in std::iter::once(&message)
             .chain(&events)
             .chain(std::iter::once(&operator.logs()))

@@ -915,6 +915,7 @@ async fn a_namespaces_fetch_secret_reaches_its_pods_builds_as_a_copy_owned_by_th
         .await
         .expect("create the Secret");
     let tag = "example.test/private:v1";
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
     let pod = kwok_pod(
         "private",
         tag,
@@ -953,6 +954,7 @@ async fn a_namespaces_fetch_secret_reaches_its_pods_builds_as_a_copy_owned_by_th
             .flatten()
     })
     .await;
+    set_node_images(&client, None).await;
     let keys: Vec<&String> = copy.data.iter().flatten().map(|(k, _)| k).collect();
     assert_eq!(keys, ["netrc"], "only the keys enbi reads");
     let owner = &copy.owner_references()[0];

@@ -49,6 +49,18 @@ pub struct BuildArgs {
     /// Directory of the build's fetch credentials (the copy of its `spec.fetchSecretRef`).
     #[arg(long, env = "ENBI_FETCH_CREDENTIALS")]
     pub fetch_credentials: Option<PathBuf>,
+    /// Binary caches to substitute from (Nix's extra-substituters).
+    #[arg(long, env = "ENBI_SUBSTITUTERS", value_delimiter = ',')]
+    pub substituters: Vec<String>,
+    /// Their public keys (Nix's extra-trusted-public-keys).
+    #[arg(long, env = "ENBI_TRUSTED_PUBLIC_KEYS", value_delimiter = ',')]
+    pub trusted_public_keys: Vec<String>,
+    /// Binary cache to copy the built image's closure to, after the image was handed over.
+    #[arg(long, env = "ENBI_PUSH_TO")]
+    pub push_to: Option<String>,
+    /// Nix secret key file that signs what is pushed.
+    #[arg(long, env = "ENBI_PUSH_SIGNING_KEY", requires = "push_to")]
+    pub push_signing_key: Option<PathBuf>,
     /// Node the build runs on, for the trace (the Job sets it from `spec.nodeName`).
     #[arg(long, env = "ENBI_NODE_NAME")]
     pub node_name: Option<String>,
@@ -145,11 +157,67 @@ pub fn run(args: BuildArgs) -> ExitCode {
         }
     };
     match hand_over(&pipe, &handoff, output.as_ref(), deadline, &log) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            if let (Some(to), Handoff::Built(built)) = (&args.push_to, &handoff) {
+                push(&args, to, &built.provenance.store_path, deadline, &log);
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             log.line("enbi", &format!("error: {e}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Copies the closure of `store_path` to the binary cache `to`, signed with the key, if any.
+/// The image is loaded by then: a failed push is logged, and the build stands.
+fn push(args: &BuildArgs, to: &str, store_path: &str, deadline: Instant, log: &LogTail) {
+    let to = match &args.push_signing_key {
+        Some(key) => {
+            let separator = if to.contains('?') { '&' } else { '?' };
+            format!("{to}{separator}secret-key={}", key.display())
+        }
+        None => to.to_owned(),
+    };
+    let started = Instant::now();
+    let pushed = step("push", || {
+        nix::copy(store_path, &to, &nix_for(args, None), deadline, log)
+    });
+    match pushed {
+        Ok(()) => log.line(
+            "enbi",
+            &format!(
+                "pushed {store_path} and its closure to the binary cache in {} ms",
+                millis(started.elapsed())
+            ),
+        ),
+        Err(e) => log.line(
+            "enbi",
+            &format!("warning: pushing to the binary cache failed: {e}"),
+        ),
+    }
+}
+
+/// How nix runs: the image's `NIX_CONFIG`, extended with the caches and the fetch credentials.
+fn nix_for(args: &BuildArgs, credentials: Option<&credentials::Credentials>) -> Nix {
+    let list = |name: &str, values: &[String]| {
+        (!values.is_empty()).then(|| format!("{name} = {}", values.join(" ")))
+    };
+    let settings: Vec<String> = std::env::var("NIX_CONFIG")
+        .ok()
+        .into_iter()
+        .chain(list("extra-substituters", &args.substituters))
+        .chain(list("extra-trusted-public-keys", &args.trusted_public_keys))
+        .chain(credentials.iter().flat_map(|c| c.settings.clone()))
+        .collect();
+    let mut env: Vec<(String, String)> = credentials.map(|c| c.env.clone()).unwrap_or_default();
+    if !settings.is_empty() {
+        env.push(("NIX_CONFIG".to_owned(), settings.join("\n")));
+    }
+    Nix {
+        store: args.store,
+        env,
     }
 }
 
@@ -171,19 +239,13 @@ fn build(
     let credentials = args
         .fetch_credentials
         .as_deref()
-        .map(|dir| credentials::prepare(dir, std::env::var("NIX_CONFIG").ok().as_deref()))
+        .map(credentials::prepare)
         .transpose()
         .map_err(BuildError::Credentials)?;
     if let Some(c) = &credentials {
         log.line("enbi", &format!("fetch credentials: {}", c.keys.join(", ")));
     }
-    let nix = Nix {
-        store: args.store,
-        env: credentials
-            .as_ref()
-            .map(|c| c.env.clone())
-            .unwrap_or_default(),
-    };
+    let nix = nix_for(args, credentials.as_ref());
     let (locked, drv) = step("evaluate", || {
         let locked = nix::lock(&args.flake_url, &nix, deadline, log)?;
         let spec = NixBuildSpec {

@@ -15,18 +15,20 @@ use std::path::Path;
 
 use enbi_core::fetch::{ACCESS_TOKENS, KEYS, KNOWN_HOSTS, NETRC, SSH_PRIVATE_KEY};
 
-/// The private copy (removed on drop) and the environment nix runs with.
+/// The private copy (removed on drop), and what nix runs with.
 #[derive(Debug)]
 pub struct Credentials {
     _dir: tempfile::TempDir,
+    /// Lines of nix's configuration (`NIX_CONFIG`).
+    pub settings: Vec<String>,
+    /// More environment of nix (and the git and ssh it runs).
     pub env: Vec<(String, String)>,
     /// The keys found, for the log.
     pub keys: Vec<&'static str>,
 }
 
-/// Reads the mounted credentials in `mounted`; `nix_config` is the image's `NIX_CONFIG`, which
-/// the settings extend.
-pub fn prepare(mounted: &Path, nix_config: Option<&str>) -> io::Result<Credentials> {
+/// Reads the credentials mounted in `mounted`.
+pub fn prepare(mounted: &Path) -> io::Result<Credentials> {
     let dir = tempfile::Builder::new().prefix("enbi-fetch-").tempdir()?;
     let home = dir.path().join("home");
     std::fs::create_dir(&home)?;
@@ -45,7 +47,7 @@ pub fn prepare(mounted: &Path, nix_config: Option<&str>) -> io::Result<Credentia
         }
     }
     let path = |key: &str| dir.path().join(key).display().to_string();
-    let mut settings: Vec<String> = nix_config.into_iter().map(str::to_owned).collect();
+    let mut settings = vec![];
     if keys.contains(&ACCESS_TOKENS) {
         let tokens = std::fs::read_to_string(dir.path().join(ACCESS_TOKENS))?;
         let tokens: Vec<&str> = tokens.split_whitespace().collect();
@@ -67,9 +69,9 @@ pub fn prepare(mounted: &Path, nix_config: Option<&str>) -> io::Result<Credentia
             ),
         ));
     }
-    env.push(("NIX_CONFIG".to_owned(), settings.join("\n")));
     Ok(Credentials {
         _dir: dir,
+        settings,
         env,
         keys,
     })
@@ -102,11 +104,10 @@ mod tests {
         write(NETRC, "machine git.example login u password p\n");
         write(SSH_PRIVATE_KEY, "KEY");
         write(KNOWN_HOSTS, "[git.example]:2222 ssh-ed25519 AAAA\n");
-        let credentials = prepare(mounted.path(), Some("sandbox = true")).unwrap();
+        let credentials = prepare(mounted.path()).unwrap();
         assert_eq!(credentials.keys, KEYS);
         let env: std::collections::BTreeMap<_, _> = credentials.env.iter().cloned().collect();
-        let config = &env["NIX_CONFIG"];
-        assert!(config.starts_with("sandbox = true\n"), "{config}");
+        let config = &credentials.settings.join("\n");
         assert!(
             config.contains("access-tokens = github.com=ghp_x gitlab.example=PAT:glpat-y"),
             "{config}"
@@ -130,13 +131,10 @@ mod tests {
     }
 
     #[test]
-    fn without_keys_nix_keeps_the_images_settings() {
+    fn without_keys_nothing_changes() {
         let mounted = tempfile::tempdir().unwrap();
-        let credentials = prepare(mounted.path(), Some("sandbox = true")).unwrap();
+        let credentials = prepare(mounted.path()).unwrap();
         assert!(credentials.keys.is_empty());
-        assert_eq!(
-            credentials.env,
-            [("NIX_CONFIG".to_owned(), "sandbox = true".to_owned())]
-        );
+        assert!(credentials.settings.is_empty() && credentials.env.is_empty());
     }
 }

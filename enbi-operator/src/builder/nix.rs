@@ -203,6 +203,24 @@ pub fn build(
     output_path(&json).ok_or_else(|| NixError::no_output(&json))
 }
 
+/// Copies `store_path` and its closure to the store `to` (`nix copy --to`).
+pub fn copy(
+    store_path: &str,
+    to: &str,
+    nix: &Nix,
+    deadline: Instant,
+    log: &LogTail,
+) -> Result<(), NixError> {
+    run(
+        &["copy", "--to", to, store_path],
+        store_path,
+        nix,
+        deadline,
+        log,
+    )
+    .map(drop)
+}
+
 /// Runs nix with `args` until `deadline`, its log forwarded, and returns its stdout; a failure
 /// is classified by what nix printed.
 fn run(
