@@ -90,6 +90,15 @@ NODE_BRIDGE_IP="$NODE_NET_PREFIX.0.1"        # the host on it: where kubelets re
 # address on their bridge, DNATed to $REGISTRY_ADDR (real-node's host_net_up). Image references
 # that real nodes pull use this address; the host pushes to $REGISTRY_ADDR, the same registry.
 REGISTRY_NODE_ADDR="$NODE_BRIDGE_IP:$REGISTRY_PORT"
+# The binary cache of the cache tests (./nix-cache), where the nodes reach it, and its signing key
+# pair, made once (nix_cache_key): the nodes' Nix daemon trusts both.
+NIX_CACHE_URL="http://$NODE_BRIDGE_IP:${ENBI_NIX_CACHE_PORT:-$((25180 + PORT_OFFSET))}"
+NIX_CACHE_DIR="$STATE_DIR/nix-cache"
+nix_cache_key() {
+  [[ -f "$NIX_CACHE_DIR/public-key" ]] && return
+  mkdir -p "$NIX_CACHE_DIR"
+  nix-store --generate-binary-cache-key enbi-test-cache-1 "$NIX_CACHE_DIR/secret-key" "$NIX_CACHE_DIR/public-key"
+}
 NODE_RUN_DIR="/run/enbi-$CLUSTER_ID"         # sockets and runtime state (short unix socket paths)
 NODE_CGROUP_ROOT="/enbi-$CLUSTER_ID"         # parent of every node's cgroupRoot
 NODE_NAT_COMMENT="enbi-$CLUSTER_ID-apiserver" # the host's iptables rules (apiserver, registry)

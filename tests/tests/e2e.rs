@@ -1881,3 +1881,199 @@ async fn private_flakes_build_with_their_fetch_secret_only() {
         assert!(images.iter().any(|i| i == &tag), "{tag} in {images:?}");
     }
 }
+
+/// `tests/cluster/nix-cache ARGS`: the test binary cache, as KEY=VALUE lines.
+fn nix_cache(args: &[&str]) -> BTreeMap<String, String> {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/nix-cache"))
+        .args(args)
+        .output()
+        .expect("nix-cache runs");
+    assert!(
+        out.status.success(),
+        "nix-cache {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// nix against the host's daemon (the nodes' store), with `args`; its stdout, or its stderr as
+/// the error.
+fn host_nix(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("NIX_REMOTE", "daemon")
+        .output()
+        .expect("nix runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A build pushes its image's closure, signed, to the binary cache; a load on a node whose
+/// store lacks the image then substitutes it from the cache instead of building it.
+#[tokio::test]
+async fn a_load_where_the_store_lacks_the_image_substitutes_it_from_the_binary_cache() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let nodes = real_nodes();
+    assert!(nodes.len() >= 2, "two real nodes needed, found {nodes:?}");
+    builder_image_on_real_nodes();
+    // Without Spegel, so that enbi loads the image on the other node itself.
+    let _no_mirror = NoMirror::new(&client).await;
+    let cache = nix_cache(&["up"]);
+    nix_cache(&["clear"]);
+    let url = cache["URL"].clone();
+    let repository = "enbi.test/e2e-cache";
+    let tag = fresh_tag("e2e-cache");
+    let flake_url = fixture_for(&tag);
+    let builds = build_namespace(&client, "e2e-cache-b").await;
+    let signing_key: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "cache-key"},
+        "stringData": {"secret-key": std::fs::read_to_string(&cache["SECRET_KEY_FILE"]).expect("key")},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &builds.name)
+        .create(&PostParams::default(), &signing_key)
+        .await
+        .expect("create the signing key's Secret");
+    let app = TestNamespace::opted_in(&client, "e2e-cache-app").await;
+    let webhook = Webhook::install(&client, &app.name, 19468).await;
+    let repel = kwok_nodes(&client).await.join(",");
+    // Uncompressed: the fixture's layers are random bytes.
+    let push_to = format!("{url}?compression=none");
+    let operator = start_operator_with(
+        "e2e-cache",
+        &builds.name,
+        &repel,
+        &[
+            "--cache-substituters",
+            &url,
+            "--cache-trusted-public-keys",
+            &cache["PUBLIC_KEY"],
+            "--cache-push-to",
+            &push_to,
+            "--cache-signing-secret",
+            "cache-key",
+        ],
+        Some(&webhook),
+    );
+    webhook.wait_ready(&client).await;
+
+    // A first Pod has the image built on a node (A), which pushes it.
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let mut first = app_pod(&flake_url, &tag, "Never");
+    first["metadata"]["name"] = json!("first");
+    first["spec"]["nodeSelector"] = json!({"type": "real"});
+    first["spec"]["containers"][0]["command"] = json!(["/bin/echo", MESSAGE]);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(first).expect("pod"),
+    )
+    .await
+    .expect("create the first Pod");
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let name = build.name_any();
+    let status = build.status.clone().expect("status");
+    let node_a = status.build_node.clone().expect("a build node");
+    let out = status.provenance.expect("provenance").store_path;
+    let hash = out
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .expect("a store hash")
+        .to_owned();
+    let narinfo = eventually("the image pushed", Duration::from_secs(120), || async {
+        let got = Command::new("curl")
+            .args(["-fsS", &format!("{url}/{hash}.narinfo")])
+            .output()
+            .ok()?;
+        got.status
+            .success()
+            .then(|| String::from_utf8_lossy(&got.stdout).into_owned())
+    })
+    .await;
+    assert!(
+        narinfo.contains(&format!("StorePath: {out}"))
+            && narinfo.contains("Sig: enbi-test-cache-1:"),
+        "{narinfo}"
+    );
+
+    // The nodes' store loses the image: its closure, the image first, but for what is still
+    // alive (busybox, which other fixtures' images share).
+    let closure = host_nix("nix-store", &["-qR", &out]).expect("the closure");
+    let mut deleted = vec![];
+    for path in closure.lines().rev() {
+        if host_nix("nix", &["store", "delete", path]).is_ok() {
+            deleted.push(path.to_owned());
+        }
+    }
+    assert!(
+        host_nix("nix", &["path-info", &out]).is_err(),
+        "{out} is gone"
+    );
+    eprintln!("e2e cache: deleted {deleted:?}");
+
+    // A Pod on another node (B): enbi's load there substitutes the image from the cache.
+    let node_b = nodes
+        .iter()
+        .find(|n| **n != node_a)
+        .expect("another real node")
+        .clone();
+    let mut pod = app_pod(&flake_url, &tag, "Always");
+    pod["metadata"]["name"] = json!("app");
+    pod["spec"]["nodeSelector"]["kubernetes.io/hostname"] = json!(node_b);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod).expect("pod"),
+    )
+    .await
+    .expect("create the Pod");
+    node_loaded(&nixbuilds, &name, &node_b, 1).await;
+    eventually("the Pod Ready", Duration::from_secs(120), || async {
+        let pod = pods.get("app").await.ok()?;
+        ready_since(&pod).map(|_| ())
+    })
+    .await;
+    let selector = format!("{},{}={name}", keys::LOAD_ROUND, keys::BUILD_NAME);
+    let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
+    let load_pod = builder_pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("load Pods")
+        .items
+        .remove(0);
+    let log = builder_pods
+        .logs(
+            &load_pod.name_any(),
+            &LogParams {
+                container: Some("build".into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .expect("the load's build log");
+    assert!(
+        log.contains(&format!("copying path '{out}' from '{url}'")),
+        "the load substitutes {out}:\n{log}"
+    );
+    assert!(
+        !log.contains("building '"),
+        "the load builds nothing:\n{log}"
+    );
+
+    drop(operator);
+    for node in &nodes {
+        remove_images(&socket(node), repository);
+    }
+}

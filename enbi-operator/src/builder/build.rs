@@ -209,6 +209,9 @@ fn nix_for(args: &BuildArgs, credentials: Option<&credentials::Credentials>) -> 
         .into_iter()
         .chain(list("extra-substituters", &args.substituters))
         .chain(list("extra-trusted-public-keys", &args.trusted_public_keys))
+        // Builds push what they built right after nix found it missing in the cache: never
+        // trust such an answer later (a daemon takes this only from its own configuration).
+        .chain((!args.substituters.is_empty()).then(|| "narinfo-cache-negative-ttl = 0".to_owned()))
         .chain(credentials.iter().flat_map(|c| c.settings.clone()))
         .collect();
     let mut env: Vec<(String, String)> = credentials.map(|c| c.env.clone()).unwrap_or_default();
