@@ -130,30 +130,17 @@ fn parse_setting(json: &[u8]) -> Option<Setting> {
     Some(Setting { sandbox, fallback })
 }
 
-/// Makes the namespaces Nix's sandbox needs, as Nix does: a user namespace if the container
-/// allows one, then mount and PID namespaces with a new `/proc`.
+/// Makes the namespaces Nix's sandbox needs, as Nix checks them: a user namespace if the
+/// container allows one (no uid map: Nix writes it later, from outside), then mount and PID
+/// namespaces with a new `/proc`.
 fn probe() -> Probe {
     let user = unshare(&["--user", "true"]).is_ok();
-    let args: &[&str] = if user {
-        &[
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "true",
-        ]
+    let namespaces = ["--mount", "--pid", "--fork", "--mount-proc", "true"];
+    if user {
+        unshare(&[&["--user"][..], &namespaces].concat())
     } else {
-        &["--mount", "--pid", "--fork", "--mount-proc", "true"]
-    };
-    unshare(args).map_err(|why| {
-        if user {
-            why
-        } else {
-            format!("no user namespace, and {why}")
-        }
-    })
+        unshare(&namespaces).map_err(|why| format!("no user namespace, and {why}"))
+    }
 }
 
 fn unshare(args: &[&str]) -> Probe {
@@ -167,7 +154,8 @@ fn unshare(args: &[&str]) -> Probe {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let why = stderr.lines().last().unwrap_or_default().trim();
+    let last = stderr.lines().last().unwrap_or_default().trim();
+    let why = last.strip_prefix("unshare: ").unwrap_or(last);
     Err(if why.is_empty() {
         format!("unshare {} exited with {}", args.join(" "), out.status)
     } else {
