@@ -16,6 +16,10 @@
 //! node itself, and again after it was removed there. A deleted NixBuild's image is released on
 //! both nodes, except where a container still uses it.
 //!
+//! In the default store mode, `pod`, the Debian-built builder image (`images/builder/build-image`,
+//! pushed to the local registry) builds the fixture flake, fetched over HTTP, in the Pod's own
+//! store, and says whether Nix's sandbox was on.
+//!
 //! Without the real node the test fails in CI (`CI=true`; `tests/run` starts it) and elsewhere
 //! prints a loud `SKIPPED` line and returns.
 
@@ -219,14 +223,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     );
     assert!(status.image_size.is_some_and(|s| s > 0), "{status:?}");
     // Provenance: the flake as Nix locked it, the derivation and the output it was read from.
-    let provenance = status.provenance.clone().expect("provenance");
-    assert!(
-        provenance
-            .locked_flake
-            .as_deref()
-            .is_some_and(|f| f.starts_with("path:/nix/store/") && f.contains("narHash=")),
-        "{provenance:?}"
-    );
+    let provenance = locked_as(&status, "path:/nix/store/");
     assert!(
         provenance
             .derivation
@@ -262,20 +259,7 @@ async fn a_pod_with_a_missing_image_gets_it_built_on_the_real_node_and_runs() {
     assert!(images.contains(&tag), "{tag} not in {images:?}");
 
     // The kubelet's next attempt finds it; the container prints the fixture's message.
-    eventually(
-        "the Pod to run to completion",
-        Duration::from_secs(120),
-        || async {
-            let pod = pods.get("app").await.ok()?;
-            assert_ne!(phase(&pod), Some("Failed"), "{:?}", pod.status);
-            (phase(&pod) == Some("Succeeded")).then_some(())
-        },
-    )
-    .await;
-    let log = pods
-        .logs("app", &LogParams::default())
-        .await
-        .expect("container log");
+    let log = runs_to_completion(&pods, "app").await;
     assert!(log.contains(MESSAGE), "log: {log:?}");
     eprintln!("e2e: the Pod's log: {}", log.trim());
 
@@ -1183,22 +1167,8 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
     for (package, stage) in [("probe-script", "script"), ("probe-build", "build")] {
-        let build: NixBuild = serde_json::from_value(json!({
-            "apiVersion": "enbi.hrzn.ee/v1alpha1",
-            "kind": "NixBuild",
-            "metadata": {"name": package},
-            "spec": {
-                "flakeUrl": flake_url,
-                "packageName": package,
-                "imageTag": format!("enbi.test/{package}:hostile"),
-                "system": host_system(),
-            },
-        }))
-        .expect("nixbuild");
-        nixbuilds
-            .create(&PostParams::default(), &build)
-            .await
-            .expect("create the NixBuild");
+        let tag = format!("enbi.test/{package}:hostile");
+        create_nixbuild(&nixbuilds, package, &flake_url, package, &tag).await;
         let done = eventually(
             "the hostile build to end",
             Duration::from_secs(180),
@@ -1216,24 +1186,7 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
             operator.logs()
         );
         let message = status.failure_message.clone().unwrap_or_default();
-        let pod = builder_pods
-            .list(&ListParams::default().labels(&format!("enbi.hrzn.ee/nixbuild-name={package}")))
-            .await
-            .expect("builder pods")
-            .items
-            .into_iter()
-            .next()
-            .expect("a builder Pod");
-        let log = builder_pods
-            .logs(
-                &pod.name_any(),
-                &LogParams {
-                    container: Some("build".into()),
-                    ..LogParams::default()
-                },
-            )
-            .await
-            .expect("the build container's log");
+        let log = build_log(&builder_pods, package).await;
         // The image script also asks the node's daemon, as a trusted user could, for a build
         // with the sandbox off: stage "trust".
         let stages: &[&str] = match stage {
@@ -1283,6 +1236,256 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     }
 }
 
+/// The default store mode, `pod`, with the image a user runs: the Debian-built builder image
+/// (`images/builder/build-image`: trixie's Nix 2.26 and this operator), pushed to the local
+/// registry and pulled from there by the real node's kubelet. The build has the Pod's own store:
+/// the fixture flake comes over HTTP as a tarball (from this process, on the host's address on
+/// the nodes' bridge), nothing from the node's store or daemon. The build log says whether Nix's
+/// sandbox was in effect; the image lands in the node's containerd, and a Pod runs it.
+#[tokio::test]
+async fn pod_store_mode_builds_with_the_debian_builder_image() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let image = debian_builder_image();
+    let socket = socket(REAL_NODE);
+    let tag = fresh_tag("e2e-pod-store");
+    let fixture = Fixture::salted(tag.rsplit(':').next().expect("a tag"));
+    let flake_url = serve_tarball(&fixture);
+    eprintln!("e2e: builder image {image}, flake {flake_url}");
+
+    let builds = build_namespace(&client, "pod-store-b").await;
+    // Built where the Pod below runs (every other node is repelled).
+    let repel = all_but(&client, REAL_NODE).await.join(",");
+    let operator = start_operator_with_image("pod-store", &builds.name, &repel, &image, "pod", &[]);
+    let app = TestNamespace::new(&client, "pod-store").await;
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    create_nixbuild(&nixbuilds, "pod-store", &flake_url, "stream", &tag).await;
+    let build = the_nixbuild_succeeds(&nixbuilds, &operator).await;
+    let status = build.status.clone().expect("status");
+    assert_eq!(status.build_node.as_deref(), Some(REAL_NODE));
+    locked_as(&status, "http://");
+    assert!(
+        node_images(&socket).contains(&tag),
+        "{tag} not on {REAL_NODE}"
+    );
+
+    // The build container's log: the image's Nix built it, and said which sandbox it had.
+    let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
+    let log = build_log(&builder_pods, &build.name_any()).await;
+    let sandbox = log
+        .lines()
+        .find(|l| l.starts_with("enbi: sandbox: "))
+        .unwrap_or_else(|| panic!("no sandbox line in the build log:\n{log}"));
+    eprintln!("e2e: the build log:\n{log}");
+    assert!(
+        sandbox.starts_with("enbi: sandbox: on") || sandbox.starts_with("enbi: sandbox: off ("),
+        "{sandbox}"
+    );
+    assert!(log.contains("built /nix/store/"), "{log}");
+
+    // The image runs.
+    let pods = Api::<Pod>::namespaced(client.clone(), &app.name);
+    let app_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "app"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": REAL_NODE},
+            "tolerations": [{"key": REAL_NODE_TAINT, "operator": "Exists"}],
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": tag, "imagePullPolicy": "Never"}],
+        },
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &app_pod)
+        .await
+        .expect("create the Pod");
+    let out = runs_to_completion(&pods, "app").await;
+    assert!(out.contains(MESSAGE), "log: {out:?}");
+    remove_images(&socket, "enbi.test/e2e-pod-store");
+}
+
+/// Creates the NixBuild `name` of `package` of `flake_url` for this machine's system.
+async fn create_nixbuild(
+    nixbuilds: &Api<NixBuild>,
+    name: &str,
+    flake_url: &str,
+    package: &str,
+    tag: &str,
+) {
+    let build: NixBuild = serde_json::from_value(json!({
+        "apiVersion": "enbi.hrzn.ee/v1alpha1",
+        "kind": "NixBuild",
+        "metadata": {"name": name},
+        "spec": {
+            "flakeUrl": flake_url,
+            "packageName": package,
+            "imageTag": tag,
+            "system": host_system(),
+        },
+    }))
+    .expect("nixbuild");
+    nixbuilds
+        .create(&PostParams::default(), &build)
+        .await
+        .expect("create the NixBuild");
+}
+
+/// The build's provenance, whose locked flake starts with `prefix` and pins a NAR hash.
+fn locked_as(
+    status: &enbi_core::crd::NixBuildStatus,
+    prefix: &str,
+) -> enbi_core::report::Provenance {
+    let provenance = status.provenance.clone().expect("provenance");
+    assert!(
+        provenance
+            .locked_flake
+            .as_deref()
+            .is_some_and(|f| f.starts_with(prefix) && f.contains("narHash=")),
+        "{provenance:?}"
+    );
+    provenance
+}
+
+/// Waits for the Pod `name` to succeed (failing at once if it fails) and returns its log.
+async fn runs_to_completion(pods: &Api<Pod>, name: &str) -> String {
+    eventually(
+        "the Pod to run to completion",
+        Duration::from_secs(120),
+        || async {
+            let pod = pods.get(name).await.ok()?;
+            assert_ne!(phase(&pod), Some("Failed"), "{:?}", pod.status);
+            (phase(&pod) == Some("Succeeded")).then_some(())
+        },
+    )
+    .await;
+    pods.logs(name, &LogParams::default())
+        .await
+        .expect("container log")
+}
+
+/// The build container's log of the (first) builder Pod of the NixBuild `name`.
+async fn build_log(builder_pods: &Api<Pod>, name: &str) -> String {
+    let selector = format!("enbi.hrzn.ee/nixbuild-name={name}");
+    let pod = builder_pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("builder pods")
+        .items
+        .into_iter()
+        .next()
+        .expect("a builder Pod");
+    builder_pods
+        .logs(
+            &pod.name_any(),
+            &LogParams {
+                container: Some("build".into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .expect("the build container's log")
+}
+
+/// The Debian-built builder image of this operator (`images/builder/build-image`; the archive
+/// `tests/run` made, `ENBI_BUILDER_ARCHIVE`, else made here), pushed to the local registry
+/// (`tests/tools/push-image`), by digest as the real nodes reach the registry. Once per run.
+fn debian_builder_image() -> String {
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let run = |cmd: &mut Command| {
+                let out = cmd.output().expect("runs");
+                assert!(
+                    out.status.success(),
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            };
+            let tar = match std::env::var_os("ENBI_BUILDER_ARCHIVE") {
+                Some(tar) => PathBuf::from(tar),
+                None => {
+                    let tar = dir.path().join("builder.tar");
+                    run(Command::new(root.join("images/builder/build-image"))
+                        .arg("--binary")
+                        .arg(Operator::binary())
+                        .args(["--name", "localhost/enbi-builder:e2e"])
+                        // No binary cache is reachable: Nix would wait out its retries.
+                        .args(["--nix-option", "substituters ="])
+                        .arg(&tar));
+                    tar
+                }
+            };
+            let pushed = run(Command::new(root.join("tests/tools/push-image"))
+                .arg(&tar)
+                .arg("enbi-builder:e2e"));
+            let registry =
+                |what: &str| run(Command::new(root.join("tests/cluster/registry")).arg(what));
+            let (host, node) = (registry("addr"), registry("node-addr"));
+            pushed.replacen(&host, &node, 1)
+        })
+        .clone()
+}
+
+/// `fixture` as a flake tarball served over HTTP on the host's address on the nodes' bridge
+/// (where the nodes' Pods reach the host), for as long as the test runs: its URL.
+fn serve_tarball(fixture: &Fixture) -> String {
+    use std::io::{Read, Write};
+    let dir = fixture.dir.path();
+    let tar = dir.with_extension("tar.gz");
+    let out = Command::new("tar")
+        .arg("-czf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(dir.parent().expect("a parent"))
+        .arg(dir.file_name().expect("a name"))
+        .output()
+        .expect("tar runs");
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = std::fs::read(&tar).expect("the tarball");
+    let _ = std::fs::remove_file(&tar);
+    let node_addr = real_node_registry_host();
+    let listener = std::net::TcpListener::bind((node_addr.as_str(), 0)).expect("a port");
+    let port = listener.local_addr().expect("its address").port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            // One request per connection: read its head, answer with the tarball, close.
+            let mut head = [0; 4096];
+            let _ = conn.read(&mut head);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(&body);
+        }
+    });
+    format!("http://{node_addr}:{port}/fixture.tar.gz")
+}
+
+/// The host's address on the nodes' bridge (the registry's, as the nodes reach it).
+fn real_node_registry_host() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("cluster/registry"))
+        .arg("node-addr")
+        .output()
+        .expect("registry node-addr runs");
+    assert!(out.status.success(), "registry node-addr");
+    let addr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    addr.rsplit_once(':')
+        .map(|(host, _)| host.to_owned())
+        .expect("HOST:PORT")
+}
+
 /// Imports the builder image made of this operator into every real node.
 fn builder_image_on_real_nodes() {
     real_node(&[
@@ -1317,6 +1520,22 @@ fn start_operator_with(
     extra: &[&str],
     webhook: Option<&Webhook>,
 ) -> Operator {
+    let webhook_args = webhook.map(Webhook::operator_args).unwrap_or_default();
+    let mut extra = extra.to_vec();
+    extra.extend(webhook_args.iter().map(String::as_str));
+    start_operator_with_image(name, builds, repel, BUILDER_IMAGE, "node-daemon", &extra)
+}
+
+/// An operator whose builders run `image` in `store_mode` on the real nodes, with `extra`
+/// arguments.
+fn start_operator_with_image(
+    name: &str,
+    builds: &str,
+    repel: &str,
+    image: &str,
+    store_mode: &str,
+    extra: &[&str],
+) -> Operator {
     // A free port: another cluster's tests may run the same tests on this machine.
     let listen = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -1325,17 +1544,17 @@ fn start_operator_with(
     // Where the nodes' layout keeps containerd's socket (k3s's own path on a k3s-layout node),
     // as `build.containerdSocket` of examples/values-k3s.cue says.
     let node_socket = real_node(&["node-socket"]);
-    let mut args: Vec<String> = [
+    let args: Vec<String> = [
         "--containerd-socket",
         &node_socket,
         "--build-namespace",
         builds,
         "--builder-image",
-        BUILDER_IMAGE,
+        image,
         "--listen-address",
         &listen,
         "--store-mode",
-        "node-daemon",
+        store_mode,
         "--builder-tolerations",
         REAL_NODE_TAINT,
         "--node-repel",
@@ -1345,7 +1564,6 @@ fn start_operator_with(
     .chain(extra)
     .map(|a| (*a).to_owned())
     .collect();
-    args.extend(webhook.map(Webhook::operator_args).unwrap_or_default());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Operator::start_with_env(name, &args, &[("POD_NAMESPACE", builds)])
 }

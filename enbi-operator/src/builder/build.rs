@@ -22,6 +22,7 @@ use super::credentials;
 use super::nix::{self, Nix, NixError};
 use super::output::{self, OutputError};
 use super::pipe::{self, Watch};
+use super::sandbox;
 use super::{join_trace, millis, step};
 
 /// Build a flake's image output and write it into the image pipe (a builder Pod's `build`
@@ -106,6 +107,7 @@ pub fn run(args: BuildArgs) -> ExitCode {
         enbi.node = args.node_name.as_deref().unwrap_or_default(),
         enbi.store_path = Empty,
         enbi.build_ms = Empty,
+        enbi.sandbox = Empty,
         trace_id = Empty,
         span_id = Empty,
     );
@@ -238,6 +240,8 @@ fn build(
         .map_err(|e| invalid("packageName", e))?;
     check_system(&args.system).map_err(|e| invalid("system", e))?;
 
+    let sandbox = sandbox::report(args.store, log);
+    tracing::Span::current().record("enbi.sandbox", sandbox.as_str());
     // Kept until nix is done: dropping it removes the private copy.
     let credentials = args
         .fetch_credentials

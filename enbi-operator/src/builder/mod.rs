@@ -1,7 +1,8 @@
 //! The two containers of a builder Pod, which share a FIFO (`pipe`) and nothing else.
 //!
 //! - `enbi-operator build` (`build`): locks, evaluates and builds
-//!   `<flakeUrl>#packages.<system>.<packageName>` with nix (`nix`), and writes what it built,
+//!   `<flakeUrl>#packages.<system>.<packageName>` with nix (`nix`; whether Nix's sandbox is in
+//!   effect is said first, `sandbox`), and writes what it built,
 //!   then the image, into the pipe (`output`). It runs the flake's code, so it has no
 //!   containerd socket and no API token; it alone gets the build's fetch credentials
 //!   (`credentials`).
@@ -30,6 +31,7 @@ mod pipe;
 mod process;
 mod release;
 mod report;
+mod sandbox;
 
 use std::time::Duration;
 

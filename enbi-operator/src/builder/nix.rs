@@ -193,8 +193,15 @@ pub fn build(
     deadline: Instant,
     log: &LogTail,
 ) -> Result<PathBuf, NixError> {
+    let outputs = drv_outputs(drv, nix_version().as_deref());
     let json = run(
-        &["build", "--json", "--no-link", "--print-build-logs", drv],
+        &[
+            "build",
+            "--json",
+            "--no-link",
+            "--print-build-logs",
+            &outputs,
+        ],
         installable,
         nix,
         deadline,
@@ -219,6 +226,37 @@ pub fn copy(
         log,
     )
     .map(drop)
+}
+
+/// The installable naming the outputs of the derivation `drv`: `<drv>^*` since Nix 2.13 (a
+/// bare `.drv` path now names the derivation file itself, which `nix build` merely prints),
+/// the bare path before, when `^` did not exist; also when the version is unknown.
+fn drv_outputs(drv: &str, version: Option<&str>) -> String {
+    let at_least_2_13 = version
+        .and_then(|v| {
+            let mut parts = v.split(['.', 'p', 'r', '-', '+']);
+            let major: u32 = parts.next()?.parse().ok()?;
+            let minor: u32 = parts.next()?.parse().ok()?;
+            Some((major, minor) >= (2, 13))
+        })
+        .unwrap_or(false);
+    if at_least_2_13 {
+        format!("{drv}^*")
+    } else {
+        drv.to_owned()
+    }
+}
+
+/// Nix's version (`nix --version`: `nix (Nix) 2.26.3`), e.g. `2.26.3`.
+fn nix_version() -> Option<String> {
+    let out = Command::new("nix")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().last().map(str::to_owned)
 }
 
 /// Runs nix with `args` until `deadline`, its log forwarded, and returns its stdout; a failure
@@ -346,6 +384,21 @@ mod tests {
             })
         );
         assert_eq!(parse_metadata(r#"{"locked":{}}"#), None);
+    }
+
+    #[test]
+    fn names_a_derivations_outputs_as_its_nix_version_reads_them() {
+        let drv = "/nix/store/a-x.drv";
+        assert_eq!(drv_outputs(drv, Some("2.26.3")), "/nix/store/a-x.drv^*");
+        assert_eq!(drv_outputs(drv, Some("2.13.0")), "/nix/store/a-x.drv^*");
+        assert_eq!(
+            drv_outputs(drv, Some("2.31.0pre20250101_abc")),
+            "/nix/store/a-x.drv^*"
+        );
+        assert_eq!(drv_outputs(drv, Some("3.0")), "/nix/store/a-x.drv^*");
+        assert_eq!(drv_outputs(drv, Some("2.8.0")), drv);
+        assert_eq!(drv_outputs(drv, None), drv);
+        assert_eq!(drv_outputs(drv, Some("unknown")), drv);
     }
 
     #[test]
