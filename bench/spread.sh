@@ -14,6 +14,10 @@
 # "enbi": Spegel is taken off the nodes (the mirror port is then closed, pulls fail at once)
 #   and the operator, without --image-mirror, runs a load Job on B: the locked flake built
 #   again there (here a store hit, since the nodes share a Nix store) and streamed in.
+# "enbi-rebuild": as "enbi", but the nodes' store first loses the image's closure (as a new node's
+#   store has none of it), so the load builds it again.
+# "enbi-cache": as "enbi-rebuild", with a binary cache (tests/cluster/nix-cache, nginx over HTTP,
+#   uncompressed): the build pushes its closure there, the load substitutes it.
 # Prints each time and the medians. Set ENBI_BIN to use a prebuilt operator binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +80,20 @@ start_operator() { # extra args...
   op_pid=$!
 }
 
+nixd() { NIX_REMOTE=daemon NIX_CONFIG='experimental-features = nix-command flakes' "$@"; }
+# forget STORE_PATH: the nodes' store loses it and all of its closure that nothing else holds.
+forget() {
+  local p
+  for p in $(nixd nix-store -qR "$1" | tac); do
+    nixd nix store delete "$p" >/dev/null 2>&1 || true
+  done
+  if nixd nix path-info "$1" >/dev/null 2>&1; then echo "$1 is still in the store" >&2; exit 1; fi
+}
+cache_has() { # STORE_PATH
+  local hash="${1#/nix/store/}"
+  curl -fsS -o /dev/null "$cache_url/${hash%%-*}.narinfo" 2>/dev/null
+}
+
 now_ms() { date +%s%3N; }
 has_image() { # NODE TAG
   local images
@@ -99,6 +117,16 @@ YAML
     ((SECONDS < deadline)) || { echo "$name not Succeeded" >&2; exit 1; }
     sleep 0.1
   done
+  if [[ $way == enbi-rebuild || $way == enbi-cache ]]; then
+    local out
+    out="$(k -n "$NS" get nixbuild "$name" -o jsonpath='{.status.provenance.storePath}')"
+    # The build pushes after it handed the image over: wait for it.
+    until [[ $way == enbi-rebuild ]] || cache_has "$out"; do
+      ((SECONDS < deadline)) || { echo "$out never reached the cache" >&2; exit 1; }
+      sleep 0.1
+    done
+    forget "$out"
+  fi
   t0=$(now_ms)
   a="$(k -n "$NS" get nixbuild "$name" -o jsonpath='{.status.buildNode}')"
   b="$(printf '%s\n' "${nodes[@]}" | grep -vxF "$a" | head -1)"
@@ -131,21 +159,29 @@ k create ns "$BNS" >/dev/null
 k -n "$BNS" create serviceaccount enbi-builder >/dev/null
 k -n "$NS" wait --for=jsonpath='{.metadata.name}'=default serviceaccount/default --timeout=30s >/dev/null
 
+eval "$(tests/cluster/nix-cache up | sed 's/^/cache_/')"
+cache_url="$cache_URL"
+k -n "$BNS" create secret generic cache-key --from-file=secret-key="$cache_SECRET_KEY_FILE" >/dev/null
+
+ways=(spegel enbi enbi-rebuild enbi-cache)
 declare -A times
-for way in spegel enbi; do
-  if [[ $way == spegel ]]; then
-    spegel_on
-    start_operator --image-mirror
-  else
-    spegel_off
-    start_operator
-  fi
+for way in "${ways[@]}"; do
+  case $way in
+    spegel) spegel_on; start_operator --image-mirror ;;
+    enbi | enbi-rebuild) spegel_off; start_operator ;;
+    enbi-cache)
+      spegel_off
+      tests/cluster/nix-cache clear
+      start_operator --cache-substituters "$cache_url" --cache-trusted-public-keys "$cache_PUBLIC_KEY" \
+        --cache-push-to "$cache_url?compression=none" --cache-signing-secret cache-key
+      ;;
+  esac
   for ((r = 1; r <= runs; r++)); do
     t=$(one "$way" "$r")
     echo "$way run $r: $t ms" >&2
     times[$way]+="$t "
   done
 done
-for way in spegel enbi; do
-  printf '%-6s median %s ms (runs: %s)\n' "$way" "$(tr ' ' '\n' <<<"${times[$way]}" | grep . | median)" "${times[$way]% }"
+for way in "${ways[@]}"; do
+  printf '%-12s median %s ms (runs: %s)\n' "$way" "$(tr ' ' '\n' <<<"${times[$way]}" | grep . | median)" "${times[$way]% }"
 done
