@@ -115,6 +115,7 @@ mod tests {
             package_name: "p".into(),
             image_tag: tag.into(),
             system: "x86_64-linux".into(),
+            resources: None,
         }
     }
 

@@ -99,7 +99,9 @@ fn example_deployment_asks_for_the_example_build() {
         package_name,
         image_tag,
         system,
+        resources,
     } = example_build().spec;
+    assert_eq!(resources, None);
     assert_eq!(
         (flake_url, package_name, image_tag, system),
         (

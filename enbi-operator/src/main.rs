@@ -142,6 +142,7 @@ mod tests {
                 package_name: "app.stream".into(),
                 image_tag: "example.test/app:v1".into(),
                 system: "aarch64-linux".into(),
+                resources: None,
             },
         );
         for (store, pin, overwrite) in [

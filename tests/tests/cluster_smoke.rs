@@ -24,6 +24,7 @@ fn spec() -> NixBuildSpec {
         package_name: "chog-docker.stream-layered".into(),
         image_tag: "nossa.ee/talya/chog:f5d531177a7330e9b270c15cca5df0eb72b8684c".into(),
         system: "aarch64-linux".into(),
+        resources: None,
     }
 }
 

@@ -17,6 +17,7 @@ fn build() -> NixBuild {
             package_name: "app.stream".into(),
             image_tag: TAG.into(),
             system: "aarch64-linux".into(),
+            resources: None,
         },
     );
     b.metadata.namespace = Some("apps".into());

@@ -50,6 +50,7 @@ pub fn build(phase: Option<Phase>) -> NixBuild {
             package_name: "app.stream".into(),
             image_tag: TAG.into(),
             system: "x86_64-linux".into(),
+            resources: None,
         },
     );
     b.status = phase.map(|phase| NixBuildStatus {

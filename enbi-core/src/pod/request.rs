@@ -67,6 +67,7 @@ pub fn spec(
         package_name: get(keys::POD_PACKAGE_NAME)?,
         image_tag: get(keys::POD_IMAGE_TAG)?,
         system,
+        resources: None,
     };
     spec.validate().map_err(|report| {
         AnnotationError::Invalid(

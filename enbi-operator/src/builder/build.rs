@@ -167,6 +167,7 @@ fn build(
             package_name: args.package_name.clone(),
             system: args.system.clone(),
             image_tag: String::new(),
+            resources: None,
         };
         let drv = nix::evaluate(&spec.installable(), args.store, deadline, log)?;
         Ok::<_, BuildError>((locked, drv))

@@ -127,6 +127,7 @@ fn pod_watcher(
             &Metrics::new(),
         ),
         actions,
+        policy: enbi_core::policy::Policy::default(),
         tracing: false,
     };
     let watcher = PodWatcher::new(
