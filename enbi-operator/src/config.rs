@@ -487,18 +487,20 @@ mod tests {
         assert!(check_toleration("a:Sometimes").is_err());
     }
 
-    #[test]
-    fn resources_and_protected_registries_have_defaults_and_an_empty_list_turns_them_off() {
+    /// `run`'s settings from `args`, as `main` makes them.
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         use clap::Parser;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             run: RunArgs,
         }
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
-                .map(|c| c.run.without_empty_entries())
-        };
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map(|c| c.run.without_empty_entries())
+    }
+
+    #[test]
+    fn resources_and_protected_registries_have_defaults_and_an_empty_list_turns_them_off() {
         let args = parse(&[]).expect("parses");
         let resources = args.builder().resources.expect("default resources");
         assert_eq!(
@@ -547,17 +549,7 @@ mod tests {
 
     #[test]
     fn narrowing_is_a_bare_flag_or_a_boolean_and_off_with_a_mirror() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
-                .expect("parses")
-                .run
-        };
+        let parse = |args: &[&str]| parse(args).expect("parses");
         assert!(!parse(&[]).narrow(), "off by default");
         assert!(parse(&["--narrow-gated-pods"]).narrow());
         assert!(parse(&["--narrow-gated-pods=true"]).narrow());
