@@ -95,7 +95,7 @@ cleanup() {
     "$kubectl" patch -n "$app_ns" "$nb" --type=merge -p '{"metadata":{"finalizers":null}}' > /dev/null 2>&1
   done
   "$kubectl" delete namespace "$app_ns" "$ns" "$build_ns" --ignore-not-found --wait=false > /dev/null 2>&1
-  "$kubectl" delete clusterrole,clusterrolebinding,mutatingwebhookconfiguration -l app.kubernetes.io/instance="$instance",app.kubernetes.io/name=enbi \
+  "$kubectl" delete clusterrole,clusterrolebinding,mutatingwebhookconfiguration,validatingwebhookconfiguration -l app.kubernetes.io/instance="$instance",app.kubernetes.io/name=enbi \
     --ignore-not-found > /dev/null 2>&1
   if $crd_existed; then
     # Someone else's CRD: take back the labels that the install added.
@@ -132,7 +132,7 @@ echo "== vet and build (./timoni)"
 check "timoni mod vet" tm mod vet "$module" --name "$instance" -n "$ns"
 check "timoni build" sh -c "timoni build '$instance' '$module' -n '$ns' > '$work/build.yaml'"
 equals "the build has the expected objects" \
-  "ClusterRole ClusterRoleBinding CustomResourceDefinition Deployment MutatingWebhookConfiguration Namespace Namespace Role Role Role RoleBinding RoleBinding RoleBinding Service Service ServiceAccount ServiceAccount" \
+  "ClusterRole ClusterRoleBinding CustomResourceDefinition Deployment MutatingWebhookConfiguration Namespace Namespace Role Role Role RoleBinding RoleBinding RoleBinding Service Service ServiceAccount ServiceAccount ValidatingWebhookConfiguration" \
   sh -c "grep '^kind:' '$work/build.yaml' | awk '{print \$2}' | sort | xargs"
 equals "Pod Security privileged on the build namespace only" "$build_ns" \
   sh -c "timoni build '$instance' '$module' -n '$ns' -o json | python3 -c '
@@ -164,6 +164,8 @@ check "examples/values-eks.cue: the default socket, no mirror" sh -c \
    grep -A1 'name: ENBI_IMAGE_MIRROR' '$work/eks.yaml' | grep -q 'value: \"false\"'"
 check "one replica without leader election: Recreate, never two operators" \
   sh -c "grep -A1 '^  strategy:' '$work/build.yaml' | grep -q 'type: Recreate'"
+check "public registries protected by default" sh -c "grep -A1 'name: ENBI_PROTECTED_REGISTRIES' '$work/build.yaml' | grep -q 'value: docker.io,ghcr.io,'"
+check "builder limits by default" sh -c "grep -A1 'name: ENBI_BUILDER_LIMITS' '$work/build.yaml' | grep -q 'value: cpu=4,memory=8Gi,ephemeral-storage=20Gi'"
 check "text logs by default" sh -c "grep -A1 'name: ENBI_LOG_FORMAT' '$work/build.yaml' | grep -q 'value: text'"
 cat > "$work/monitoring.cue" <<'CUE'
 values: {
@@ -355,6 +357,7 @@ for args in \
   "create leases.coordination.k8s.io -n $ns" "update leases.coordination.k8s.io -n $ns" \
   "patch pods -A" "delete pods -A" "watch namespaces" \
   "patch mutatingwebhookconfigurations.admissionregistration.k8s.io/$instance-webhook" \
+  "patch validatingwebhookconfigurations.admissionregistration.k8s.io/$instance-webhook" \
   "get secrets/$instance-webhook-tls -n $ns" "update secrets/$instance-webhook-tls -n $ns" "create secrets -n $ns"; do
   # shellcheck disable=SC2086
   equals "can $args" yes can $args
@@ -364,6 +367,7 @@ for args in \
   "update nixbuilds.enbi.hrzn.ee --subresource=status -n default" \
   "create pods -n $build_ns" "patch nodes" "update secrets/other -n $ns" "create secrets -n default" \
   "patch mutatingwebhookconfigurations.admissionregistration.k8s.io/other" \
+  "patch validatingwebhookconfigurations.admissionregistration.k8s.io/other" \
   "list customresourcedefinitions.apiextensions.k8s.io" \
   "get customresourcedefinitions.apiextensions.k8s.io/other.example.com" \
   "create jobs.batch -n default" "create leases.coordination.k8s.io -n default" \

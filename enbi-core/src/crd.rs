@@ -57,6 +57,10 @@ pub struct NixBuildSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[garde(dive)]
     pub fetch_secret_ref: Option<SecretRef>,
+    /// What the builder may use, over the operator's defaults; the policy caps each amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[garde(skip)]
+    pub resources: Option<Box<BuildResources>>,
 }
 
 /// A Secret in the NixBuild's own namespace.
@@ -66,6 +70,51 @@ pub struct SecretRef {
     #[schemars(extend("maxLength" = SECRET_NAME.max_len))]
     #[garde(custom(garde_rules::secret_name))]
     pub name: String,
+}
+
+/// A build's own requests, limits and deadline (`spec.resources`).
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildResources {
+    /// Requests of the build container, in place of the operator's defaults.
+    #[serde(default, skip_serializing_if = "ResourceAmounts::is_empty")]
+    pub requests: ResourceAmounts,
+    /// Limits of the build container, in place of the operator's defaults.
+    #[serde(default, skip_serializing_if = "ResourceAmounts::is_empty")]
+    pub limits: ResourceAmounts,
+    /// Seconds the builder Job may run (its `activeDeadlineSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub deadline_seconds: Option<i64>,
+}
+
+/// Amounts of the resources a build may ask for, as Kubernetes quantities (`2`, `500m`, `4Gi`).
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceAmounts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 64))]
+    pub cpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 64))]
+    pub memory: Option<String>,
+    #[serde(
+        default,
+        rename = "ephemeral-storage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(extend("maxLength" = 64))]
+    pub ephemeral_storage: Option<String>,
+}
+
+impl ResourceAmounts {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// Where a build is in its life.
@@ -267,6 +316,7 @@ mod tests {
             image_tag: "app:1".into(),
             system: "aarch64-linux".into(),
             fetch_secret_ref: None,
+            resources: None,
         };
         assert_eq!(
             spec.installable(),

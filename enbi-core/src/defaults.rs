@@ -30,3 +30,29 @@ pub const CACHE_SIGNING_KEY_DIR: &str = "/run/enbi-cache";
 pub const BUILDER_BUILD_TIMEOUT_SECONDS: u64 = 3000;
 /// Seconds streaming and importing may take, when the Job does not say (1/6 of its deadline).
 pub const BUILDER_IMPORT_TIMEOUT_SECONDS: u64 = 900;
+/// Registries a tag may name only where the policy says so: the public ones, whose images
+/// Pods pull by name (a mirror such as Spegel serves a node's copy to every node).
+pub const PROTECTED_REGISTRIES: &[&str] = &[
+    "docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "*.gcr.io",
+    "*.pkg.dev",
+    "public.ecr.aws",
+    "*.amazonaws.com",
+    "mcr.microsoft.com",
+    "*.azurecr.io",
+    "registry.gitlab.com",
+    "nvcr.io",
+    "cgr.dev",
+    "registry.redhat.io",
+];
+/// The build container's requests and limits by default (`--builder-requests`,
+/// `--builder-limits`): enough for a small image, capped so that one build cannot take a node.
+pub const BUILDER_REQUESTS: &str = "cpu=250m,memory=512Mi,ephemeral-storage=1Gi";
+pub const BUILDER_LIMITS: &str = "cpu=4,memory=8Gi,ephemeral-storage=20Gi";
+/// The most a NixBuild's `spec.resources` may ask for by default (`--max-build-resources`).
+pub const MAX_BUILD_RESOURCES: &str =
+    "cpu=8,memory=32Gi,ephemeral-storage=100Gi,deadline-seconds=14400";

@@ -33,6 +33,7 @@ use crate::crd::NixBuild;
 use crate::defaults;
 use crate::keys;
 use crate::naming;
+use crate::resources;
 use crate::trace::TraceContext;
 
 /// `app.kubernetes.io/name` of every builder Job and Pod.
@@ -290,7 +291,9 @@ pub fn render(
     // The builder stops nix and the import itself, within the Job's deadline, so it can still
     // report DeadlineExceeded: 3/4 of the deadline for nix, 1/6 for the import, the rest for
     // scheduling and the report. At least 12 s, so that neither limit rounds down to zero.
-    let deadline = settings.active_deadline_seconds.max(12);
+    let active_deadline =
+        resources::deadline_seconds(settings.active_deadline_seconds, spec.resources.as_deref());
+    let deadline = active_deadline.max(12);
     let build_timeout = (deadline * 3 / 4).to_string();
     let import_timeout = (deadline / 6).to_string();
     let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
@@ -430,7 +433,7 @@ pub fn render(
         args: Some(build_args),
         env: Some(build_env),
         volume_mounts: Some(build_mounts),
-        resources: settings.resources.clone(),
+        resources: resources::requirements(settings.resources.as_ref(), spec.resources.as_deref()),
         // If it dies, the end of its log says why (the load container reports the build's
         // failures itself, from what the build container tells it).
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -476,13 +479,7 @@ pub fn render(
         ..Default::default()
     };
     // `kubectl logs job/<name>` shows the build's log (nix's output).
-    job(
-        metadata,
-        settings.active_deadline_seconds,
-        BUILD_CONTAINER,
-        pod,
-        settings,
-    )
+    job(metadata, active_deadline, BUILD_CONTAINER, pod, settings)
 }
 
 /// The build container's binary-cache flags.
@@ -725,6 +722,7 @@ mod tests {
                 image_tag: "nossa.ee/talya/chog:f5d531177a7330e9b270c15cca5df0eb72b8684c".into(),
                 system: "aarch64-linux".into(),
                 fetch_secret_ref: None,
+                resources: None,
             },
         );
         b.metadata.namespace = Some("apps".into());

@@ -24,6 +24,7 @@ pub mod reason;
 pub mod reference;
 pub mod release;
 pub mod report;
+pub mod resources;
 pub mod servingcert;
 pub mod spread;
 pub mod system;

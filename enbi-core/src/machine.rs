@@ -32,6 +32,8 @@ use crate::report::BuildReport;
 use crate::spread;
 use crate::{backoff, capacity, fetch, policy};
 
+/// How often a build that waits for another build's turn at a slot is looked at again.
+const TURN_RECHECK: Duration = Duration::from_secs(5);
 /// How often a Succeeded Job whose report is not seen yet is looked at again.
 const REPORT_POLL: Duration = Duration::from_secs(2);
 /// How long after a Job's completion its report may still be missing from the Pods' cache
@@ -298,6 +300,11 @@ impl Step<'_> {
             Err(e) => return self.wait(WaitReason::NoEligibleNode, e.to_string()),
         };
         if let Err(why) = self.obs.capacity.clone() {
+            // A turn given to another build is looked at again: that build may go (deleted, or
+            // refused) without any Job event that would wake this one.
+            if matches!(why, capacity::Full::Turn { .. }) {
+                self.requeue_after = Some(TURN_RECHECK);
+            }
             return self.wait(WaitReason::Queued, why.to_string());
         }
         let attempt = self.status.attempts + 1;

@@ -116,6 +116,7 @@ mod tests {
             image_tag: tag.into(),
             system: "x86_64-linux".into(),
             fetch_secret_ref: None,
+            resources: None,
         }
     }
 

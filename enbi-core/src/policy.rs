@@ -1,10 +1,20 @@
 //! Who may build what. A NixBuild writes an image into a node's containerd under any tag it
 //! names, so the operator checks, before anything runs: the namespace, the flake URL's prefix,
-//! and the image tag against patterns (optionally per namespace). Empty lists allow everything,
-//! except fetch Secrets, which only the namespaces listed may name.
+//! the image tag against patterns (optionally per namespace) and against the protected
+//! registries, and what the builder asks for (`spec.resources`) against a maximum (optionally
+//! per namespace). Empty lists allow everything, except fetch Secrets
+//! (`spec.fetchSecretRef`), which only the namespaces listed may name.
+//!
+//! **Protected registries.** With a mirror such as Spegel, an image on one node is served to
+//! every node under its name: a build tagged `docker.io/library/nginx:<new tag>` would put a
+//! tenant's image where other tenants pull `nginx`. A tag under a protected registry (by
+//! default the public ones, [`defaults::PROTECTED_REGISTRIES`]) is refused unless a tag rule that
+//! applies to the namespace names that registry literally (`team=docker.io/team/*`): a catch-all
+//! `*` allows no protected registry.
 
-use crate::crd::NixBuildSpec;
-use crate::reference;
+use crate::crd::{BuildResources, NixBuildSpec};
+use crate::resources::{self, DEADLINE};
+use crate::{defaults, reference};
 
 /// An image tag pattern, for one namespace or all.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,8 +25,18 @@ pub struct TagRule {
     pub pattern: String,
 }
 
+/// The most a NixBuild may ask for of one resource (or `deadline-seconds`), in one namespace
+/// or all; a namespace's own maximum replaces the global one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceMax {
+    pub namespace: Option<String>,
+    /// `cpu`, `memory`, `ephemeral-storage` or `deadline-seconds`.
+    pub resource: String,
+    pub max: String,
+}
+
 /// The operator's build policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub allowed_namespaces: Vec<String>,
     pub flake_url_prefixes: Vec<String>,
@@ -24,6 +44,27 @@ pub struct Policy {
     /// Namespaces whose builds may name a fetch Secret (`spec.fetchSecretRef`); empty: none,
     /// `*`: all. The operator reads those Secrets, so the list is opt-in.
     pub fetch_secret_namespaces: Vec<String>,
+    /// Registry names (`*` as wildcard, `*.gcr.io`) that a tag may use only where a tag rule
+    /// names them.
+    pub protected_registries: Vec<String>,
+    pub resource_max: Vec<ResourceMax>,
+}
+
+impl Default for Policy {
+    /// Everything allowed but tags under the public registries.
+    fn default() -> Self {
+        Self {
+            allowed_namespaces: vec![],
+            flake_url_prefixes: vec![],
+            tag_rules: vec![],
+            protected_registries: defaults::PROTECTED_REGISTRIES
+                .iter()
+                .map(|r| (*r).to_owned())
+                .collect(),
+            resource_max: vec![],
+            fetch_secret_namespaces: vec![],
+        }
+    }
 }
 
 /// Why the policy refuses a build; its message names the field and the rule.
@@ -34,9 +75,9 @@ pub enum Denial {
         namespace: String,
         allowed: Vec<String>,
     },
-    #[error("flake URL {url} does not start with an allowed prefix ({})", prefixes.join(", "))]
+    #[error("spec.flakeUrl {url} does not start with an allowed prefix ({})", prefixes.join(", "))]
     FlakeUrl { url: String, prefixes: Vec<String> },
-    #[error("image tag {tag} matches no allowed pattern for namespace {namespace} ({})", patterns.join(", "))]
+    #[error("spec.imageTag {tag} matches no allowed pattern for namespace {namespace} ({})", patterns.join(", "))]
     ImageTag {
         tag: String,
         namespace: String,
@@ -46,6 +87,25 @@ pub enum Denial {
     FetchSecret {
         namespace: String,
         allowed: Vec<String>,
+    },
+    #[error(
+        "spec.imageTag {tag} is under the protected registry {registry}: a build could replace \
+         that registry's images on every node; only a tag pattern for namespace {namespace} that \
+         names {registry} allows it (e.g. {namespace}={registry}/{namespace}/*)"
+    )]
+    ProtectedRegistry {
+        tag: String,
+        registry: String,
+        namespace: String,
+    },
+    #[error("{field} {value} is not a quantity (such as 2, 500m or 4Gi)")]
+    Quantity { field: String, value: String },
+    #[error("{field} {value} is above the maximum {max} for namespace {namespace}")]
+    AboveMax {
+        field: String,
+        value: String,
+        max: String,
+        namespace: String,
     },
 }
 
@@ -81,17 +141,100 @@ pub fn check(policy: &Policy, namespace: &str, spec: &NixBuildSpec) -> Result<()
             allowed: policy.fetch_secret_namespaces.clone(),
         });
     }
+    check_tag(policy, namespace, &spec.image_tag)?;
+    if let Some(resources) = &spec.resources {
+        check_resources(policy, namespace, resources)?;
+    }
+    Ok(())
+}
+
+/// The image tag against the tag rules and the protected registries.
+fn check_tag(policy: &Policy, namespace: &str, tag: &str) -> Result<(), Denial> {
     let rules: Vec<&TagRule> = policy
         .tag_rules
         .iter()
         .filter(|r| r.namespace.as_deref().is_none_or(|n| n == namespace))
         .collect();
-    let tag = reference::normalise(&spec.image_tag);
+    let tag = reference::normalise(tag);
     if !rules.is_empty() && !rules.iter().any(|r| glob(&r.pattern, &tag)) {
         return Err(Denial::ImageTag {
             tag,
             namespace: namespace.to_owned(),
             patterns: rules.iter().map(|r| r.pattern.clone()).collect(),
+        });
+    }
+    let (registry, _) = reference::registry_and_repository(&tag);
+    let protected = policy
+        .protected_registries
+        .iter()
+        .any(|p| glob(p, &registry));
+    let named = |r: &&TagRule| {
+        r.pattern
+            .strip_prefix(registry.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+            && glob(&r.pattern, &tag)
+    };
+    if protected && !rules.iter().any(named) {
+        return Err(Denial::ProtectedRegistry {
+            tag,
+            registry,
+            namespace: namespace.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// `spec.resources` against the maximum for the namespace.
+fn check_resources(
+    policy: &Policy,
+    namespace: &str,
+    resources: &BuildResources,
+) -> Result<(), Denial> {
+    let max_of = |resource: &str| {
+        let rules = policy
+            .resource_max
+            .iter()
+            .filter(|m| m.resource == resource);
+        let mut rules: Vec<&ResourceMax> = rules
+            .filter(|m| m.namespace.as_deref().is_none_or(|n| n == namespace))
+            .collect();
+        rules.sort_by_key(|m| m.namespace.is_none());
+        rules.first().map(|m| m.max.clone())
+    };
+    let quantity = |field: &str, value: &str| {
+        resources::parse_quantity(value).ok_or_else(|| Denial::Quantity {
+            field: field.to_owned(),
+            value: value.to_owned(),
+        })
+    };
+    let amounts = [
+        ("requests", &resources.requests),
+        ("limits", &resources.limits),
+    ];
+    for (kind, amounts) in amounts {
+        for (name, value) in amounts.by_name() {
+            let field = format!("spec.resources.{kind}.{name}");
+            let asked = quantity(&field, value)?;
+            if let Some(max) = max_of(name)
+                && resources::parse_quantity(&max).is_some_and(|m| asked > m)
+            {
+                return Err(Denial::AboveMax {
+                    field,
+                    value: value.to_owned(),
+                    max,
+                    namespace: namespace.to_owned(),
+                });
+            }
+        }
+    }
+    if let (Some(deadline), Some(max)) = (resources.deadline_seconds, max_of(DEADLINE))
+        && max.parse::<i64>().is_ok_and(|m| deadline > m)
+    {
+        return Err(Denial::AboveMax {
+            field: "spec.resources.deadlineSeconds".into(),
+            value: deadline.to_string(),
+            max,
+            namespace: namespace.to_owned(),
         });
     }
     Ok(())
@@ -128,15 +271,131 @@ mod tests {
             image_tag: tag.into(),
             system: "x86_64-linux".into(),
             fetch_secret_ref: None,
+            resources: None,
+        }
+    }
+
+    fn open() -> Policy {
+        Policy {
+            protected_registries: vec![],
+            ..Policy::default()
         }
     }
 
     #[test]
     fn empty_policy_allows_everything() {
         assert_eq!(
-            check(&Policy::default(), "any", &spec("github:o/r", "nginx:1")),
+            check(&open(), "any", &spec("github:o/r", "nginx:1")),
             Ok(())
         );
+    }
+
+    #[test]
+    fn public_registries_are_protected_unless_a_namespaces_pattern_names_them() {
+        let policy = Policy::default();
+        for tag in [
+            "nginx:1",
+            "docker.io/library/nginx:new",
+            "team/app:1",
+            "ghcr.io/o/app:1",
+            "eu.gcr.io/p/app:1",
+            "europe-docker.pkg.dev/p/r/app:1",
+            "public.ecr.aws/o/app:1",
+        ] {
+            let err = check(&policy, "a", &spec("github:o/r", tag)).unwrap_err();
+            assert!(
+                matches!(err, Denial::ProtectedRegistry { .. })
+                    && err.to_string().starts_with("spec.imageTag "),
+                "{tag}: {err}"
+            );
+        }
+        for tag in [
+            "localhost/app:1",
+            "registry.example/app:1",
+            "localhost:5000/a:1",
+        ] {
+            assert_eq!(
+                check(&policy, "a", &spec("github:o/r", tag)),
+                Ok(()),
+                "{tag}"
+            );
+        }
+        let err = check(&policy, "a", &spec("github:o/r", "nginx:1")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.imageTag docker.io/library/nginx:1 is under the protected registry docker.io: \
+             a build could replace that registry's images on every node; only a tag pattern for \
+             namespace a that names docker.io allows it (e.g. a=docker.io/a/*)"
+        );
+        let policy = Policy {
+            tag_rules: vec![
+                TagRule {
+                    namespace: Some("a".into()),
+                    pattern: "docker.io/team-a/*".into(),
+                },
+                TagRule {
+                    namespace: None,
+                    pattern: "*".into(),
+                },
+            ],
+            ..Policy::default()
+        };
+        let team = spec("github:o/r", "team-a/app:1");
+        assert_eq!(check(&policy, "a", &team), Ok(()), "named for a");
+        assert!(check(&policy, "b", &team).is_err(), "not named for b");
+        assert!(
+            check(&policy, "a", &spec("github:o/r", "nginx:1")).is_err(),
+            "* names no registry"
+        );
+        assert_eq!(
+            check(&policy, "b", &spec("github:o/r", "registry.example/x:1")),
+            Ok(())
+        );
+        assert_eq!(check(&open(), "a", &team), Ok(()), "an empty list: none");
+    }
+
+    #[test]
+    fn resources_within_the_namespaces_maximum() {
+        let max = |namespace: Option<&str>, resource: &str, max: &str| ResourceMax {
+            namespace: namespace.map(Into::into),
+            resource: resource.into(),
+            max: max.into(),
+        };
+        let policy = Policy {
+            resource_max: vec![
+                max(None, "memory", "8Gi"),
+                max(Some("big"), "memory", "64Gi"),
+                max(None, "deadline-seconds", "7200"),
+            ],
+            ..open()
+        };
+        let with = |memory: &str, deadline: Option<i64>| {
+            let mut s = spec("github:o/r", "localhost/a:1");
+            s.resources = Some(Box::new(BuildResources {
+                limits: crate::crd::ResourceAmounts {
+                    memory: Some(memory.into()),
+                    ..Default::default()
+                },
+                deadline_seconds: deadline,
+                ..Default::default()
+            }));
+            s
+        };
+        assert_eq!(check(&policy, "a", &with("8Gi", Some(7200))), Ok(()));
+        let err = check(&policy, "a", &with("16Gi", None)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.resources.limits.memory 16Gi is above the maximum 8Gi for namespace a"
+        );
+        assert_eq!(check(&policy, "big", &with("16Gi", None)), Ok(()));
+        let err = check(&policy, "a", &with("1Gi", Some(7201))).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("spec.resources.deadlineSeconds 7201 is above the maximum 7200"),
+            "{err}"
+        );
+        let err = check(&policy, "a", &with("lots", None)).unwrap_err();
+        assert!(matches!(err, Denial::Quantity { .. }), "{err}");
     }
 
     #[test]
@@ -155,6 +414,7 @@ mod tests {
                 },
             ],
             fetch_secret_namespaces: vec![],
+            ..open()
         };
         let ok = spec("git+https://nossa.ee/~talya/chog", "nossa.ee/talya/chog:1");
         assert_eq!(check(&policy, "apps", &ok), Ok(()));

@@ -100,8 +100,9 @@ fn example_deployment_asks_for_the_example_build() {
         image_tag,
         system,
         fetch_secret_ref,
+        resources,
     } = example_build().spec;
-    assert_eq!(fetch_secret_ref, None);
+    assert_eq!((fetch_secret_ref, resources), (None, None));
     assert_eq!(
         (flake_url, package_name, image_tag, system),
         (

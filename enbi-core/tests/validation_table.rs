@@ -16,6 +16,7 @@ fn base() -> NixBuildSpec {
         image_tag: "nossa.ee/talya/chog:f5d531177a7330e9b270c15cca5df0eb72b8684c".into(),
         system: "aarch64-linux".into(),
         fetch_secret_ref: None,
+        resources: None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `enbi-operator run` settings: every flag is also an environment variable (`ENBI_*`), which
 //! is how the Timoni module configures the Deployment.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -8,9 +9,10 @@ use clap::Args;
 use enbi_core::defaults;
 use enbi_core::job::{BuilderSettings, Cache, StoreMode};
 use enbi_core::optin::PodBuildNamespaces;
-use enbi_core::policy::{Policy, TagRule};
-use enbi_core::{gc, machine, spread};
-use k8s_openapi::api::core::v1::{EnvVar, Toleration};
+use enbi_core::policy::{Policy, ResourceMax, TagRule};
+use enbi_core::{gc, machine, resources, spread};
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 /// Checks one `--builder-tolerations` entry; an empty one (an empty ENBI_BUILDER_TOLERATIONS, as
 /// the Timoni module sets by default) means none.
@@ -51,6 +53,66 @@ fn parse_toleration(text: &str) -> Result<Toleration, String> {
         effect: effect.map(str::to_owned),
         ..Default::default()
     })
+}
+
+/// Parses one `[namespace:]resource=quantity` entry of `--builder-requests`, `--builder-limits`
+/// (no namespace there) or `--max-build-resources` (`deadline-seconds` too); an empty one means
+/// none.
+fn parse_amount(text: &str) -> Result<Option<ResourceMax>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let (scope, amount) = match text.split_once(':') {
+        Some((namespace, amount)) => (Some(namespace.to_owned()), amount),
+        None => (None, text),
+    };
+    let Some((resource, max)) = amount.split_once('=') else {
+        return Err(format!("{text:?}: expected [namespace:]resource=quantity"));
+    };
+    let valid = if resource == resources::DEADLINE {
+        max.parse::<i64>().is_ok_and(|s| s > 0)
+    } else {
+        resources::NAMES.contains(&resource) && resources::parse_quantity(max).is_some()
+    };
+    if !valid {
+        return Err(format!(
+            "{text:?}: the resource must be one of {}, {} (seconds) with a quantity such as 2, 500m or 4Gi",
+            resources::NAMES.join(", "),
+            resources::DEADLINE
+        ));
+    }
+    Ok(Some(ResourceMax {
+        namespace: scope,
+        resource: resource.to_owned(),
+        max: max.to_owned(),
+    }))
+}
+
+/// Checks one `--max-build-resources` entry.
+fn check_max(text: &str) -> Result<String, String> {
+    parse_amount(text).map(|_| text.to_owned())
+}
+
+/// Checks one `--builder-requests` or `--builder-limits` entry: a container resource, for
+/// every build.
+fn check_amount(text: &str) -> Result<String, String> {
+    match parse_amount(text)? {
+        Some(a) if a.namespace.is_some() || a.resource == resources::DEADLINE => Err(format!(
+            "{text:?}: expected resource=quantity with one of {}",
+            resources::NAMES.join(", ")
+        )),
+        _ => Ok(text.to_owned()),
+    }
+}
+
+/// The `resource=quantity` entries as a resource list.
+fn amounts(entries: &[String]) -> Option<BTreeMap<String, Quantity>> {
+    let list: BTreeMap<String, Quantity> = entries
+        .iter()
+        .filter_map(|e| parse_amount(e).ok().flatten())
+        .map(|a| (a.resource, Quantity(a.max)))
+        .collect();
+    (!list.is_empty()).then_some(list)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -103,9 +165,22 @@ pub struct RunArgs {
     /// containerd namespace of the kubelet's images.
     #[arg(long, env = "ENBI_CONTAINERD_NAMESPACE", default_value = defaults::CONTAINERD_NAMESPACE)]
     pub containerd_namespace: String,
-    /// Seconds a builder may run.
+    /// Seconds a builder may run, unless its NixBuild says (spec.resources.deadlineSeconds).
     #[arg(long, env = "ENBI_BUILD_TIMEOUT_SECONDS", default_value_t = defaults::BUILD_TIMEOUT_SECONDS)]
     pub build_timeout_seconds: i64,
+    /// Requests of the build container, as `resource=quantity` for cpu, memory and
+    /// ephemeral-storage (comma-separated; empty: none), unless its NixBuild says.
+    #[arg(long, env = "ENBI_BUILDER_REQUESTS", value_delimiter = ',', value_parser = check_amount, default_value = defaults::BUILDER_REQUESTS)]
+    pub builder_requests: Vec<String>,
+    /// Limits of the build container, as `resource=quantity` (comma-separated; empty: none),
+    /// unless its NixBuild says.
+    #[arg(long, env = "ENBI_BUILDER_LIMITS", value_delimiter = ',', value_parser = check_amount, default_value = defaults::BUILDER_LIMITS)]
+    pub builder_limits: Vec<String>,
+    /// The most a NixBuild's spec.resources may ask for, as `[namespace:]resource=value` for
+    /// cpu, memory, ephemeral-storage and deadline-seconds; a namespace's own entry replaces the
+    /// global one for it (comma-separated; empty: no maximum).
+    #[arg(long, env = "ENBI_MAX_BUILD_RESOURCES", value_delimiter = ',', value_parser = check_max, default_value = defaults::MAX_BUILD_RESOURCES)]
+    pub max_build_resources: Vec<String>,
     /// Attempts per build for retryable failures.
     #[arg(long, env = "ENBI_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
@@ -158,6 +233,11 @@ pub struct RunArgs {
     /// (comma-separated; empty: all).
     #[arg(long, env = "ENBI_ALLOWED_IMAGE_TAGS", value_delimiter = ',')]
     pub allowed_image_tags: Vec<String>,
+    /// Registries (`*` as wildcard, e.g. `*.gcr.io`) whose names a tag may use only where an
+    /// --allowed-image-tags pattern for its namespace names the registry (comma-separated;
+    /// empty: none protected).
+    #[arg(long, env = "ENBI_PROTECTED_REGISTRIES", value_delimiter = ',', default_values = defaults::PROTECTED_REGISTRIES)]
+    pub protected_registries: Vec<String>,
     /// Let a build replace a tag that already names another image.
     #[arg(long, env = "ENBI_ALLOW_TAG_OVERWRITE")]
     pub allow_tag_overwrite: bool,
@@ -232,6 +312,10 @@ impl RunArgs {
             &mut self.allowed_flake_prefixes,
             &mut self.fetch_secret_namespaces,
             &mut self.allowed_image_tags,
+            &mut self.protected_registries,
+            &mut self.builder_requests,
+            &mut self.builder_limits,
+            &mut self.max_build_resources,
             &mut self.webhook_hosts,
         ] {
             list.retain(|entry| !entry.trim().is_empty());
@@ -249,6 +333,12 @@ impl RunArgs {
             store: self.store_mode,
             active_deadline_seconds: self.build_timeout_seconds,
             pin: !self.no_pin,
+            resources: Some(ResourceRequirements {
+                requests: amounts(&self.builder_requests),
+                limits: amounts(&self.builder_limits),
+                ..ResourceRequirements::default()
+            })
+            .filter(|r| r.requests.is_some() || r.limits.is_some()),
             allow_overwrite: self.allow_tag_overwrite,
             env: enbi_core::trace::builder_env(&std::env::vars().collect())
                 .into_iter()
@@ -348,6 +438,12 @@ impl RunArgs {
             flake_url_prefixes: self.allowed_flake_prefixes.clone(),
             tag_rules,
             fetch_secret_namespaces: self.fetch_secret_namespaces.clone(),
+            protected_registries: self.protected_registries.clone(),
+            resource_max: self
+                .max_build_resources
+                .iter()
+                .filter_map(|m| parse_amount(m).ok().flatten())
+                .collect(),
         }
     }
 }
@@ -420,19 +516,69 @@ mod tests {
         assert!(check_toleration("a:Sometimes").is_err());
     }
 
-    #[test]
-    fn narrowing_is_a_bare_flag_or_a_boolean_and_off_with_a_mirror() {
+    /// `run`'s settings from `args`, as `main` makes them.
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         use clap::Parser;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             run: RunArgs,
         }
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
-                .expect("parses")
-                .run
-        };
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map(|c| c.run.without_empty_entries())
+    }
+
+    #[test]
+    fn resources_and_protected_registries_have_defaults_and_an_empty_list_turns_them_off() {
+        let args = parse(&[]).expect("parses");
+        let resources = args.builder().resources.expect("default resources");
+        assert_eq!(
+            resources.limits.expect("limits").get("memory"),
+            Some(&Quantity("8Gi".into()))
+        );
+        let policy = args.policy();
+        assert!(
+            policy
+                .protected_registries
+                .contains(&"docker.io".to_owned())
+        );
+        assert!(
+            policy
+                .resource_max
+                .iter()
+                .any(|m| m.resource == "deadline-seconds")
+        );
+        let args = parse(&[
+            "--protected-registries",
+            "",
+            "--builder-requests",
+            "",
+            "--builder-limits",
+            "",
+            "--max-build-resources",
+            "team:memory=64Gi",
+        ])
+        .expect("parses");
+        assert!(args.builder().resources.is_none());
+        let policy = args.policy();
+        assert!(policy.protected_registries.is_empty());
+        assert_eq!(
+            policy.resource_max,
+            [ResourceMax {
+                namespace: Some("team".into()),
+                resource: "memory".into(),
+                max: "64Gi".into()
+            }]
+        );
+        assert!(parse(&["--builder-limits", "gpu=1"]).is_err());
+        assert!(parse(&["--builder-limits", "team:cpu=1"]).is_err());
+        assert!(parse(&["--max-build-resources", "cpu=lots"]).is_err());
+        assert!(parse(&["--max-build-resources", "deadline-seconds=0"]).is_err());
+    }
+
+    #[test]
+    fn narrowing_is_a_bare_flag_or_a_boolean_and_off_with_a_mirror() {
+        let parse = |args: &[&str]| parse(args).expect("parses");
         assert!(!parse(&[]).narrow(), "off by default");
         assert!(parse(&["--narrow-gated-pods"]).narrow());
         assert!(parse(&["--narrow-gated-pods=true"]).narrow());

@@ -122,7 +122,7 @@ impl Context {
             &build.namespace().unwrap_or_default(),
             &build.name_any(),
         );
-        let running = self.running_builds();
+        let running = nodes_of(&self.running_builds());
         waiting
             .into_iter()
             .map(|node| {
@@ -139,8 +139,8 @@ impl Context {
             .collect()
     }
 
-    /// Nodes of the builds running now (`None`: not scheduled yet).
-    fn running_builds(&self) -> Vec<Option<String>> {
+    /// Namespace and node (`None`: not scheduled yet) of each build running now.
+    fn running_builds(&self) -> Vec<(String, Option<String>)> {
         self.jobs
             .state()
             .into_iter()
@@ -152,11 +152,60 @@ impl Context {
                     )
             })
             .map(|j| {
-                self.builder_pod(&j.name_any())
-                    .and_then(|p| p.spec.as_ref()?.node_name.clone())
+                let namespace = j.labels().get(keys::BUILD_NAMESPACE).cloned();
+                let node = self
+                    .builder_pod(&j.name_any())
+                    .and_then(|p| p.spec.as_ref()?.node_name.clone());
+                (namespace.unwrap_or_default(), node)
             })
             .collect()
     }
+
+    /// Whether it is `build`'s turn for a cluster-wide slot (`capacity::turn`), among the
+    /// builds that wait for one: Pending, new or `Queued`, and allowed by the policy.
+    fn turn(
+        &self,
+        build: &NixBuild,
+        running: &[(String, Option<String>)],
+    ) -> Result<(), capacity::Full> {
+        if self.capacity.global == 0 {
+            return Ok(());
+        }
+        let waiting_of = |b: &NixBuild| capacity::Waiting {
+            namespace: b.namespace().unwrap_or_default(),
+            name: b.name_any(),
+            created: b.creation_timestamp().map(|t| t.0),
+        };
+        let candidate = waiting_of(build);
+        let mut waiting: Vec<capacity::Waiting> = self
+            .builds
+            .state()
+            .iter()
+            .filter(|b| b.phase() == Phase::Pending && b.meta().deletion_timestamp.is_none())
+            .filter(|b| {
+                b.status
+                    .as_ref()
+                    .is_none_or(|s| s.conditions.is_empty() || machine::is_queued(s))
+            })
+            .filter(|b| {
+                policy::check(&self.policy, &b.namespace().unwrap_or_default(), &b.spec).is_ok()
+            })
+            .map(|b| waiting_of(b))
+            .filter(|w| w != &candidate)
+            .collect();
+        waiting.push(candidate.clone());
+        let mut per_namespace = BTreeMap::new();
+        for (namespace, _) in running {
+            *per_namespace.entry(namespace.clone()).or_default() += 1;
+        }
+        let free = self.capacity.global.saturating_sub(running.len());
+        capacity::turn(&candidate, &waiting, &per_namespace, free)
+    }
+}
+
+/// The nodes of running builds, as the per-node cap counts them.
+fn nodes_of(running: &[(String, Option<String>)]) -> Vec<Option<String>> {
+    running.iter().map(|(_, node)| node.clone()).collect()
 }
 
 impl std::fmt::Debug for Context {
@@ -318,6 +367,7 @@ fn decide(
         .map(|p| p.eligible.clone())
         .unwrap_or_default();
     let job = ctx.job_view(build);
+    let running = ctx.running_builds();
     let succeeded = build.phase() == Phase::Succeeded;
     let loads = if succeeded {
         ctx.load_views(build)
@@ -343,7 +393,8 @@ fn decide(
             policy: policy::check(&ctx.policy, namespace, &build.spec),
             fetch_secret,
             placement,
-            capacity: capacity::check(&ctx.running_builds(), &eligible, ctx.capacity),
+            capacity: capacity::check(&nodes_of(&running), &eligible, ctx.capacity)
+                .and_then(|()| ctx.turn(build, &running)),
             spread,
             fault,
             other_systems: machine::other_systems(

@@ -148,6 +148,7 @@ mod tests {
                     system: "aarch64-linux".into(),
                     fetch_secret_ref: fetch_secret
                         .map(|name| enbi_core::crd::SecretRef { name: name.into() }),
+                    resources: None,
                 },
             );
             let settings = BuilderSettings {

@@ -124,6 +124,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
             opt_in: opt_in.clone(),
             nodes: nodes.clone(),
             builds,
+            policy: args.policy(),
             metrics: metrics.clone(),
         });
         info!(address = %settings.address, configuration = %settings.configuration, "serving the admission webhook");
@@ -158,6 +159,7 @@ pub async fn run(args: RunArgs, tracing: bool) -> Result<(), Box<dyn std::error:
         metrics.clone(),
         crate::pods::Settings {
             opt_in,
+            policy: args.policy(),
             actions: enbi_core::pod::actions::Settings {
                 recreate: args.recreate_waiting_pods,
                 narrow: args.narrow(),

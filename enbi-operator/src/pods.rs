@@ -52,6 +52,8 @@ pub struct Settings {
     pub opt_in: OptIn,
     /// Recreating Pods in back-off and narrowing gated Pods.
     pub actions: podactions::Settings,
+    /// Which builds Pods may ask for.
+    pub policy: enbi_core::policy::Policy,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     pub tracing: bool,
 }
@@ -68,6 +70,7 @@ pub struct PodWatcher {
     /// Which namespaces may ask for builds.
     opt_in: OptIn,
     settings: podactions::Settings,
+    policy: enbi_core::policy::Policy,
     /// Whether spans are exported: new NixBuilds then get a trace context.
     tracing: bool,
     /// NixBuilds this process created, until the cache shows them.
@@ -161,6 +164,7 @@ impl PodWatcher {
             tracing: settings.tracing,
             opt_in: settings.opt_in,
             settings: settings.actions,
+            policy: settings.policy,
             trigger,
             client,
             nodes,
@@ -219,7 +223,14 @@ impl PodWatcher {
         }
         let opted_in = self.opt_in.allows(&namespace).await;
         let build_of = |name: &str| self.builds.get(&ObjectRef::new(name).within(&namespace));
-        let plan = podactions::plan(pod, node_arch.as_deref(), opted_in, build_of, self.settings);
+        let plan = podactions::plan(
+            pod,
+            node_arch.as_deref(),
+            opted_in,
+            build_of,
+            &self.policy,
+            self.settings,
+        );
         for action in plan {
             match action {
                 PodAction::EnsureBuild(request) => self.ensure_build(pod, &request).await,

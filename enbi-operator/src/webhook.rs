@@ -1,5 +1,7 @@
-//! The mutating admission webhook: gates annotated Pods at creation (`enbi_core::pod::admission::admit`),
-//! over TLS with a certificate the operator makes and rotates itself.
+//! The admission webhooks, over TLS with a certificate the operator makes and rotates itself:
+//! the mutating one gates annotated Pods at creation (`enbi_core::pod::admission::admit`), the
+//! validating one refuses a NixBuild the policy forbids (`enbi_core::policy::check`), so that
+//! its author reads the rule at once rather than in a Failed status.
 //!
 //! Every replica serves it (the Service spreads requests), leader or not: it only answers, it
 //! writes nothing (`sideEffects: None`); the leader's Pod watcher sees the gated Pod and
@@ -22,9 +24,12 @@ use axum::routing::post;
 use enbi_core::crd::NixBuild;
 use enbi_core::keys;
 use enbi_core::pod::admission::{self, Admission};
+use enbi_core::policy::{self, Policy};
 use enbi_core::servingcert;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -47,6 +52,8 @@ use crate::patch;
 
 /// Path the MutatingWebhookConfiguration calls.
 pub const PATH: &str = "/mutate-pods";
+/// Path the ValidatingWebhookConfiguration calls.
+pub const VALIDATE_PATH: &str = "/validate-nixbuilds";
 /// How often each replica re-reads the Secret (a rotation by another replica reaches it).
 const SYNC_PERIOD: Duration = Duration::from_secs(60);
 /// A client that has not finished its TLS handshake by then is dropped.
@@ -56,7 +63,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub address: SocketAddr,
-    /// The MutatingWebhookConfiguration to patch the CA bundle into.
+    /// The Mutating- and ValidatingWebhookConfiguration (one name) to patch the CA bundle into.
     pub configuration: String,
     /// The Secret (in `namespace`) holding CA and serving certificate.
     pub secret: String,
@@ -71,6 +78,8 @@ pub struct Admitter {
     pub nodes: Store<Node>,
     /// NixBuilds, kept on every replica (the controller's cache fills only on the leader).
     pub builds: Store<NixBuild>,
+    /// Which builds (NixBuilds, and Pods' requests) are refused.
+    pub policy: Policy,
     /// Where each answer's duration goes (`enbi_webhook_admission_duration_seconds`).
     pub metrics: Arc<Metrics>,
 }
@@ -99,7 +108,10 @@ pub async fn bind(
     .with_cert_resolver(resolver.clone());
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let metrics = admitter.metrics.clone();
-    let app = Router::new().route(PATH, post(mutate)).with_state(admitter);
+    let app = Router::new()
+        .route(PATH, post(mutate))
+        .route(VALIDATE_PATH, post(validate))
+        .with_state(admitter);
     Ok(async move {
         tokio::spawn(keep_certificate(client, settings, resolver, metrics));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -177,28 +189,79 @@ async fn mutate(
     body: Bytes,
 ) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
     let started = std::time::Instant::now();
-    let (response, decision) = match serde_json::from_slice::<AdmissionReview<Pod>>(&body)
+    let (response, decision) = match read::<Pod>(&body) {
+        Ok(request) => admitter.review(&request).await,
+        Err(e) => (AdmissionResponse::invalid(e), "invalid"),
+    };
+    admitter.answer(response, decision, started)
+}
+
+/// Answers one AdmissionReview of a NixBuild: denied with the policy's rule, or allowed.
+async fn validate(
+    State(admitter): State<Arc<Admitter>>,
+    body: Bytes,
+) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
+    let started = std::time::Instant::now();
+    let (response, decision) = match read::<NixBuild>(&body) {
+        Ok(request) => admitter.review_build(&request),
+        Err(e) => (AdmissionResponse::invalid(e), "invalid"),
+    };
+    admitter.answer(response, decision, started)
+}
+
+/// The request of an AdmissionReview, or why it cannot be read.
+fn read<K>(body: &[u8]) -> Result<AdmissionRequest<K>, String>
+where
+    K: kube::Resource + serde::de::DeserializeOwned,
+{
+    serde_json::from_slice::<AdmissionReview<K>>(body)
         .map_err(|e| e.to_string())
         .and_then(|r| {
-            let request: Result<AdmissionRequest<Pod>, _> = r.try_into();
-            request.map_err(|e| e.to_string())
-        }) {
-        Ok(request) => admitter.review(&request).await,
-        Err(e) => {
-            warn!(error = %e, "admission webhook: unreadable request");
-            (AdmissionResponse::invalid(e), "invalid")
-        }
-    };
-    let body = serde_json::to_vec(&response.into_review()).unwrap_or_default();
-    admitter
-        .metrics
-        .webhook_admission
-        .get_or_create(&Decision { decision })
-        .observe(started.elapsed().as_secs_f64());
-    ([(CONTENT_TYPE, "application/json")], body)
+            r.try_into()
+                .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
+        })
+        .inspect_err(|e| warn!(error = %e, "admission webhook: unreadable request"))
 }
 
 impl Admitter {
+    /// The review carrying `response`; its duration goes into
+    /// `enbi_webhook_admission_duration_seconds` under `decision`.
+    fn answer(
+        &self,
+        response: AdmissionResponse,
+        decision: &'static str,
+        started: std::time::Instant,
+    ) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
+        let body = serde_json::to_vec(&response.into_review()).unwrap_or_default();
+        self.metrics
+            .webhook_admission
+            .get_or_create(&Decision { decision })
+            .observe(started.elapsed().as_secs_f64());
+        ([(CONTENT_TYPE, "application/json")], body)
+    }
+
+    /// A NixBuild being created: denied when the policy refuses it, the message naming the
+    /// field and the rule.
+    fn review_build(
+        &self,
+        request: &AdmissionRequest<NixBuild>,
+    ) -> (AdmissionResponse, &'static str) {
+        let response = AdmissionResponse::from(request);
+        let (Some(build), Some(namespace)) = (&request.object, &request.namespace) else {
+            return (response, "allowed");
+        };
+        if request.operation != Operation::Create {
+            return (response, "allowed");
+        }
+        match policy::check(&self.policy, namespace, &build.spec) {
+            Ok(()) => (response, "allowed"),
+            Err(denial) => {
+                debug!(%namespace, build = %build.name_any(), %denial, "refused a NixBuild");
+                (response.deny(denial.to_string()), "denied")
+            }
+        }
+    }
+
     /// The answer, and whether it gates the Pod (`gated`) or not (`allowed`).
     async fn review(&self, request: &AdmissionRequest<Pod>) -> (AdmissionResponse, &'static str) {
         let mut response = AdmissionResponse::from(request);
@@ -222,7 +285,7 @@ impl Admitter {
                 .get(&ObjectRef::new(name).within(namespace))
                 .map(|b| b.phase())
         };
-        match admission::admit(pod, &node_archs, phase_of) {
+        match admission::admit(pod, namespace, &node_archs, &self.policy, phase_of) {
             Admission::Gate { build, patch } => {
                 match patch::operations(patch)
                     .map_err(|e| e.to_string())
@@ -443,21 +506,49 @@ fn certified_key(secret: &Secret) -> Result<CertifiedKey, CertError> {
     Ok(CertifiedKey::new(chain, signer))
 }
 
-/// Sets every webhook's `clientConfig.caBundle` of the configuration to `bundle`, if it is not
-/// already; each change is guarded by a test of the webhook's name at that index.
+/// Sets every webhook's `clientConfig.caBundle` of the Mutating- and the
+/// ValidatingWebhookConfiguration named `name` to `bundle`, where it is not already; a missing
+/// ValidatingWebhookConfiguration (an installation from before it) is left alone.
 async fn patch_bundle(client: &Client, name: &str, bundle: &[u8]) -> Result<(), kube::Error> {
-    let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    let config = api.get(name).await?;
+    patch_bundle_of(
+        &Api::<MutatingWebhookConfiguration>::all(client.clone()),
+        name,
+        bundle,
+    )
+    .await?;
+    match patch_bundle_of(
+        &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+        name,
+        bundle,
+    )
+    .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// Patches one configuration's bundles; each change is guarded by a test of the webhook's name
+/// at that index.
+async fn patch_bundle_of<K>(api: &Api<K>, name: &str, bundle: &[u8]) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize,
+{
+    let config = serde_json::to_value(api.get(name).await?).map_err(kube::Error::SerdeError)?;
     let wanted = ByteString(bundle.to_vec());
-    let ops: Vec<serde_json::Value> = config
-        .webhooks
+    let wanted_json = serde_json::to_value(&wanted).map_err(kube::Error::SerdeError)?;
+    let webhooks = config["webhooks"].as_array().cloned().unwrap_or_default();
+    let ops: Vec<serde_json::Value> = webhooks
         .iter()
-        .flatten()
         .enumerate()
-        .filter(|(_, w)| w.client_config.ca_bundle.as_ref() != Some(&wanted))
+        .filter(|(_, w)| w["clientConfig"]["caBundle"] != wanted_json)
         .flat_map(|(i, w)| {
             [
-                json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w.name}),
+                json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w["name"]}),
                 json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": wanted}),
             ]
         })
@@ -467,6 +558,6 @@ async fn patch_bundle(client: &Client, name: &str, bundle: &[u8]) -> Result<(), 
     }
     let patch = patch::json_patch(ops).map_err(kube::Error::SerdeError)?;
     api.patch(name, &PatchParams::default(), &patch).await?;
-    info!(configuration = %name, "admission webhook CA bundle patched");
+    info!(configuration = %name, kind = %K::kind(&()), "admission webhook CA bundle patched");
     Ok(())
 }

@@ -396,6 +396,7 @@ pub fn nixbuild_spec(tag: &str) -> enbi_core::crd::NixBuildSpec {
         image_tag: tag.into(),
         system: "x86_64-linux".into(),
         fetch_secret_ref: None,
+        resources: None,
     }
 }
 
@@ -492,9 +493,9 @@ pub async fn jobs_for(
         .items
 }
 
-/// A MutatingWebhookConfiguration (as the Timoni module's) that sends the Pods of one namespace
-/// to an operator on this host at `https://127.0.0.1:<port>`; deleted when dropped. The operator
-/// patches in its CA bundle ([`Webhook::operator_args`]).
+/// A Mutating- and a ValidatingWebhookConfiguration (as the Timoni module's) that send the Pods
+/// and NixBuilds of one namespace to an operator on this host at `https://127.0.0.1:<port>`;
+/// deleted when dropped. The operator patches in its CA bundle ([`Webhook::operator_args`]).
 #[derive(Debug)]
 pub struct Webhook {
     pub name: String,
@@ -504,7 +505,9 @@ pub struct Webhook {
 impl Webhook {
     /// Installs the configuration for Pods created in `namespace`.
     pub async fn install(client: &Client, namespace: &str, port: u16) -> Self {
-        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        use k8s_openapi::api::admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+        };
         let name = format!("enbi-test-{namespace}");
         let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
@@ -528,6 +531,26 @@ impl Webhook {
         api.create(&PostParams::default(), &config)
             .await
             .expect("create the MutatingWebhookConfiguration");
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "nixbuilds.enbi.hrzn.ee",
+                "admissionReviewVersions": ["v1"],
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-nixbuilds")},
+                "rules": [{"apiGroups": ["enbi.hrzn.ee"], "apiVersions": ["v1alpha1"],
+                           "operations": ["CREATE"], "resources": ["nixbuilds"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "failurePolicy": "Ignore",
+                "sideEffects": "None",
+                "timeoutSeconds": 5,
+            }],
+        }))
+        .expect("validating webhook configuration");
+        let api = Api::<ValidatingWebhookConfiguration>::all(client.clone());
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+        api.create(&PostParams::default(), &config)
+            .await
+            .expect("create the ValidatingWebhookConfiguration");
         Self { name, port }
     }
 
@@ -545,23 +568,41 @@ impl Webhook {
         .to_vec()
     }
 
-    /// Waits until the operator has patched its CA bundle in (then the apiserver trusts it).
+    /// Waits until the operator has patched its CA bundle into both configurations (then the
+    /// apiserver trusts it).
     pub async fn wait_ready(&self, client: &Client) {
-        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-        let api = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        use k8s_openapi::api::admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+        };
+        let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
+        let has_bundle =
+            |config: Option<k8s_openapi::api::admissionregistration::v1::WebhookClientConfig>| {
+                config
+                    .and_then(|c| c.ca_bundle)
+                    .is_some_and(|b| !b.0.is_empty())
+            };
         eventually(
-            "the webhook's CA bundle",
+            "the webhooks' CA bundle",
             Duration::from_secs(60),
             || async {
-                let config = api.get(&self.name).await.ok()?;
-                config
+                let m = mutating
+                    .get(&self.name)
+                    .await
+                    .ok()?
                     .webhooks?
                     .first()?
                     .client_config
-                    .ca_bundle
-                    .as_ref()
-                    .filter(|b| !b.0.is_empty())
-                    .map(|_| ())
+                    .clone();
+                let v = validating
+                    .get(&self.name)
+                    .await
+                    .ok()?
+                    .webhooks?
+                    .first()?
+                    .client_config
+                    .clone();
+                (has_bundle(Some(m)) && has_bundle(Some(v))).then_some(())
             },
         )
         .await;
@@ -572,7 +613,9 @@ impl Webhook {
 
 impl Drop for Webhook {
     fn drop(&mut self) {
-        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        use k8s_openapi::api::admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+        };
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -581,7 +624,10 @@ impl Drop for Webhook {
             if let Ok(rt) = runtime {
                 rt.block_on(async {
                     if let Ok(client) = connect().await {
-                        let _ = Api::<MutatingWebhookConfiguration>::all(client)
+                        let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+                            .delete(&name, &DeleteParams::default())
+                            .await;
+                        let _ = Api::<ValidatingWebhookConfiguration>::all(client)
                             .delete(&name, &DeleteParams::default())
                             .await;
                     }

@@ -314,6 +314,7 @@ async fn pods_that_need_no_build_or_cannot_have_one_are_not_gated() {
         image_tag: built.into(),
         system: "x86_64-linux".into(),
         fetch_secret_ref: None,
+        resources: None,
     };
     let name = enbi_core::naming::nixbuild_name(&spec);
     Api::<NixBuild>::namespaced(client.clone(), &s.app.name)
@@ -544,5 +545,66 @@ async fn narrowing_ungates_pods_onto_the_node_that_holds_their_image_and_is_off_
             assert!(narrowed().await.is_none(), "not narrowed: no Event");
         }
     }
+    set_node_images(&client, None).await;
+}
+
+/// With the default policy (the public registries protected), a NixBuild tagged under Docker
+/// Hub is refused at admission, its message naming the field and the rule; a Pod asking for
+/// such a build is neither gated nor given a NixBuild, and is told why (`BuildRefused`).
+#[tokio::test]
+async fn a_tag_under_a_public_registry_is_refused_at_admission_and_its_pod_is_not_gated() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let s = setup(&client, "refuse", 19466).await;
+    let tag = "nginx:enbi-planted";
+    let api = Api::<NixBuild>::namespaced(client.clone(), &s.app.name);
+    let refused = api
+        .create(
+            &PostParams::default(),
+            &NixBuild::new("planted", enbi_tests::nixbuild_spec(tag)),
+        )
+        .await
+        .expect_err("refused at admission");
+    let message = refused.to_string();
+    assert!(
+        message.contains(
+            "spec.imageTag docker.io/library/nginx:enbi-planted is under the protected registry docker.io"
+        ),
+        "{message}"
+    );
+    api.create(
+        &PostParams::default(),
+        &NixBuild::new("own", enbi_tests::nixbuild_spec("localhost/refuse/app:1")),
+    )
+    .await
+    .expect("a localhost tag is admitted");
+
+    // The nodes lack the image: the Pod's pull fails, which is when the watcher looks at it.
+    set_node_images(&client, Some(BUILDER_IMAGE)).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &s.app.name);
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("planter", tag, annotations(tag, FLAKE)),
+        )
+        .await
+        .expect("create the Pod");
+    assert!(!is_gated(&created), "not gated");
+    let event = eventually("a BuildRefused Event on the Pod", WAIT, || async {
+        events_for(&client, &s.app.name, "planter")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("BuildRefused"))
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains("protected registry docker.io"), "{note}");
+    let names: Vec<String> = builds_in(&client, &s.app.name)
+        .await
+        .iter()
+        .map(|b| b.name_any())
+        .collect();
+    assert_eq!(names, ["own"], "no NixBuild for the Pod");
     set_node_images(&client, None).await;
 }

@@ -48,6 +48,7 @@ fn spec(tag: &str, system: &str) -> NixBuildSpec {
         image_tag: tag.into(),
         system: system.into(),
         fetch_secret_ref: None,
+        resources: None,
     }
 }
 
@@ -978,4 +979,99 @@ async fn a_namespaces_fetch_secret_reaches_its_pods_builds_as_a_copy_owned_by_th
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(mounting, ["build"]);
+}
+
+/// Two namespaces share 2 build slots; one queues 20 builds, then the other asks for one. The
+/// next slot that frees goes to the namespace with fewer running builds: the single build
+/// starts then, however many of the flood still wait. The figure (flood builds started after
+/// the single build was queued, before it started) is printed for the record.
+#[tokio::test]
+async fn a_flooding_namespace_delays_another_namespaces_build_by_at_most_one_slot() {
+    let client = require_cluster!();
+    let _serial = OPERATOR_LOCK.lock().await;
+    let (builds, _operator) = setup(&client, "fair", &["--max-concurrent-builds", "2"]).await;
+    let flood = TestNamespace::new(&client, "fair-flood").await;
+    let quiet = TestNamespace::new(&client, "fair-quiet").await;
+    let flood_api = Api::<NixBuild>::namespaced(client.clone(), &flood.name);
+    let tag = |i: usize| format!("example.test/flood-{i}:1");
+    for i in 0..20 {
+        flood_api
+            .create(
+                &PostParams::default(),
+                &NixBuild::new(&format!("flood-{i}"), spec(&tag(i), "x86_64-linux")),
+            )
+            .await
+            .expect("create");
+    }
+    let started = |phase: Phase| matches!(phase, Phase::Building | Phase::Succeeded);
+    let count_started = || async {
+        builds_in(&client, &flood.name)
+            .await
+            .iter()
+            .filter(|b| started(b.phase()))
+            .count()
+    };
+    eventually("2 flood builds running, 18 waiting", WAIT, || async {
+        let list = builds_in(&client, &flood.name).await;
+        let waiting = list
+            .iter()
+            .filter(|b| b.status.is_some() && b.phase() == Phase::Pending)
+            .count();
+        (count_started().await == 2 && waiting == 18).then_some(())
+    })
+    .await;
+
+    Api::<NixBuild>::namespaced(client.clone(), &quiet.name)
+        .create(
+            &PostParams::default(),
+            &NixBuild::new("single", spec("example.test/single:1", "x86_64-linux")),
+        )
+        .await
+        .expect("create");
+    let queued = eventually("the single build queued", WAIT, || async {
+        let list = builds_in(&client, &quiet.name).await;
+        let single = list.into_iter().next()?;
+        single
+            .status
+            .as_ref()
+            .is_some_and(enbi_core::machine::is_queued)
+            .then_some(single)
+    })
+    .await;
+    let message = queued
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.first())
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    let before = count_started().await;
+
+    // Free one slot: the oldest running flood build finishes.
+    let running = builds_in(&client, &flood.name)
+        .await
+        .into_iter()
+        .find(|b| b.phase() == Phase::Building)
+        .expect("a running flood build");
+    let running_tag = running.spec.image_tag.clone();
+    finish_builder(
+        &client,
+        &builds.name,
+        &running.name_any(),
+        0,
+        &success_report(&running_tag),
+    )
+    .await;
+    wait_phase(&client, &quiet.name, "single", Phase::Building).await;
+    let after = count_started().await;
+    let overtook = after - before;
+    println!(
+        "fairness: {before} flood builds had started when the single build was queued ({message}); \
+         {overtook} more started before it"
+    );
+    assert_eq!(overtook, 0, "the freed slot went to the other namespace");
+    assert_eq!(
+        jobs_for(&client, &builds.name, "single").await.len(),
+        1,
+        "its Job was made"
+    );
 }

@@ -367,7 +367,7 @@ async fn a_pod_triggered_build_is_one_trace_through_a_real_builder_and_moves_the
     let app = TestNamespace::opted_in(&client, "otel-app").await;
     let containerd = Containerd::start();
     let fixture = Fixture::new();
-    let tag = "fixture/stream:built";
+    let tag = "localhost/fixture/stream:built";
     set_node_images(&client, Some("localhost/enbi:test")).await;
     let before = eventually("the metrics endpoint", WAIT, || async { scrape() }).await;
 
@@ -549,6 +549,7 @@ async fn a_failed_build_ends_its_trace_with_the_reason_after_an_operator_restart
             image_tag: "example.test/broken:v1".into(),
             system: system(),
             fetch_secret_ref: None,
+            resources: None,
         },
     );
     nixbuilds

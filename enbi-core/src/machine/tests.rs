@@ -18,6 +18,7 @@ fn build() -> NixBuild {
             image_tag: TAG.into(),
             system: "aarch64-linux".into(),
             fetch_secret_ref: None,
+            resources: None,
         },
     );
     b.metadata.namespace = Some("apps".into());
@@ -504,6 +505,17 @@ fn no_node_and_queue_wait_and_say_so_once() {
     assert_eq!(condition(&d, READY).reason, "Queued");
     assert!(is_queued(&d.status));
     assert!(d.create_job.is_none());
+    assert!(d.requeue_after.is_none(), "a Job's end wakes it");
+    let mut obs = observe(&b, None, 6);
+    obs.capacity = Err(crate::capacity::Full::Turn {
+        namespace: "other".into(),
+    });
+    let turn = decide(obs, &settings());
+    assert!(is_queued(&turn.status));
+    assert!(
+        turn.requeue_after.is_some(),
+        "another build's turn is looked at again: it may go without a Job event"
+    );
     apply(&mut b, &d);
     // A node appears and a slot frees: the build starts.
     assert_eq!(

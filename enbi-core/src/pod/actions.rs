@@ -13,6 +13,7 @@ use super::gate::{self, is_gated};
 use super::request::BuildRequest;
 use crate::crd::{NixBuild, Phase};
 use crate::event::Event;
+use crate::policy::{self, Policy};
 use crate::{keys, optin};
 
 /// How the Pod watcher acts.
@@ -82,12 +83,14 @@ pub fn asks(pod: &Pod, node_arch: Option<&str>) -> bool {
 
 /// What to do for `pod` now. `node_arch`: the `kubernetes.io/arch` of its node, if known;
 /// `opted_in`: whether its namespace lets Pods ask for builds; `build_of`: the cached NixBuild
-/// of that name in the Pod's namespace.
+/// of that name in the Pod's namespace. A build the policy refuses is not made: the Pod is
+/// told why (`BuildRefused`) and let go if gated.
 pub fn plan(
     pod: &Pod,
     node_arch: Option<&str>,
     opted_in: bool,
     build_of: impl Fn(&str) -> Option<Arc<NixBuild>>,
+    policy: &Policy,
     settings: Settings,
 ) -> Vec<PodAction> {
     let findings = findings::inspect(pod, node_arch);
@@ -122,6 +125,24 @@ pub fn plan(
     for finding in findings {
         match finding {
             Finding::Build(request) => {
+                let namespace = pod.namespace().unwrap_or_default();
+                if let Err(denial) = policy::check(policy, &namespace, &request.spec) {
+                    let note = format!(
+                        "No NixBuild for {}: the operator's policy refuses it: {denial}",
+                        request.spec.image_tag
+                    );
+                    actions.push(PodAction::Announce(Notice::keyed(
+                        &denial.to_string(),
+                        Event::warning("BuildRefused", note),
+                    )));
+                    if gated {
+                        actions.push(PodAction::Ungate {
+                            why: "the policy refuses its build".into(),
+                            narrow_for: None,
+                        });
+                    }
+                    continue;
+                }
                 let build = build_of(&request.name);
                 let build = build.as_deref();
                 let succeeded = build.is_some_and(|b| b.phase() == Phase::Succeeded);
@@ -280,13 +301,23 @@ mod tests {
     #[test]
     fn a_pod_that_asks_for_nothing_gets_nothing() {
         let plain = pod(json!({}), spec(json!({})));
-        assert!(plan(&plain, Some("amd64"), true, |_| None, settings()).is_empty());
+        assert!(
+            plan(
+                &plain,
+                Some("amd64"),
+                true,
+                |_| None,
+                &Policy::default(),
+                settings()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn a_gated_pod_waits_for_its_build_then_goes_narrowed_only_if_asked() {
         let p = gated_pod();
-        let none = plan(&p, None, true, |_| None, settings());
+        let none = plan(&p, None, true, |_| None, &Policy::default(), settings());
         assert_eq!(names(&none), ["ensure", "WaitingForBuild"]);
 
         let pending = build(Some(Phase::Pending));
@@ -295,6 +326,7 @@ mod tests {
             None,
             true,
             |_| Some(Arc::new(pending.clone())),
+            &Policy::default(),
             settings(),
         );
         assert_eq!(names(&waiting), ["ensure", "WaitingForBuild"]);
@@ -305,6 +337,7 @@ mod tests {
             None,
             true,
             |_| Some(Arc::new(succeeded.clone())),
+            &Policy::default(),
             settings(),
         );
         assert_eq!(names(&done), ["ensure", "wake", "ungate+narrow"]);
@@ -312,13 +345,48 @@ mod tests {
             narrow: false,
             ..settings()
         };
-        let done = plan(&p, None, true, |_| Some(Arc::new(succeeded.clone())), plain);
+        let done = plan(
+            &p,
+            None,
+            true,
+            |_| Some(Arc::new(succeeded.clone())),
+            &Policy::default(),
+            plain,
+        );
         assert_eq!(names(&done), ["ensure", "wake", "ungate"]);
     }
 
     #[test]
+    fn a_build_the_policy_refuses_is_not_made_and_the_pod_is_told_and_let_go() {
+        let policy = Policy {
+            protected_registries: vec!["example.test".into()],
+            ..Policy::default()
+        };
+        let actions = plan(&gated_pod(), None, true, |_| None, &policy, settings());
+        assert_eq!(names(&actions), ["BuildRefused", "ungate"]);
+        let PodAction::Announce(notice) = &actions[0] else {
+            panic!("an Event first")
+        };
+        assert_eq!(notice.event.type_, EventType::Warning);
+        assert!(
+            notice.event.note.contains(
+                "spec.imageTag example.test/app:v1 is under the protected registry example.test"
+            ),
+            "{}",
+            notice.event.note
+        );
+    }
+
+    #[test]
     fn a_namespace_not_opted_in_gets_a_warning_and_its_gated_pods_go() {
-        let actions = plan(&gated_pod(), None, false, |_| None, settings());
+        let actions = plan(
+            &gated_pod(),
+            None,
+            false,
+            |_| None,
+            &Policy::default(),
+            settings(),
+        );
         assert_eq!(names(&actions), ["PodBuildsNotEnabled", "ungate"]);
         let PodAction::Announce(notice) = &actions[0] else {
             panic!("an Event first")
@@ -352,6 +420,7 @@ mod tests {
             Some("amd64"),
             true,
             |_| Some(Arc::new(succeeded.clone())),
+            &Policy::default(),
             settings(),
         );
         assert_eq!(names(&actions), ["ensure", "wake", "recreate"]);
@@ -364,6 +433,7 @@ mod tests {
             Some("amd64"),
             true,
             |_| Some(Arc::new(succeeded.clone())),
+            &Policy::default(),
             off,
         );
         assert_eq!(names(&actions), ["ensure", "wake", "WaitingForBuild"]);

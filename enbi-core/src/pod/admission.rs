@@ -14,6 +14,7 @@ use super::gate::is_gated;
 use super::{request, using_tag};
 use crate::crd::Phase;
 use crate::keys::{self, ARCH_LABEL, POD_SYSTEM};
+use crate::policy::{self, Policy};
 use crate::{naming, system};
 
 /// What the admission webhook does with a Pod being created.
@@ -36,11 +37,14 @@ impl Admission {
     }
 }
 
-/// Decides what to do with a Pod being created. `node_archs` maps node names to their
-/// `kubernetes.io/arch`; `phase_of` gives the phase of a NixBuild in the Pod's namespace.
+/// Decides what to do with a Pod being created in `namespace`. `node_archs` maps node names to
+/// their `kubernetes.io/arch`; `phase_of` gives the phase of a NixBuild in the Pod's namespace.
+/// A Pod whose build the policy refuses is not gated (no build will come).
 pub fn admit(
     pod: &Pod,
+    namespace: &str,
     node_archs: &BTreeMap<String, String>,
+    policy: &Policy,
     phase_of: impl Fn(&str) -> Option<Phase>,
 ) -> Admission {
     let empty = BTreeMap::new();
@@ -80,6 +84,9 @@ pub fn admit(
         Ok(s) => s,
         Err(message) => return Admission::warn(format!("enbi: not gated: {message}")),
     };
+    if let Err(denial) = policy::check(policy, namespace, &spec_of_build) {
+        return Admission::warn(format!("enbi: not gated, no build: {denial}"));
+    }
     let build = naming::nixbuild_name(&spec_of_build);
     if phase_of(&build) == Some(Phase::Succeeded) {
         return Admission::allow();
@@ -237,7 +244,7 @@ mod tests {
             ),
         ];
         for (what, pod, nodes, want) in cases {
-            let got = admit(&pod, nodes, nothing_built);
+            let got = admit(&pod, "ns", nodes, &Policy::default(), nothing_built);
             match (got, want) {
                 (Admission::Gate { build, patch }, Some(want)) => {
                     assert_eq!(patch, want, "{what}");
@@ -254,9 +261,13 @@ mod tests {
         let amd = archs(&[("x1", "amd64")]);
         let mut bad = annotations();
         bad[keys::POD_FLAKE_URL] = json!("not a flake");
-        let Admission::Allow { warning: Some(w) } =
-            admit(&pod(bad, spec(json!({}))), &amd, |_| None)
-        else {
+        let Admission::Allow { warning: Some(w) } = admit(
+            &pod(bad, spec(json!({}))),
+            "ns",
+            &amd,
+            &Policy::default(),
+            |_| None,
+        ) else {
             panic!("a warning")
         };
         assert!(
@@ -264,36 +275,63 @@ mod tests {
             "{w}"
         );
         let mixed = archs(&[("a1", "arm64"), ("x1", "amd64")]);
-        let Admission::Allow { warning: Some(w) } =
-            admit(&pod(annotations(), spec(json!({}))), &mixed, |_| None)
-        else {
+        let Admission::Allow { warning: Some(w) } = admit(
+            &pod(annotations(), spec(json!({}))),
+            "ns",
+            &mixed,
+            &Policy::default(),
+            |_| None,
+        ) else {
             panic!("a warning")
         };
         assert!(w.contains(keys::POD_SYSTEM), "{w}");
         assert_eq!(
-            admit(&pod(json!({}), spec(json!({}))), &amd, |_| None),
+            admit(
+                &pod(json!({}), spec(json!({}))),
+                "ns",
+                &amd,
+                &Policy::default(),
+                |_| None
+            ),
             Admission::Allow { warning: None }
         );
+    }
+
+    #[test]
+    fn a_pod_whose_build_the_policy_refuses_is_not_gated() {
+        let amd = archs(&[("n1", "amd64")]);
+        let policy = Policy {
+            protected_registries: vec!["example.test".into()],
+            ..Policy::default()
+        };
+        let p = pod(annotations(), spec(json!({})));
+        let Admission::Allow { warning: Some(w) } = admit(&p, "ns", &amd, &policy, |_| None) else {
+            panic!("not gated, with a warning")
+        };
+        assert!(w.contains("not gated, no build: spec.imageTag"), "{w}");
     }
 
     #[test]
     fn a_pod_whose_build_succeeded_is_never_gated() {
         let amd = archs(&[("x1", "amd64")]);
         let p = pod(annotations(), spec(json!({})));
-        let Admission::Gate { build, .. } = admit(&p, &amd, |_| None) else {
+        let Admission::Gate { build, .. } = admit(&p, "ns", &amd, &Policy::default(), |_| None)
+        else {
             panic!("gated while nothing is built")
         };
         for phase in [Phase::Pending, Phase::Building, Phase::Failed] {
             assert!(
                 matches!(
-                    admit(&p, &amd, |n| (n == build).then_some(phase)),
+                    admit(&p, "ns", &amd, &Policy::default(), |n| (n == build)
+                        .then_some(phase)),
                     Admission::Gate { .. }
                 ),
                 "{phase:?}"
             );
         }
         assert_eq!(
-            admit(&p, &amd, |n| (n == build).then_some(Phase::Succeeded)),
+            admit(&p, "ns", &amd, &Policy::default(), |n| (n == build)
+                .then_some(Phase::Succeeded)),
             Admission::Allow { warning: None }
         );
     }

@@ -51,6 +51,7 @@ pub fn build(phase: Option<Phase>) -> NixBuild {
             image_tag: TAG.into(),
             system: "x86_64-linux".into(),
             fetch_secret_ref: None,
+            resources: None,
         },
     );
     b.status = phase.map(|phase| NixBuildStatus {

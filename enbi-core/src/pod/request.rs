@@ -68,6 +68,7 @@ pub fn spec(
         image_tag: get(keys::POD_IMAGE_TAG)?,
         system,
         fetch_secret_ref: None,
+        resources: None,
     };
     spec.validate().map_err(|report| {
         AnnotationError::Invalid(

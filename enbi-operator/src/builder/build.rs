@@ -261,6 +261,7 @@ fn build(
             system: args.system.clone(),
             image_tag: String::new(),
             fetch_secret_ref: None,
+            resources: None,
         };
         let drv = nix::evaluate(&spec.installable(), &nix, deadline, log)?;
         Ok::<_, BuildError>((locked, drv))

@@ -54,6 +54,7 @@ fn context(client: Client, nodes: Vec<Node>) -> Context {
                 &Metrics::new(),
             ),
             actions: Default::default(),
+            policy: policy::Policy::default(),
             tracing: false,
         },
     );

@@ -127,6 +127,7 @@ fn pod_watcher(
             &Metrics::new(),
         ),
         actions,
+        policy: enbi_core::policy::Policy::default(),
         tracing: false,
     };
     let watcher = PodWatcher::new(
@@ -356,6 +357,15 @@ async fn without_recreation_a_pod_in_back_off_is_left_to_the_kubelet() {
     assert_eq!(woken(&mut wake).len(), 1, "its node may still need a load");
 }
 
+/// The watcher reads the Pod's namespace (its fetch Secret) before it creates a NixBuild.
+fn namespace_read() -> Exchange {
+    Exchange::get(&format!("/api/v1/namespaces/{NS}")).ok(json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": {"name": NS},
+    }))
+}
+
 /// The NixBuild the watcher creates for `request`, asked for by Pod `p` on `n1`.
 fn new_build(request: &BuildRequest) -> Exchange {
     Exchange::post(NIXBUILDS).body(json!({
@@ -379,6 +389,7 @@ async fn a_pod_whose_build_does_not_exist_creates_it_once() {
     let request = request_of(&p, &nodes);
     let (client, server) = mock::client();
     let scenario = server.expect(vec![
+        namespace_read(),
         new_build(&request).created(),
         event("WaitingForBuild", &request.name),
         // The second look at the Pod, before the cache shows the NixBuild: nothing.
@@ -399,8 +410,10 @@ async fn a_build_whose_creation_failed_is_asked_for_again() {
     let request = request_of(&p, &nodes);
     let (client, server) = mock::client();
     let scenario = server.expect(vec![
+        namespace_read(),
         new_build(&request).fails(500, "InternalError"),
         event("WaitingForBuild", &request.name),
+        namespace_read(),
         new_build(&request).created(),
     ]);
     let (watcher, _wake) = pod_watcher(client, nodes, [], narrowing(false));
