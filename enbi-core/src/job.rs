@@ -15,6 +15,22 @@
 //! linked to its NixBuild by labels (namespace, name, UID, attempt) and a deterministic name; the
 //! NixBuild's finalizer deletes it, and `ttlSecondsAfterFinished` cleans up finished ones.
 //!
+//! **User namespaces.** In `pod` mode the build container is root in the Pod, and Nix builds the
+//! flake as that root. With [`BuilderSettings::user_namespaces`] (the default) the Pod runs with
+//! `hostUsers: false`: its uid 0 is an unprivileged uid on the node, so a flake that escapes
+//! the build acts as nobody there. That also lets Nix's own sandbox run inside it, which needs
+//! two more things of the build container, each granted only inside the user namespace: a `/proc`
+//! the runtime does not mask (`procMount: Unmasked`; the kernel refuses a fresh `/proc` over a
+//! masked one, and the apiserver accepts it only with `hostUsers: false`), a seccomp profile
+//! that lets it create namespaces (`Unconfined`: the runtime's default refuses `unshare` to a
+//! container without `CAP_SYS_ADMIN`), and `CAP_SETFCAP` (the kernel lets a process map uid 0
+//! into a new user namespace, as Nix maps its sandbox's uid to the container's root, only with
+//! it), a capability of the Pod's user namespace only. Nodes whose runtime cannot run
+//! user-namespaced Pods (runc < 1.2, containerd < 2.0, Kubernetes < 1.33 without its feature
+//! gate) refuse such Pods: the setting turns it off there, leaving the build container root on
+//! the node, without Nix's sandbox. `node-daemon` mode is unchanged: there the node's daemon
+//! builds, as its own build users.
+//!
 //! The Job runs once (`backoffLimit: 0`): the operator retries failed attempts itself, with its
 //! own backoff, so every attempt is visible in status.
 
@@ -47,6 +63,11 @@ pub const RELEASE_CONTAINER: &str = "release";
 /// The `emptyDir` both containers share, and the FIFO in it.
 /// The build container's home (Nix's caches) in `node-daemon` mode, where it is not root.
 const BUILD_HOME: &str = "/home/build";
+/// The capabilities of the build container in a user namespace (of that namespace only, never
+/// the node's): Nix, as root, maps its sandbox's uid to the container's uid 0, which the kernel
+/// allows only with `SETFCAP`, and moves each output out of the sandbox after it made it
+/// read-only, which needs `DAC_OVERRIDE`.
+pub const SANDBOX_CAPABILITIES: [&str; 2] = ["DAC_OVERRIDE", "SETFCAP"];
 /// The unprivileged user the build container runs as in `node-daemon` mode (`nobody`).
 pub const BUILD_USER: i64 = 65534;
 
@@ -80,6 +101,9 @@ pub struct BuilderSettings {
     /// containerd namespace the kubelet's CRI uses.
     pub containerd_namespace: String,
     pub store: StoreMode,
+    /// In [`StoreMode::Pod`], run the builder Pod in a user namespace of its own (`hostUsers:
+    /// false`) with what Nix's sandbox needs in the build container; see the module docs.
+    pub user_namespaces: bool,
     /// Node path of the Nix daemon socket, for [`StoreMode::NodeDaemon`].
     pub nix_daemon_socket: String,
     pub active_deadline_seconds: i64,
@@ -120,6 +144,7 @@ impl Default for BuilderSettings {
             containerd_socket: defaults::CONTAINERD_SOCKET.into(),
             containerd_namespace: defaults::CONTAINERD_NAMESPACE.into(),
             store: StoreMode::Pod,
+            user_namespaces: true,
             nix_daemon_socket: defaults::NIX_DAEMON_SOCKET.into(),
             active_deadline_seconds: defaults::BUILD_TIMEOUT_SECONDS,
             ttl_seconds_after_finished: defaults::JOB_TTL_SECONDS,
@@ -356,6 +381,7 @@ pub fn render(
     let mut build_mounts = vec![handoff.1.clone()];
     let mut build_env = vec![];
     let mut build_user = Some(0);
+    let user_namespaced = settings.store == StoreMode::Pod && settings.user_namespaces;
     if settings.store == StoreMode::NodeDaemon {
         let (v, m) = host_path("nix-daemon", &settings.nix_daemon_socket, "Socket");
         let (sv, mut sm) = host_path("nix-store", "/nix/store", "Directory");
@@ -438,8 +464,23 @@ pub fn render(
         // failures itself, from what the build container tells it).
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         // Root only in `pod` mode, where the image's own /nix store is root's; never any
-        // capability or escalation.
-        security_context: Some(security_context(build_user, false)),
+        // escalation, and no capability but, in a user namespace, what Nix's sandbox needs there.
+        security_context: Some(if user_namespaced {
+            SecurityContext {
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    add: Some(SANDBOX_CAPABILITIES.map(str::to_owned).to_vec()),
+                }),
+                proc_mount: Some("Unmasked".into()),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "Unconfined".into(),
+                    ..Default::default()
+                }),
+                ..security_context(build_user, false)
+            }
+        } else {
+            security_context(build_user, false)
+        }),
         ..Default::default()
     };
     let load_container = Container {
@@ -470,6 +511,7 @@ pub fn render(
     };
     let pod = PodSpec {
         affinity: Some(affinity),
+        host_users: user_namespaced.then_some(false),
         containers: vec![build_container, load_container],
         volumes: Some(volumes),
         security_context: fs_group.map(|group| PodSecurityContext {
@@ -909,6 +951,73 @@ mod tests {
                 .expect("args")
                 .contains(&"node-daemon".to_owned())
         );
+    }
+
+    /// In `pod` mode the builder Pod gets a user namespace of its own, and the build container
+    /// (alone) what Nix's sandbox needs in it; off, or in `node-daemon` mode, none of it.
+    #[test]
+    fn pod_mode_builds_in_a_user_namespace_unless_turned_off() {
+        for (store, user_namespaces, expected) in [
+            (StoreMode::Pod, true, true),
+            (StoreMode::Pod, false, false),
+            (StoreMode::NodeDaemon, true, false),
+            (StoreMode::NodeDaemon, false, false),
+        ] {
+            let settings = BuilderSettings {
+                store,
+                user_namespaces,
+                ..Default::default()
+            };
+            let job = render(
+                &build(),
+                &Purpose::Build(1),
+                Affinity::default(),
+                None,
+                &settings,
+            );
+            let pod = job.spec.expect("spec").template.spec.expect("pod spec");
+            let case = format!("{store:?}, user_namespaces {user_namespaces}");
+            assert_eq!(pod.host_users, expected.then_some(false), "{case}");
+            let [build, load] = &pod.containers[..] else {
+                panic!("two containers: {:?}", pod.containers)
+            };
+            let build_ctx = build.security_context.clone().expect("context");
+            let seccomp = |c: &SecurityContext| c.seccomp_profile.clone().map(|p| p.type_);
+            assert_eq!(
+                build_ctx.proc_mount.as_deref(),
+                expected.then_some("Unmasked"),
+                "{case}"
+            );
+            assert_eq!(
+                seccomp(&build_ctx).as_deref(),
+                expected.then_some("Unconfined"),
+                "{case}"
+            );
+            // Never privileged nor escalating; no capability but CAP_SETFCAP, and that only of
+            // the Pod's own user namespace.
+            assert_eq!(build_ctx.privileged, Some(false), "{case}");
+            assert_eq!(build_ctx.allow_privilege_escalation, Some(false), "{case}");
+            let caps = build_ctx.capabilities.expect("capabilities");
+            assert_eq!(caps.drop, Some(vec!["ALL".into()]), "{case}");
+            assert_eq!(
+                caps.add,
+                expected.then(|| vec!["DAC_OVERRIDE".to_owned(), "SETFCAP".to_owned()]),
+                "{case}"
+            );
+            // The load container (enbi's own code, with the socket) keeps the Pod's defaults.
+            let load_ctx = load.security_context.clone().expect("context");
+            assert_eq!(
+                (load_ctx.proc_mount.clone(), seccomp(&load_ctx)),
+                (None, None),
+                "{case}"
+            );
+            let pod_seccomp = pod.security_context.and_then(|c| c.seccomp_profile);
+            assert_eq!(
+                pod_seccomp.map(|p| p.type_).as_deref(),
+                Some("RuntimeDefault"),
+                "{case}"
+            );
+        }
     }
 
     /// The flake's code never shares a container with the containerd socket, in either mode.

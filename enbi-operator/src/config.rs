@@ -140,6 +140,17 @@ pub struct RunArgs {
     /// Where builders keep their Nix store.
     #[arg(long, env = "ENBI_STORE_MODE", value_enum, default_value_t = StoreMode::Pod)]
     pub store_mode: StoreMode,
+    /// With --store-mode pod: run builder Pods in a user namespace of their own (`hostUsers:
+    /// false`), so that the build container's root is not root on the node, and Nix's sandbox
+    /// on inside it. Needs Kubernetes >= 1.33, containerd >= 2.0 and runc >= 1.2 on the nodes;
+    /// false for nodes that cannot (the build then runs as the node's root, without the sandbox).
+    #[arg(
+        long,
+        env = "ENBI_BUILDER_USER_NAMESPACES",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub builder_user_namespaces: bool,
     /// Binary caches builders substitute from, as Nix store URLs (comma-separated; Nix's
     /// extra-substituters). With --store-mode node-daemon the node's daemon uses only those it
     /// trusts (its trusted-substituters).
@@ -331,6 +342,7 @@ impl RunArgs {
             containerd_socket: self.containerd_socket.clone(),
             containerd_namespace: self.containerd_namespace.clone(),
             store: self.store_mode,
+            user_namespaces: self.builder_user_namespaces,
             active_deadline_seconds: self.build_timeout_seconds,
             pin: !self.no_pin,
             resources: Some(ResourceRequirements {

@@ -11,6 +11,9 @@ ETCD_VERSION="${ENBI_ETCD_VERSION:-v3.6.16}"
 REGISTRY_VERSION="${ENBI_REGISTRY_VERSION:-v3.1.1}"
 # The real nodes' containerd (github.com/containerd/containerd/v2, built into the cache).
 CONTAINERD_VERSION="${ENBI_CONTAINERD_VERSION:-v2.4.2}"
+# The runc the real nodes' containerd 2.x runs (github.com/opencontainers/runc, built into the
+# cache): user-namespaced Pods (`hostUsers: false`) need runc >= 1.2; Debian bookworm has 1.1.5.
+RUNC_VERSION="${ENBI_RUNC_VERSION:-v1.5.3}"
 # Spegel, the P2P image mirror the real nodes run (./spegel).
 SPEGEL_VERSION="${ENBI_SPEGEL_VERSION:-v0.7.4}"
 
@@ -22,6 +25,7 @@ KWOK_BIN="$BIN_CACHE/kwok-$KWOK_VERSION"
 ETCD_BIN="$BIN_CACHE/etcd-$ETCD_VERSION"
 REGISTRY_BIN="$BIN_CACHE/registry-$REGISTRY_VERSION"
 CONTAINERD_BIN="$BIN_CACHE/containerd-$CONTAINERD_VERSION"
+RUNC_BIN="$BIN_CACHE/runc-$RUNC_VERSION"
 SPEGEL_BIN="$BIN_CACHE/spegel-$SPEGEL_VERSION"
 # kwok-images is built from ./kwok-images; keyed by a hash of its sources.
 KWOK_IMAGES_HASH="$(cat "$CLUSTER_DIR"/kwok-images/{go.mod,go.sum,*.go} | sha256sum | cut -c1-12)"
@@ -142,6 +146,19 @@ containerd_dir() {
     debian) dirname "$(command -v containerd || echo /usr/bin/containerd)" ;;
     *) echo "ENBI_CONTAINERD must be build or debian" >&2; return 1 ;;
   esac
+}
+
+# runc_binary: the runc the nodes' containerd runs: ENBI_RUNC if set, else $RUNC_VERSION from
+# the cache with the built containerd, else Debian's (with ENBI_CONTAINERD=debian, the legacy
+# check, which keeps Debian's runc 1.1.5 as bookworm ships it).
+runc_binary() {
+  if [[ -n "${ENBI_RUNC:-}" ]]; then
+    echo "$ENBI_RUNC"
+  elif [[ "$CONTAINERD_SOURCE" == build ]]; then
+    echo "$RUNC_BIN/runc"
+  else
+    command -v runc || echo /usr/sbin/runc
+  fi
 }
 
 # The real nodes' layout: where containerd's socket, its registry configuration (certs.d) and its

@@ -1167,37 +1167,15 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
     let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
     let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
     for (package, stage) in [("probe-script", "script"), ("probe-build", "build")] {
-        let tag = format!("enbi.test/{package}:hostile");
-        create_nixbuild(&nixbuilds, package, &flake_url, package, &tag).await;
-        let done = eventually(
-            "the hostile build to end",
-            Duration::from_secs(180),
-            || async {
-                let b = nixbuilds.get(package).await.ok()?;
-                matches!(b.phase(), Phase::Failed | Phase::Succeeded).then_some(b)
-            },
-        )
-        .await;
-        let status = done.status.clone().expect("status");
-        assert_eq!(
-            (done.phase(), status.failure_reason.as_deref()),
-            (Phase::Failed, Some("BuildFailed")),
-            "{package}: {status:?}\noperator log:\n{}",
-            operator.logs()
-        );
-        let message = status.failure_message.clone().unwrap_or_default();
-        let log = build_log(&builder_pods, package).await;
+        let (message, log) =
+            hostile_build_fails(&nixbuilds, &builder_pods, &operator, &flake_url, package).await;
         // The image script also asks the node's daemon, as a trusted user could, for a build
         // with the sandbox off: stage "trust".
         let stages: &[&str] = match stage {
             "script" => &["script", "trust"],
             _ => &["build"],
         };
-        let probes: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.split_once("enbi-probe: ").map(|(_, p)| p))
-            .filter(|p| stages.iter().any(|s| p.starts_with(s)))
-            .collect();
+        let probes = probe_lines(&log, stages);
         eprintln!("hostile {package}: {probes:#?}\nfailure: {message}");
         // The probes ran to their end (a fixture that does nothing proves nothing)...
         for stage in stages {
@@ -1234,6 +1212,177 @@ async fn hostile_flakes_reach_nothing_from_the_builder() {
         let images = node_images(socket);
         assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
     }
+}
+
+/// Builds `package` of the hostile fixtures at `flake_url` as a NixBuild, which must fail with
+/// `BuildFailed` (the probes always fail): its failure message and its build log.
+async fn hostile_build_fails(
+    nixbuilds: &Api<NixBuild>,
+    builder_pods: &Api<Pod>,
+    operator: &Operator,
+    flake_url: &str,
+    package: &str,
+) -> (String, String) {
+    let tag = format!("enbi.test/{package}:hostile");
+    create_nixbuild(nixbuilds, package, flake_url, package, &tag).await;
+    let done = eventually(
+        "the hostile build to end",
+        Duration::from_secs(180),
+        || async {
+            let b = nixbuilds.get(package).await.ok()?;
+            matches!(b.phase(), Phase::Failed | Phase::Succeeded).then_some(b)
+        },
+    )
+    .await;
+    let status = done.status.clone().expect("status");
+    assert_eq!(
+        (done.phase(), status.failure_reason.as_deref()),
+        (Phase::Failed, Some("BuildFailed")),
+        "{package}: {status:?}\noperator log:\n{}",
+        operator.logs()
+    );
+    let message = status.failure_message.clone().unwrap_or_default();
+    (message, build_log(builder_pods, package).await)
+}
+
+/// The probes' lines of `stage` in a build log (after `enbi-probe: `).
+fn probe_lines<'a>(log: &'a str, stages: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter_map(|l| l.split_once("enbi-probe: ").map(|(_, p)| p))
+        .filter(|p| stages.iter().any(|s| p.starts_with(&format!("{s} "))))
+        .collect()
+}
+
+/// `pod` mode, as it runs by default (the Debian builder image, user namespaces on): the hostile
+/// fixtures try to act as root on the node (write in a directory of the host, read a process of
+/// the host, be uid 0 of the node) besides what the test above tries, from the image script
+/// (the build container's root) and from the build step (in Nix's sandbox, which is on). They
+/// reach nothing: the Pod's uid 0 is an unprivileged uid of the node, nothing of the host is
+/// in the container's view, and the host directory stays empty.
+#[tokio::test]
+async fn pod_mode_hostile_flakes_are_not_root_on_the_node() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let image = debian_builder_image();
+    let sockets: Vec<String> = real_nodes().iter().map(|n| socket(n)).collect();
+    let marker = tempfile::NamedTempFile::new().expect("marker");
+    let host_dir = tempfile::tempdir().expect("a host directory");
+    // This test's own process: a process of the host, by its pid there.
+    let me = std::process::id();
+    let my_name = std::env::args()
+        .next()
+        .and_then(|a| Some(Path::new(&a).file_name()?.to_string_lossy().into_owned()))
+        .expect("this test's name");
+    let targets: String = sockets
+        .iter()
+        .map(|s| format!("socket {s}\n"))
+        .chain([format!(
+            "socket /run/containerd/containerd.sock\nfile {}\nwrite {}\nproc {me} {my_name}\n",
+            marker.path().display(),
+            host_dir.path().display(),
+        )])
+        .collect();
+    let fixture = Fixture::of("hostile", &["flake.nix", "probe.sh"]);
+    std::fs::write(fixture.dir.path().join("targets"), &targets).expect("targets");
+    let flake_url = serve_tarball(&fixture);
+
+    let builds = build_namespace(&client, "hostile-pod-b").await;
+    let repel = all_but(&client, REAL_NODE).await.join(",");
+    let operator =
+        start_operator_with_image("hostile-pod", &builds.name, &repel, &image, "pod", &[]);
+    let app = TestNamespace::new(&client, "hostile-pod").await;
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
+    for (package, stage) in [("probe-script", "script"), ("probe-build", "build")] {
+        let (message, log) =
+            hostile_build_fails(&nixbuilds, &builder_pods, &operator, &flake_url, package).await;
+        let probes = probe_lines(&log, &[stage]);
+        eprintln!("hostile {package} in pod mode: {probes:#?}\nfailure: {message}");
+        let pod = builder_pods
+            .list(&ListParams::default().labels(&format!("enbi.hrzn.ee/nixbuild-name={package}")))
+            .await
+            .expect("builder pods")
+            .items
+            .into_iter()
+            .next()
+            .expect("a builder Pod");
+        let spec = pod.spec.expect("pod spec");
+        assert_eq!(
+            spec.host_users,
+            Some(false),
+            "{package}: not user-namespaced"
+        );
+        assert!(
+            log.lines().any(|l| l.starts_with("enbi: sandbox: on")),
+            "{package}: the sandbox is not on:\n{log}"
+        );
+        assert!(
+            probes.contains(&format!("{stage} done").as_str()),
+            "{package}: the {stage} probes did not run:\n{log}"
+        );
+        for want in ["noderoot", "token", "socket", "file", "write", "proc"] {
+            assert!(
+                probes
+                    .iter()
+                    .any(|p| p.contains(&format!(" blocked {want} "))),
+                "{package}: no blocked {want} probe: {probes:?}"
+            );
+        }
+        let reached: Vec<&&str> = probes.iter().filter(|p| p.contains(" reached ")).collect();
+        assert!(reached.is_empty(), "{package} reached: {reached:?}");
+        let says = match stage {
+            "script" => "the image stream is empty",
+            _ => "could not build",
+        };
+        assert!(message.contains(says), "{package}: {message}");
+    }
+    let written: Vec<_> = std::fs::read_dir(host_dir.path())
+        .expect("the host directory")
+        .collect();
+    assert!(written.is_empty(), "written on the host: {written:?}");
+    let images = node_images(&socket(REAL_NODE));
+    assert!(!images.iter().any(|i| i.contains("hostile")), "{images:?}");
+}
+
+/// The contrast to the test above, so that its probes are known to tell: with the setting off
+/// (`--builder-user-namespaces=false`, for nodes without user namespaces) the same image script
+/// runs as the node's own root (uid 0, identity uid map), and Nix's sandbox is off.
+#[tokio::test]
+async fn pod_mode_without_user_namespaces_the_build_is_root_on_the_node() {
+    let client = enbi_tests::require_cluster!();
+    if !real_node_ready(&client).await {
+        return;
+    }
+    let _serial = OPERATOR_LOCK.lock().await;
+    let image = debian_builder_image();
+    let fixture = Fixture::of("hostile", &["flake.nix", "probe.sh"]);
+    std::fs::write(fixture.dir.path().join("targets"), "").expect("targets");
+    let flake_url = serve_tarball(&fixture);
+    let builds = build_namespace(&client, "host-users-b").await;
+    let repel = all_but(&client, REAL_NODE).await.join(",");
+    let off = ["--builder-user-namespaces", "false"];
+    let operator =
+        start_operator_with_image("host-users", &builds.name, &repel, &image, "pod", &off);
+    let app = TestNamespace::new(&client, "host-users").await;
+    let nixbuilds = Api::<NixBuild>::namespaced(client.clone(), &app.name);
+    let builder_pods = Api::<Pod>::namespaced(client.clone(), &builds.name);
+    let package = "probe-script";
+    let (_, log) =
+        hostile_build_fails(&nixbuilds, &builder_pods, &operator, &flake_url, package).await;
+    let probes = probe_lines(&log, &["script"]);
+    eprintln!("{package} without user namespaces: {probes:#?}");
+    assert!(probes.contains(&"script done"), "{log}");
+    assert!(
+        probes.contains(&"script reached noderoot uid0"),
+        "{probes:?}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with("enbi: sandbox: off (")),
+        "{log}"
+    );
 }
 
 /// The default store mode, `pod`, with the image a user runs: the Debian-built builder image
@@ -1280,10 +1429,8 @@ async fn pod_store_mode_builds_with_the_debian_builder_image() {
         .find(|l| l.starts_with("enbi: sandbox: "))
         .unwrap_or_else(|| panic!("no sandbox line in the build log:\n{log}"));
     eprintln!("e2e: the build log:\n{log}");
-    assert!(
-        sandbox.starts_with("enbi: sandbox: on") || sandbox.starts_with("enbi: sandbox: off ("),
-        "{sandbox}"
-    );
+    // The real nodes run user-namespaced Pods (runc >= 1.2): Nix's sandbox is on there.
+    assert!(sandbox.starts_with("enbi: sandbox: on"), "{sandbox}\n{log}");
     assert!(log.contains("built /nix/store/"), "{log}");
 
     // The image runs.

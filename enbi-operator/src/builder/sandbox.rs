@@ -6,10 +6,13 @@
 //! own, with a fresh `/proc`, where the container lets it make them, and otherwise builds
 //! without the sandbox, saying so only at debug level. So the builder finds out the way Nix
 //! does (Nix's `mountAndPidNamespacesSupported`): with `unshare`, a user namespace if one can be
-//! made (else none, as Nix does), then mount and PID namespaces and a new `/proc` in them. The
-//! kernel refuses that `/proc` where the container runtime masks paths of the container's
-//! `/proc` (any Pod but `procMount: Unmasked`), and the runtime's default seccomp profile
-//! refuses the namespaces to a container without `CAP_SYS_ADMIN`.
+//! made (else none, as Nix does) with the container's root mapped in it, as Nix maps it, then
+//! mount and PID namespaces and a new `/proc` in them. The kernel refuses that `/proc` where
+//! the container runtime masks paths of the container's `/proc` (any Pod but `procMount:
+//! Unmasked`), and the mapping to a container without `CAP_SETFCAP`; the runtime's default
+//! seccomp profile refuses the namespaces to a container without `CAP_SYS_ADMIN`. enbi's
+//! `pod`-mode Jobs give the build container all that inside a user namespace of its own
+//! (`enbi_core::job`), where it is not root on the node.
 //!
 //! In `node-daemon` mode the node's Nix daemon builds, and its own settings decide.
 
@@ -131,13 +134,15 @@ fn parse_setting(json: &[u8]) -> Option<Setting> {
 }
 
 /// Makes the namespaces Nix's sandbox needs, as Nix checks them: a user namespace if the
-/// container allows one (no uid map: Nix writes it later, from outside), then mount and PID
-/// namespaces with a new `/proc`.
+/// container allows one, then mount and PID namespaces with a new `/proc`. In the user namespace
+/// it maps uid 0 of the container, as Nix does when it builds (its sandbox's uid is the builder's
+/// root outside): the kernel allows that only with `CAP_SETFCAP`, and Nix fails the build
+/// ("writing file '/proc/N/uid_map'") without falling back.
 fn probe() -> Probe {
     let user = unshare(&["--user", "true"]).is_ok();
     let namespaces = ["--mount", "--pid", "--fork", "--mount-proc", "true"];
     if user {
-        unshare(&[&["--user"][..], &namespaces].concat())
+        unshare(&[&["--user", "--map-root-user"][..], &namespaces].concat())
     } else {
         unshare(&namespaces).map_err(|why| format!("no user namespace, and {why}"))
     }
