@@ -250,6 +250,19 @@ fn host_path(name: &str, path: &str, type_: &str) -> (Volume, VolumeMount) {
     (volume, mount(name, path, false))
 }
 
+/// A Secret as a volume that its owner and group may read (0440).
+fn secret_volume(name: &str, secret: String) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn empty_dir(name: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -391,50 +404,34 @@ pub fn render(
         build_env.push(env("HOME", BUILD_HOME));
         build_user = Some(BUILD_USER);
     }
-    // The credentials' copy bears the Job's name (`fetch::copy`). Secrets are readable by the
-    // build user alone: their group is the Pod's fsGroup, the build user's.
-    let mut fs_group = None;
-    if fetch_credentials {
-        volumes.push(Volume {
-            name: "fetch-credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(purpose.job_name(build)),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        build_mounts.push(mount(
-            "fetch-credentials",
-            defaults::FETCH_CREDENTIALS_DIR,
-            true,
-        ));
-    }
-    // The signing key only where something is pushed.
+    // The build container's Secrets, read-only: the fetch credentials' copy, which bears the
+    // Job's name (`fetch::copy`), and the cache's signing key, only where something is pushed.
     let signing_secret = settings
         .cache
         .push_to
         .as_ref()
-        .and(settings.cache.signing_secret.as_ref());
-    if let Some(secret) = signing_secret {
-        volumes.push(Volume {
-            name: "cache-signing-key".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        build_mounts.push(mount(
+        .and(settings.cache.signing_secret.clone());
+    let secrets: Vec<(&str, String, &str)> = [
+        (
+            "fetch-credentials",
+            fetch_credentials.then(|| purpose.job_name(build)),
+            defaults::FETCH_CREDENTIALS_DIR,
+        ),
+        (
             "cache-signing-key",
+            signing_secret,
             defaults::CACHE_SIGNING_KEY_DIR,
-            true,
-        ));
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(volume, secret, dir)| Some((volume, secret?, dir)))
+    .collect();
+    for (volume, secret, dir) in &secrets {
+        volumes.push(secret_volume(volume, secret.clone()));
+        build_mounts.push(mount(volume, dir, true));
     }
-    if fetch_credentials || signing_secret.is_some() {
-        fs_group = build_user.filter(|user| *user != 0);
-    }
+    // Readable by the build user alone: their group is the Pod's fsGroup, the build user's.
+    let fs_group = build_user.filter(|user| !secrets.is_empty() && *user != 0);
     let mut common_env: Vec<EnvVar> = trace
         .map(|t| env("TRACEPARENT", &t.to_string()))
         .into_iter()

@@ -44,22 +44,38 @@ const REAL_NODE_TAINT: &str = "enbi.test/real-node";
 const BUILDER_IMAGE: &str = "localhost/enbi:e2e";
 const MESSAGE: &str = "hello from the stream";
 
-fn cluster_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/real-node")
+fn cluster_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("cluster")
+        .join(name)
+}
+
+/// Runs `tests/cluster/SCRIPT ARGS` and returns its stdout.
+fn cluster_tool(script: &str, args: &[&str]) -> String {
+    let out = Command::new(cluster_script(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("tests/cluster/{script} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Runs `tests/cluster/real-node ARGS` and returns its stdout.
 fn real_node(args: &[&str]) -> String {
-    let out = Command::new(cluster_script())
-        .args(args)
-        .output()
-        .expect("tests/cluster/real-node runs");
-    assert!(
-        out.status.success(),
-        "real-node {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    cluster_tool("real-node", args)
+}
+
+/// The KEY=VALUE lines a cluster script prints.
+fn key_values(printed: &str) -> BTreeMap<String, String> {
+    printed
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// Whether the real node is Ready; fails in CI and says SKIPPED elsewhere when it is not.
@@ -100,19 +116,9 @@ fn fixture_for(tag: &str) -> String {
 
 /// `flake_url` added to the host's Nix store through its daemon, as `path:<store path>`.
 fn flake_in_store(flake_url: &str) -> String {
-    let out = Command::new("nix")
-        .args(["flake", "archive", "--json"])
-        .arg(flake_url)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("NIX_REMOTE", "daemon")
-        .output()
-        .expect("nix runs");
-    assert!(
-        out.status.success(),
-        "nix flake archive: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nix's json");
+    let out = host_nix("nix", &["flake", "archive", "--json", flake_url])
+        .unwrap_or_else(|e| panic!("nix flake archive: {e}"));
+    let json: serde_json::Value = serde_json::from_str(&out).expect("nix's json");
     let path = json["path"].as_str().expect("a store path").to_owned();
     format!("path:{path}")
 }
@@ -739,7 +745,7 @@ struct Rejoin(String);
 
 impl Drop for Rejoin {
     fn drop(&mut self) {
-        let rejoined = Command::new(cluster_script())
+        let rejoined = Command::new(cluster_script("real-node"))
             .args(["rejoin", &self.0])
             .status();
         if !std::thread::panicking() {
@@ -2029,20 +2035,6 @@ fn host_system() -> &'static str {
     }
 }
 
-/// `tests/cluster/git-server ARGS`: the private git servers on the real nodes' bridge.
-fn git_server(args: &[&str]) -> String {
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/git-server"))
-        .args(args)
-        .output()
-        .expect("git-server runs");
-    assert!(
-        out.status.success(),
-        "git-server {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// A Secret of `files` (keys named as enbi reads them) from `dir`.
 fn fetch_secret(name: &str, dir: &Path, files: &[&str]) -> Secret {
     let data: BTreeMap<String, String> = files
@@ -2066,11 +2058,8 @@ async fn private_flakes_build_with_their_fetch_secret_only() {
     }
     let _serial = OPERATOR_LOCK.lock().await;
     builder_image_on_real_nodes();
-    let servers: BTreeMap<String, String> = git_server(&["up"])
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    // The private git servers on the real nodes' bridge.
+    let servers = key_values(&cluster_tool("git-server", &["up"]));
     let salt = format!(
         "p{}",
         std::time::SystemTime::now()
@@ -2080,11 +2069,14 @@ async fn private_flakes_build_with_their_fetch_secret_only() {
     );
     let fixture = Fixture::salted(&salt);
     let repository = format!("private-{salt}");
-    git_server(&[
-        "publish",
-        &fixture.dir.path().display().to_string(),
-        &repository,
-    ]);
+    cluster_tool(
+        "git-server",
+        &[
+            "publish",
+            &fixture.dir.path().display().to_string(),
+            &repository,
+        ],
+    );
     let http = format!("git+{}/{repository}.git?ref=main", servers["HTTP"]);
     let ssh = format!("git+{}/{repository}.git?ref=main", servers["SSH"]);
 
@@ -2247,24 +2239,6 @@ async fn private_flakes_build_with_their_fetch_secret_only() {
     }
 }
 
-/// `tests/cluster/nix-cache ARGS`: the test binary cache, as KEY=VALUE lines.
-fn nix_cache(args: &[&str]) -> BTreeMap<String, String> {
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/nix-cache"))
-        .args(args)
-        .output()
-        .expect("nix-cache runs");
-    assert!(
-        out.status.success(),
-        "nix-cache {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
 /// nix against the host's daemon (the nodes' store), with `args`; its stdout, or its stderr as
 /// the error.
 fn host_nix(program: &str, args: &[&str]) -> Result<String, String> {
@@ -2295,8 +2269,8 @@ async fn a_load_where_the_store_lacks_the_image_substitutes_it_from_the_binary_c
     builder_image_on_real_nodes();
     // Without Spegel, so that enbi loads the image on the other node itself.
     let _no_mirror = NoMirror::new(&client).await;
-    let cache = nix_cache(&["up"]);
-    nix_cache(&["clear"]);
+    let cache = key_values(&cluster_tool("nix-cache", &["up"]));
+    cluster_tool("nix-cache", &["clear"]);
     let url = cache["URL"].clone();
     let repository = "enbi.test/e2e-cache";
     let tag = fresh_tag("e2e-cache");
